@@ -193,6 +193,7 @@ def test_config_yaml_documents_every_key_with_its_default():
     ({"timeout_unit": "minute"}, "timeout_unit: 'minute' is not allowed"),
     ({"server": 5}, "server: 5 is not allowed; expected a mapping"),
     ({"server": {"port": True}}, "server.port: True is not allowed"),
+    ({"storage": {"sqlite": {"path": ":memory:"}}}, "use storage.option: memory"),
 ])
 def test_invalid_config_names_key_value_and_what_is_allowed(source, message):
     with pytest.raises(valet.ConfigError) as caught:
@@ -434,6 +435,9 @@ def test_metadata_defaults_to_null_and_task_params_is_its_old_name(app, ran):
     (b'{"name": "n", "task_name": "echo", "timeout": 0}', "timeout must be a number greater than 0"),
     (b'{"name": "n", "task_name": "echo", "timeout": "5"}', "timeout must be a number"),
     (b'{"name": "n", "task_name": "echo", "timeout": true}', "timeout must be a number"),
+    (b'{"name": "n", "task_name": "echo", "timeout": 1e10}', "and at most 31622400"),
+    (b'{"name": "n", "task_name": "echo", "metadata": [1e400]}', "1e400 is out of range"),
+    (b'{"name": "\\ud800", "task_name": "echo"}', "lone surrogate"),
     (b'{"name": "n", "task_name": "echo", "timout": 5}', "unknown field 'timout'"),
     (b'{"name": "n", "task_name": "echo", "metadata": 1, "task_params": 2}',
      "give metadata or task_params"),
@@ -601,6 +605,8 @@ def test_list_pages_through_every_job_once_in_submission_order(make_app):
     ("limit=1001", "limit must be an integer from 1 to 1000"),
     ("limit=ten", "limit must be an integer"),
     ("cursor=abc", "cursor must be a next_cursor"),
+    ("cursor=99999999999999999999", "cursor must be a next_cursor"),
+    ("limit=%C2%B2", "limit must be an integer"),  # '²' passes str.isdigit()
     ("sort=name", "unknown query parameter 'sort'"),
 ])
 def test_list_rejects_bad_query_parameters(app, query, message):
@@ -681,6 +687,60 @@ def test_garbage_request_gets_a_json_error_and_the_server_lives_on(app):
     assert call(app, "GET", "/tasks").status == 200
 
 
+def test_unicode_text_round_trips_and_surrogate_pairs_are_accepted(app):
+    resp = call(app, "POST", "/jobs", raw=b'{"name": "\\ud83d\\ude00 caf\xc3\xa9", '
+                                          b'"task_name": "echo", "metadata": "\xe2\x82\xac"}')
+    assert resp.status == 202, resp
+    got = call(app, "GET", f"/jobs/{resp.body['id']}").body
+    assert got["name"] == "\U0001F600 caf\u00e9" and got["metadata"] == "\u20ac"
+
+
+def test_bad_content_length_is_400_and_closes_the_connection(app):
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+        # b"\xb2" is '²' in Latin-1, how headers are read: it passes str.isdigit().
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n{}")
+        reply = sock.makefile("rb").read()  # returns only because the server closes
+    assert reply.startswith(b"HTTP/1.1 400") and b"Connection: close" in reply
+    assert b"Content-Length must be a whole number" in reply
+
+
+def test_head_and_options_get_405_with_allow_and_head_gets_no_body(app):
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        conn.request("HEAD", "/jobs")
+        resp = conn.getresponse()
+        assert resp.status == 405 and resp.getheader("Allow") == "POST, GET"
+        assert resp.read() == b""
+        assert request(conn, "OPTIONS", "/tasks").status == 405
+    finally:
+        conn.close()
+
+
+def test_open_connection_gets_503_once_stop_has_begun(app):
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        assert request(conn, "GET", "/tasks").status == 200
+        app.stop()
+        resp = request(conn, "POST", "/jobs", {"name": "n", "task_name": "echo"})
+        assert resp.status == 503 and resp.headers["Connection"] == "close"
+        assert resp.body["message"] == "valet is shutting down"
+    finally:
+        conn.close()
+    assert app.store.list(None, 0, 10) == []  # the refused POST stored nothing
+
+
+def test_deleted_pending_jobs_give_back_their_backlog_places(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1, "worker_pool.queue_capacity": 2})
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    waiting = [submit(app, "echo", i) for i in range(2)]
+    assert call(app, "POST", "/jobs", {"name": "n", "task_name": "echo"}).status == 503
+    for job in waiting:
+        assert call(app, "DELETE", f"/jobs/{job['id']}").status == 204
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 0
+    assert submit(app, "echo", "fits")["status"] == valet.PENDING
+
+
 # --------------------------------------------------------- running the jobs --
 
 def test_task_exception_fails_the_job_and_the_worker_goes_on(make_app):
@@ -750,6 +810,74 @@ def test_stop_fails_jobs_still_running_after_the_grace_period(storage, gate, ran
             store.close()
         assert stopped["status"] == valet.FAILED
         assert "server stopped before the job finished" in stopped["failure_reason"]
+
+
+def test_timeouts_are_enforced_while_stop_waits_for_running_jobs(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1, "timeout_unit": "millisecond"})
+    job = submit(app, "gate", timeout=50)
+    assert gate.entered.wait(10)
+    started = time.monotonic()
+    app.pool.stop(grace=30)  # returns once the timed-out worker has left the pool
+    assert time.monotonic() - started < 15
+    stopped = app.store.get(job["id"])
+    assert stopped["status"] == valet.FAILED
+    assert stopped["failure_reason"] == "timed out after 50 milliseconds"
+
+
+class FlakyStore(valet.MemoryStore):
+    """A store whose first transition fails, as a full disk would."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = threading.Event()
+
+    def transition(self, *args, **kwargs):
+        if not self.failed.is_set():
+            self.failed.set()
+            raise OSError("disk full")
+        return super().transition(*args, **kwargs)
+
+
+def test_store_error_in_a_worker_is_logged_and_the_worker_goes_on(gate, ran, caplog):
+    store = FlakyStore()
+    pool = valet._WorkerPool(store, make_tasks(gate, ran), workers=1, capacity=5,
+                             timeout_unit="second")
+    pool.start()
+    try:
+        first = queue_job(pool, store, "echo")
+        second = queue_job(pool, store, "echo")
+        wait_until(lambda: store.get(second)["status"] == valet.COMPLETED,
+                   what="the second job to complete")
+        assert store.get(first)["status"] == valet.PENDING  # left for the next start
+        assert "OSError: disk full" in caplog.text
+    finally:
+        pool.stop(5)
+
+
+def test_sqlite_writer_isolates_a_failing_write_from_its_batch(tmp_path):
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    try:
+        good, other = new_record("good"), new_record("other")
+        futures = [valet.concurrent.futures.Future() for _ in range(3)]
+
+        def insert(job):
+            values = dict(job, metadata=json.dumps(job["metadata"]))
+            columns = [c for c in valet._JOB_COLUMNS if c != "seq"]
+            return lambda conn: conn.execute(
+                f"INSERT INTO jobs ({', '.join(columns)}) VALUES "
+                f"({', '.join('?' * len(columns))})", [values[c] for c in columns])
+
+        def broken(conn):
+            conn.execute("DELETE FROM jobs")
+            raise RuntimeError("a bug in one write")
+
+        store._apply([(insert(good), futures[0]), (broken, futures[1]),
+                      (insert(other), futures[2])])
+        assert isinstance(futures[1].exception(0), RuntimeError)
+        futures[0].result(0), futures[2].result(0)
+        assert [j["name"] for j in store.list(None, 0, 10)] == ["good", "other"]
+    finally:
+        store.close()
 
 
 def test_embedding_program_can_submit_without_http(storage, gate, ran):

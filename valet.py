@@ -86,6 +86,7 @@ JOB_FIELDS = (
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+_MAX_TIMEOUT_SECONDS = 366 * 24 * 3600  # a year: longer is a mistake, not a timeout
 
 
 # ------------------------------------------------------------------- errors --
@@ -145,8 +146,9 @@ _SCHEMA = {
     "worker_pool.shutdown_grace": (10, lambda v: _is_number(v) and v >= 0,
                                    "a number of seconds >= 0"),
     "storage.option": ("sqlite", *_choice("sqlite", "memory")),
-    "storage.sqlite.path": ("valet.db", lambda v: isinstance(v, str) and v != "",
-                            "a file path"),
+    "storage.sqlite.path": ("valet.db",
+                            lambda v: isinstance(v, str) and v not in ("", ":memory:"),
+                            "a file path (for no file, use storage.option: memory)"),
     "storage.sqlite.synchronous": ("full", *_choice("full", "normal")),
     "tasks_module": ("tasks", lambda v: isinstance(v, str) and v != "",
                      "an importable module name"),
@@ -290,9 +292,10 @@ def _new_job(fields, tasks, timeout_unit, now):
         raise HTTPError(400, "give metadata or task_params (its old name), not both")
     metadata = fields.get("metadata", fields.get("task_params"))
     timeout = fields.get("timeout")
-    if timeout is not None and not (_is_number(timeout) and timeout > 0):
-        raise HTTPError(400, f"timeout must be a number greater than 0 "
-                             f"(in {timeout_unit}s), got {json.dumps(timeout)}")
+    longest = _MAX_TIMEOUT_SECONDS * (1000 if timeout_unit == "millisecond" else 1)
+    if timeout is not None and not (_is_number(timeout) and 0 < timeout <= longest):
+        raise HTTPError(400, f"timeout must be a number greater than 0 and at most "
+                             f"{longest} (in {timeout_unit}s), got {json.dumps(timeout)}")
     return {
         "id": str(uuid.uuid4()), "name": name, "description": description,
         "task_name": task_name, "metadata": metadata, "timeout": timeout,
@@ -524,6 +527,7 @@ class SqliteStore:
                 return
 
     def _apply(self, writes):
+        """Apply a batch in one transaction; answer every caller, whatever happens."""
         conn = self._conn
         outcomes = []
         try:
@@ -540,11 +544,10 @@ class SqliteStore:
             conn.execute("COMMIT")
         except Exception as exc:  # the transaction itself failed: nothing was written
             log.exception("sqlite: a write transaction failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for _, future in writes:
-                future.set_exception(exc)
-            return
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            outcomes = [(future, None, exc) for _, future in writes]
         for future, value, exc in outcomes:
             if exc is None:
                 future.set_result(value)
@@ -704,40 +707,49 @@ class _WorkerPool:
         self._unit = timeout_unit
         self._clock = clock
         self._ready = queue.Queue()  # ids of PENDING jobs, in submission order
-        self._lock = threading.Lock()  # guards _backlog, _running, _deadlines, _threads
+        self._lock = threading.Lock()  # guards every attribute from here to _threads
         self._deadline_added = threading.Condition(self._lock)
-        self._backlog = 0      # jobs accepted and not yet taken by a worker
+        self._threads_changed = threading.Condition(self._lock)
+        self._reserved = 0     # submissions given a place in the backlog, not yet queued
+        self._waiting = set()  # ids queued and not yet taken by a worker (nor deleted)
         self._running = {}     # job id -> the thread that owns it
         self._deadlines = []   # heap of (monotonic deadline, job id, timeout reason)
-        self._threads = set()  # the pool's live worker threads (abandoned ones leave it)
+        self._threads = set()  # the pool's worker threads (an abandoned one leaves it)
+        self._stopping = False  # set by stop(): start no more jobs or workers
         self._names = itertools.count(1)
-        self._stopping = threading.Event()
         self._watcher = None
+        self._watching = True  # the watcher runs until stop() has joined the workers
 
-    # -- the backlog
+    # -- the backlog: jobs accepted and waiting for a worker
 
     def reserve(self):
         """Take a place in the backlog, or raise HTTPError(503) when it is full."""
         with self._lock:
-            if self._backlog >= self.capacity:
+            if len(self._waiting) + self._reserved >= self.capacity:
                 raise HTTPError(503, f"the backlog is full ({self.capacity} jobs are "
                                      f"waiting); try again shortly", {"Retry-After": "1"})
-            self._backlog += 1
+            self._reserved += 1
 
     def unreserve(self):
+        """Give back a place reserve() took, for a job that was not stored."""
         with self._lock:
-            self._backlog -= 1
+            self._reserved -= 1
 
     def enqueue(self, job_id, reserved=True):
         """Queue a stored PENDING job. Start-up recovery passes reserved=False."""
-        if not reserved:
-            with self._lock:
-                self._backlog += 1
+        with self._lock:
+            self._reserved -= reserved
+            self._waiting.add(job_id)
         self._ready.put(job_id)
+
+    def discard(self, job_id):
+        """Forget a queued job that was deleted: it gives back its place and never runs."""
+        with self._lock:
+            self._waiting.discard(job_id)
 
     def stats(self):
         with self._lock:
-            return {"depth": self._backlog, "busy": len(self._running)}
+            return {"depth": len(self._waiting) + self._reserved, "busy": len(self._running)}
 
     # -- a worker's single step
 
@@ -752,9 +764,9 @@ class _WorkerPool:
         if job_id is _STOP:
             return False
         with self._lock:
-            self._backlog -= 1
-        if self._stopping.is_set():
-            return True  # left PENDING in the store for the next start
+            if job_id not in self._waiting or self._stopping:
+                return True  # deleted while queued; or left PENDING for the next start
+            self._waiting.remove(job_id)
         return self._run(job_id)
 
     def _run(self, job_id):
@@ -822,40 +834,57 @@ class _WorkerPool:
                 thread = self._running.pop(job_id, None)
                 if thread is not None:
                     self._threads.discard(thread)
+                    self._threads_changed.notify_all()
                     overdue.append((job_id, reason))
         for job_id, reason in overdue:
-            self._finish(job_id, FAILED, reason)
-            if not self._stopping.is_set() and self._watcher is not None:
+            if self._watcher is not None:
                 self._spawn()
+            self._finish(job_id, FAILED, reason)
         return len(overdue)
 
     def _watch(self):
         while True:
             with self._lock:
-                while not self._stopping.is_set():
-                    if self._deadlines:
-                        delay = self._deadlines[0][0] - self._clock()
-                        if delay <= 0:
-                            break
-                        self._deadline_added.wait(delay)
-                    else:
+                while self._watching:
+                    if not self._deadlines:
                         self._deadline_added.wait()
-                if self._stopping.is_set():
+                        continue
+                    delay = self._deadlines[0][0] - self._clock()
+                    if delay <= 0:
+                        break
+                    # Capped: a long wait is re-checked, never an overflow.
+                    self._deadline_added.wait(min(delay, 3600))
+                if not self._watching:
                     return
-            self.tick(self._clock())
+            self._guarded(self.tick, self._clock())
 
     # -- threads
+
+    @staticmethod
+    def _guarded(step, *args):
+        """Run one step of a thread's loop; an error (the store's, say) is logged, and
+        the thread goes on. A job it left behind is settled at the next start."""
+        try:
+            return step(*args)
+        except Exception:
+            log.exception("%s: unexpected error", threading.current_thread().name)
+            return True
 
     def _spawn(self):
         thread = threading.Thread(target=self._work, name=f"valet-worker-{next(self._names)}",
                                   daemon=True)
         with self._lock:
+            if self._stopping:
+                return
             self._threads.add(thread)
         thread.start()
 
     def _work(self):
-        while self.run_once():
+        while self._guarded(self.run_once):
             pass
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+            self._threads_changed.notify_all()
 
     def start(self):
         self._watcher = threading.Thread(target=self._watch, name="valet-deadlines",
@@ -867,31 +896,27 @@ class _WorkerPool:
     def stop(self, grace):
         """Start no more jobs; wait up to `grace` seconds for running ones, then fail them.
 
-        Jobs still queued stay PENDING in the store, for the next start.
+        Timeouts are still enforced while it waits. Jobs still queued stay PENDING
+        in the store, for the next start.
         """
-        self._stopping.set()
-        while True:
-            try:
-                if self._ready.get_nowait() is not _STOP:
-                    self.unreserve()
-            except queue.Empty:
-                break
         with self._lock:
+            self._stopping = True
+            self._waiting.clear()
             threads = list(self._threads)
-            self._deadline_added.notify_all()
         for _ in threads:
             self._ready.put(_STOP)
-        deadline = time.monotonic() + grace
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
+            # Threads leave the pool when they exit, or when their job times out.
+            self._threads_changed.wait_for(lambda: not self._threads, grace)
             unfinished = list(self._running)
             self._running.clear()
+            self._watching = False
+            self._deadline_added.notify_all()
         for job_id in unfinished:
             self._finish(job_id, FAILED, f"the server stopped before the job finished "
                                          f"(shutdown grace period: {grace:g}s)")
         if self._watcher is not None:
-            self._watcher.join(1)
+            self._watcher.join(10)
 
 
 # --------------------------------------------------------------------- HTTP --
@@ -902,6 +927,16 @@ def _encode(payload):
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
 
 
 class _Request:
@@ -927,7 +962,8 @@ class _Request:
         if not text.strip():
             raise HTTPError(400, "body is empty; expected a JSON object")
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            value = json.loads(text, parse_constant=_reject_constant,
+                               parse_float=_finite_float)
         except json.JSONDecodeError as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc.msg} at line "
                                  f"{exc.lineno} column {exc.colno}") from None
@@ -938,6 +974,12 @@ class _Request:
         if not isinstance(value, dict):
             raise HTTPError(400, f"body must be a JSON object, got "
                                  f"{type(value).__name__.replace('dict', 'object')}")
+        if "\\ud" in text.lower():  # a \uD800-\uDFFF escape must be half of a pair
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise HTTPError(400, "body is not valid JSON: it has a lone surrogate "
+                                     "escape (\\uD800-\\uDFFF), which is not text") from None
         return value
 
     def args(self, allowed) -> dict:
@@ -971,11 +1013,11 @@ def _list_jobs(app, req):
             raise HTTPError(400, f"status must be one of {', '.join(STATUSES)}, "
                                  f"got {args['status']!r}")
     limit = args.get("limit", str(DEFAULT_PAGE_SIZE))
-    if not (limit.isdigit() and 1 <= int(limit) <= MAX_PAGE_SIZE):
+    if not (_DIGITS.fullmatch(limit) and 1 <= int(limit) <= MAX_PAGE_SIZE):
         raise HTTPError(400, f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, "
                              f"got {limit!r}")
     cursor = args.get("cursor") or "0"
-    if not cursor.isdigit():
+    if not _DIGITS.fullmatch(cursor):
         raise HTTPError(400, f"cursor must be a next_cursor from an earlier page, "
                              f"got {cursor!r}")
     limit = int(limit)
@@ -1012,6 +1054,7 @@ def _delete_job(app, req):
     if status == IN_PROGRESS:
         raise HTTPError(409, f"job {job_id!r} is running; it can be deleted once it "
                              f"has finished")
+    app.pool.discard(job_id)
     log.info("job %s: deleted (was %s)", job_id, status)
     return 204, None
 
@@ -1020,6 +1063,8 @@ def _get_result(app, req):
     result = app.store.result(req.params["id"])
     if result is None:
         job = _find_job(app, req)
+        result = app.store.result(job["id"])  # it may have finished since the first read
+    if result is None:
         if job["status"] in FINISHED:
             raise HTTPError(404, f"the result of job {job['id']!r} was deleted")
         raise HTTPError(404, f"job {job['id']!r} has not finished; its status is "
@@ -1098,7 +1143,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self._dispatch()
 
-    do_POST = do_PATCH = do_DELETE = do_PUT = do_GET
+    # Every method goes through the routes, so an unrouted one gets 405 with Allow.
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
     def setup(self):
         super().setup()
@@ -1110,17 +1156,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         try:
             body = self._read_body()
+            if app.stopping:  # a keep-alive connection that outlived the listener
+                self.close_connection = True
+                raise HTTPError(503, "valet is shutting down", {"Retry-After": "1"})
             fn, params = _match(self.command, path)
             prefix = params.pop("prefix") or ""
             request = _Request(self.command, path, params, query, body, prefix)
             status, payload, *rest = fn(app, request)
             headers = rest[0] if rest else {}
+            data = b"" if payload is None else _encode(payload)
         except HTTPError as exc:
-            status, payload, headers = exc.status, exc.body(), exc.headers
+            status, headers, data = exc.status, exc.headers, _encode(exc.body())
         except Exception:
             log.exception("%s %s: internal error", self.command, self.path)
-            status, payload, headers = 500, HTTPError(500, "internal server error").body(), {}
-        self._send(status, payload, headers)
+            status, headers = 500, {}
+            data = _encode(HTTPError(500, "internal server error").body())
+        self._send(status, data, headers)
         log.info("%s %s %d %.2fms", self.command, self.path, status,
                  (time.perf_counter() - started) * 1000)
 
@@ -1130,7 +1181,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(411, "send the body with a Content-Length; chunked transfer "
                                  "encoding is not supported")
         length = self.headers.get("Content-Length", "0").strip() or "0"
-        if not length.isdigit():
+        if not _DIGITS.fullmatch(length):
             self.close_connection = True
             raise HTTPError(400, f"Content-Length must be a whole number, got {length!r}")
         length, limit = int(length), self.server.app.config["server.max_body_bytes"]
@@ -1143,25 +1194,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "body is shorter than its Content-Length")
         return body
 
-    def _send(self, status, payload, headers):
+    def _send(self, status, data, headers):
         """Write the whole response in one send: status line, headers and body."""
         phrase = self.responses.get(status, ("",))[0]
         lines = [f"HTTP/1.1 {status} {phrase}", f"Server: {self.server_version}",
                  f"Date: {self.date_time_string()}"]
-        body = b""
         if status != 204:
-            body = _encode(payload)
-            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+            lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if self.close_connection:
             lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        if self.command == "HEAD":
+            data = b""
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a bad request line, an unknown method), as JSON."""
         self.close_connection = True
         message = message or self.responses.get(code, ("error",))[0]
-        self._send(code, HTTPError(code, message).body(), {})
+        self._send(code, _encode(HTTPError(code, message).body()), {})
         log.info("%s %s %d (%s)", self.command, getattr(self, "path", ""), code, message)
 
     def log_message(self, format, *args):
@@ -1196,9 +1247,9 @@ class Valet:
                                 self.config["worker_pool.queue_capacity"],
                                 self.config["timeout_unit"])
         self.started_at = None
+        self.stopping = False  # set first thing in stop(): requests then get 503
         self._server = None
-        self._lifecycle = threading.Lock()  # guards started_at and _stopped
-        self._stopped = False
+        self._lifecycle = threading.Lock()  # guards started_at and stopping
 
     @property
     def port(self) -> int:
@@ -1250,9 +1301,9 @@ class Valet:
         """Stop accepting requests, let running jobs finish for up to `grace` seconds
         (default worker_pool.shutdown_grace), and close the store. Blocks; idempotent."""
         with self._lifecycle:
-            if self._stopped:
+            if self.stopping:
                 return
-            self._stopped = True
+            self.stopping = True
         if grace is None:
             grace = self.config["worker_pool.shutdown_grace"]
         if self._server is not None:
