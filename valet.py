@@ -260,6 +260,13 @@ def _job_json(job):
 _JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params", "timeout")
 
 
+def _show(value, limit=60):
+    """A value as JSON for an error message, cut short: the client sent it, and may
+    have sent a megabyte of it."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _check_text(fields, key, required):
     value = fields.get(key)
     if value is None and not required:
@@ -268,7 +275,7 @@ def _check_text(fields, key, required):
         raise HTTPError(400, f"{key} is required")
     if not isinstance(value, str) or (required and not value.strip()):
         kind = "a non-empty string" if required else "a string or null"
-        raise HTTPError(400, f"{key} must be {kind}, got {json.dumps(value)}")
+        raise HTTPError(400, f"{key} must be {kind}, got {_show(value)}")
     return value
 
 
@@ -283,7 +290,7 @@ def _new_job(fields, tasks, timeout_unit, now):
     if "task_name" not in fields:
         raise HTTPError(400, "task_name is required")
     if not isinstance(task_name, str):
-        raise HTTPError(400, f"task_name must be a string, got {json.dumps(task_name)}")
+        raise HTTPError(400, f"task_name must be a string, got {_show(task_name)}")
     if task_name not in tasks:
         raise HTTPError(400, f"task_name {task_name!r} is not a registered task; "
                              f"registered tasks: {', '.join(sorted(tasks)) or '(none)'}")
@@ -295,7 +302,7 @@ def _new_job(fields, tasks, timeout_unit, now):
     longest = _MAX_TIMEOUT_SECONDS * (1000 if timeout_unit == "millisecond" else 1)
     if timeout is not None and not (_is_number(timeout) and 0 < timeout <= longest):
         raise HTTPError(400, f"timeout must be a number greater than 0 and at most "
-                             f"{longest} (in {timeout_unit}s), got {json.dumps(timeout)}")
+                             f"{longest} (in {timeout_unit}s), got {_show(timeout)}")
     return {
         "id": str(uuid.uuid4()), "name": name, "description": description,
         "task_name": task_name, "metadata": metadata, "timeout": timeout,
@@ -779,7 +786,8 @@ class _WorkerPool:
             self._running[job_id] = threading.current_thread()
             if job["timeout"] is not None:
                 seconds = job["timeout"] / (1000 if self._unit == "millisecond" else 1)
-                reason = f"timed out after {job['timeout']:g} {self._unit}s"
+                plural = "" if job["timeout"] == 1 else "s"
+                reason = f"timed out after {job['timeout']:g} {self._unit}{plural}"
                 heapq.heappush(self._deadlines, (self._clock() + seconds, job_id, reason))
                 self._deadline_added.notify()
 
@@ -1240,7 +1248,7 @@ class Valet:
     """
 
     def __init__(self, config=None, tasks: dict | None = None):
-        self.config = config if _is_loaded(config) else load_config(config)
+        self.config = load_config(config)  # validates; a loaded config passes unchanged
         self.tasks = dict(tasks if tasks is not None else _load_tasks(self.config["tasks_module"]))
         self.store = _open_store(self.config)
         self.pool = _WorkerPool(self.store, self.tasks, self.config["worker_pool.workers"],
@@ -1331,10 +1339,6 @@ class Valet:
         self.pool.enqueue(job["id"])
         log.info("job %s: created %s (task %s)", job["id"], PENDING, job["task_name"])
         return _job_json(job)
-
-
-def _is_loaded(config):
-    return isinstance(config, dict) and set(config) == set(_SCHEMA)
 
 
 # --------------------------------------------------------------------- main --
