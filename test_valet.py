@@ -38,6 +38,22 @@ def wait_until(predicate, timeout=10.0, what="the condition"):
         time.sleep(0.002)
 
 
+def run_together(fn, count):
+    """Call fn(0) .. fn(count - 1) on as many threads, released at once by a barrier."""
+    barrier = threading.Barrier(count)
+
+    def body(i):
+        barrier.wait()
+        fn(i)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive(), "a thread did not finish"
+
+
 class Response:
     def __init__(self, status, body, headers):
         self.status, self.body, self.headers = status, body, headers
@@ -238,21 +254,15 @@ def test_store_transition_moves_once_and_refuses_illegal_moves(store):
 def test_store_transition_race_has_exactly_one_winner(store):
     job = new_record(status=valet.IN_PROGRESS)
     store.add(job)
-    barrier = threading.Barrier(8)
     winners = []
 
     def finish(i):
-        barrier.wait()
         status = valet.COMPLETED if i % 2 else valet.FAILED
         if store.transition(job["id"], (valet.IN_PROGRESS,), status,
                             result=(i, None)) is not None:
             winners.append((i, status))
 
-    threads = [threading.Thread(target=finish, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_together(finish, 8)
     assert len(winners) == 1
     i, status = winners[0]
     assert store.get(job["id"])["status"] == status
@@ -297,18 +307,13 @@ def test_store_keeps_metadata_apart_from_callers(store):
 def test_sqlite_store_shares_commits_between_concurrent_writers(tmp_path):
     store = valet.SqliteStore(tmp_path / "valet.db")
     jobs = [new_record(f"j{i}") for i in range(200)]
-    barrier = threading.Barrier(20)
 
-    def add(chunk):
-        barrier.wait()
-        for job in chunk:
+    def add(i):
+        for job in jobs[i::20]:
             store.add(job)
 
-    threads = [threading.Thread(target=add, args=(jobs[i::20],)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_together(add, 20)
+    assert store.commits < 200  # concurrent writes shared commits
     store.close()
     reopened = valet.SqliteStore(tmp_path / "valet.db")
     try:
@@ -960,18 +965,12 @@ def test_sigkill_loses_no_acknowledged_job_and_restart_recovers(tmp_path, proces
     wait_until(lambda: call(first.port, "GET", f"/jobs/{running}").body["status"]
                == valet.IN_PROGRESS, what="the sleep job to start")
     acknowledged = []
-    barrier = threading.Barrier(8)
 
     def submit_many(i):
-        barrier.wait()
         for j in range(5):
             acknowledged.append(post(first.port, "echo", {"n": i * 5 + j}))
 
-    threads = [threading.Thread(target=submit_many, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_together(submit_many, 8)
     assert len(acknowledged) == 40
     assert first.kill(signal.SIGKILL) == -signal.SIGKILL
 

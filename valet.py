@@ -496,6 +496,7 @@ class SqliteStore:
         self._readers = queue.SimpleQueue()  # idle read connections
         self._closing = threading.Lock()  # guards _closed
         self._closed = False
+        self.commits = 0  # transactions committed (written by the writer thread only)
         self._writer = threading.Thread(target=self._write_loop,
                                         name="valet-sqlite-writer", daemon=True)
         self._writer.start()
@@ -549,6 +550,7 @@ class SqliteStore:
                     conn.execute("RELEASE one")
                     outcomes.append((future, None, exc))
             conn.execute("COMMIT")
+            self.commits += 1
         except Exception as exc:  # the transaction itself failed: nothing was written
             log.exception("sqlite: a write transaction failed")
             with contextlib.suppress(sqlite3.Error):
