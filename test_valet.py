@@ -202,13 +202,13 @@ def test_config_yaml_documents_every_key_with_its_default():
 @pytest.mark.parametrize("source, message", [
     ({"server": {"prot": 80}}, "server.prot: unknown key"),
     ({"worker_pool": {"workers": "4"}},
-     "worker_pool.workers: '4' is not allowed; expected an integer from 1 to 256"),
+     'worker_pool.workers: "4" is not allowed; expected an integer from 1 to 256'),
     ({"worker_pool": {"workers": 0}}, "worker_pool.workers: 0 is not allowed"),
     ({"storage": {"option": "redis"}},
-     "storage.option: 'redis' is not allowed; expected sqlite or memory"),
-    ({"timeout_unit": "minute"}, "timeout_unit: 'minute' is not allowed"),
+     'storage.option: "redis" is not allowed; expected sqlite or memory'),
+    ({"timeout_unit": "minute"}, 'timeout_unit: "minute" is not allowed'),
     ({"server": 5}, "server: 5 is not allowed; expected a mapping"),
-    ({"server": {"port": True}}, "server.port: True is not allowed"),
+    ({"server": {"port": True}}, "server.port: true is not allowed"),
     ({"storage": {"sqlite": {"path": ":memory:"}}}, "use storage.option: memory"),
 ])
 def test_invalid_config_names_key_value_and_what_is_allowed(source, message):
@@ -423,7 +423,7 @@ def test_metadata_defaults_to_null_and_task_params_is_its_old_name(app, ran):
 
 @pytest.mark.parametrize("raw, message", [
     (b'{"name": "n", ', "body is not valid JSON: Expecting property name"),
-    (b"[1, 2]", "body must be a JSON object, got list"),
+    (b"[1, 2]", "body must be a JSON object, got array"),
     (b"", "body is empty"),
     (b'{"name": "n", "task_name": "echo", "metadata": NaN}', "NaN is not valid JSON"),
     (b'{"name": "\xff"}', "body is not valid UTF-8"),
@@ -443,6 +443,11 @@ def test_metadata_defaults_to_null_and_task_params_is_its_old_name(app, ran):
     (b'{"name": "n", "task_name": "echo", "timeout": 1e10}', "and at most 31622400"),
     (b'{"name": "n", "task_name": "echo", "metadata": [1e400]}', "1e400 is out of range"),
     (b'{"name": "\\ud800", "task_name": "echo"}', "lone surrogate"),
+    (b'{"name": "a", "task_name": "echo", "name": "b"}', "the key 'name' appears twice"),
+    (b'{"name": "n", "task_name": "echo", "metadata": 1' + b"0" * 1000 + b"}",
+     "an integer of 1001 digits is too long"),
+    (b'{"name": ["' + b"x" * 5000 + b'"], "task_name": "echo"}',
+     'name must be a non-empty string, got ["xxxxxxxx'),
     (b'{"name": "n", "task_name": "echo", "timout": 5}', "unknown field 'timout'"),
     (b'{"name": "n", "task_name": "echo", "metadata": 1, "task_params": 2}',
      "give metadata or task_params"),
@@ -497,6 +502,7 @@ def test_patch_changes_only_the_fields_present(app):
 
 @pytest.mark.parametrize("body, message", [
     ({"status": "COMPLETED"}, "field 'status' cannot be changed"),
+    ({"name": "ok", "timout": 1}, "unknown field 'timout'"),
     ({"name": "ok", "metadata": {}}, "field 'metadata' cannot be changed"),
     ({"name": ""}, "name must be a non-empty string"),
     ({"description": []}, "description must be a string or null"),
@@ -613,10 +619,17 @@ def test_list_pages_through_every_job_once_in_submission_order(make_app):
     ("cursor=99999999999999999999", "cursor must be a next_cursor"),
     ("limit=%C2%B2", "limit must be an integer"),  # '²' passes str.isdigit()
     ("sort=name", "unknown query parameter 'sort'"),
+    ("limit=1&limit=2", "query parameter 'limit' is given more than once"),
 ])
 def test_list_rejects_bad_query_parameters(app, query, message):
     resp = call(app, "GET", f"/jobs?{query}")
     assert resp.status == 400 and message in resp.body["message"]
+
+
+def test_list_treats_empty_query_values_as_not_given(app):
+    job = submit(app, "echo")
+    resp = call(app, "GET", "/jobs?status=&limit=&cursor=")
+    assert resp.status == 200 and [j["id"] for j in resp.body["jobs"]] == [job["id"]]
 
 
 def test_tasks_lists_registered_names_sorted(app):
@@ -680,6 +693,16 @@ def test_oversized_body_is_413_and_chunked_body_is_411(make_app):
     finally:
         conn.close()
     assert call(app, "GET", "/jobs").body["jobs"] == []
+
+
+def test_oversized_body_is_refused_before_it_is_sent_when_client_expects_100(make_app):
+    app = make_app(**{"server.max_body_bytes": 1024})
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        reply = sock.makefile("rb").read()  # no body sent: the answer comes without it
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert b"the limit is 1024 (server.max_body_bytes)" in reply
 
 
 def test_garbage_request_gets_a_json_error_and_the_server_lives_on(app):
@@ -885,17 +908,31 @@ def test_sqlite_writer_isolates_a_failing_write_from_its_batch(tmp_path):
         store.close()
 
 
-def test_embedding_program_can_submit_without_http(storage, gate, ran):
-    app = valet.Valet(valet.load_config(storage, {"server.port": 0}),
-                      tasks=make_tasks(gate, ran)).start()
-    try:
-        job = app.submit({"name": "direct", "task_name": "echo", "metadata": [1]})
-        wait_until(lambda: app.store.get(job["id"])["status"] == valet.COMPLETED)
-        with pytest.raises(valet.HTTPError) as caught:
-            app.submit({"name": "direct"})
-        assert caught.value.status == 400 and "task_name is required" in caught.value.message
-    finally:
-        app.stop()
+def test_embedding_program_can_submit_wait_and_read_results_without_http(app):
+    job = app.submit({"name": "direct", "task_name": "echo", "metadata": [1]})
+    done = app.wait(job["id"], timeout=10)
+    assert done["status"] == valet.COMPLETED and done == app.job(job["id"])
+    assert done == call(app, "GET", f"/jobs/{job['id']}").body
+    assert app.result(job["id"]) == {"job_id": job["id"], "metadata": [1], "error": None}
+    assert app.wait("no-such-job") is None and app.job("no-such-job") is None
+    with pytest.raises(valet.HTTPError) as caught:
+        app.submit({"name": "direct"})
+    assert caught.value.status == 400 and "task_name is required" in caught.value.message
+
+
+def test_wait_gives_up_after_its_timeout_and_wakes_when_the_job_is_deleted(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1})
+    blocker = app.submit({"name": "b", "task_name": "gate"})
+    assert gate.entered.wait(10)
+    assert app.wait(blocker["id"], timeout=0.01)["status"] == valet.IN_PROGRESS
+    queued = app.submit({"name": "q", "task_name": "echo"})
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(app.wait(queued["id"], 20)))
+    waiter.start()
+    wait_until(lambda: queued["id"] in app.pool._watchers, what="the waiter to watch")
+    assert call(app, "DELETE", f"/jobs/{queued['id']}").status == 204
+    waiter.join(10)
+    assert not waiter.is_alive() and outcome == [None]
 
 
 # -------------------------------------------------------------- the process --
@@ -1007,10 +1044,18 @@ def test_sigterm_lets_the_running_job_finish_and_keeps_pending_jobs(tmp_path, pr
     assert any(r["message"].startswith("signal received") for r in records)
 
 
+def test_tasks_module_entry_that_is_not_a_function_is_named(tmp_path, monkeypatch):
+    (tmp_path / "valet_bad_tasks.py").write_text("TASKS = {'ok': print, 'five': 5}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(valet.ConfigError) as caught:
+        valet._load_tasks("valet_bad_tasks")
+    assert "TASKS['five'] in 'valet_bad_tasks' is int 5, not a function" in str(caught.value)
+
+
 @pytest.mark.parametrize("config_text, message", [
     ("worker_pool:\n  workers: many\n",
-     "valet: config error: worker_pool.workers: 'many' is not allowed; "
-     "expected an integer from 1 to 256"),
+     'valet: config error: worker_pool.workers: "many" is not allowed; '
+     'expected an integer from 1 to 256'),
     ("tasks_module: no_such_module\n",
      "valet: config error: tasks_module: 'no_such_module' cannot be imported"),
     ("server: [\n", "valet: config error: config file"),
@@ -1036,3 +1081,13 @@ def test_readme_documents_every_route_and_config_key():
     for key in valet._SCHEMA:
         assert f"`{key}`" in readme, key
     assert "make run" in readme and "make test" in readme
+
+
+def test_readme_embedding_example_runs(tmp_path):
+    with open(os.path.join(HERE, "README.md")) as f:
+        example = re.search(r"## Embedding.*?```python\n(.*?)```", f.read(), re.S).group(1)
+    (tmp_path / "example.py").write_text(example)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "PYTHONPATH": HERE})
+    assert done.returncode == 0, done.stderr
+    assert "COMPLETED {'job_id':" in done.stdout and "'metadata': {'ok': True}" in done.stdout

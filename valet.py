@@ -116,6 +116,13 @@ class HTTPError(Exception):
         return {"error": True, "code": self.status, "message": self.message}
 
 
+def _show(value, limit=60):
+    """A value as JSON for an error message, cut short: it came from a user, who
+    may have sent a megabyte of it."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # ------------------------------------------------------------------- config --
 
 def _is_int(v):
@@ -169,7 +176,7 @@ def _flatten(tree, prefix=""):
         if is_section and isinstance(value, dict):
             flat.update(_flatten(value, dotted + "."))
         elif is_section:
-            raise ConfigError(f"{dotted}: {value!r} is not allowed; expected a "
+            raise ConfigError(f"{dotted}: {_show(value)} is not allowed; expected a "
                               f"mapping of its keys")
         else:
             flat[dotted] = value
@@ -209,7 +216,7 @@ def load_config(source=None, overrides: dict | None = None) -> dict:
                               f"{', '.join(_SCHEMA)}")
         _, check, allowed = _SCHEMA[key]
         if not check(value):
-            raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+            raise ConfigError(f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
     return config
 
@@ -222,9 +229,13 @@ def _load_tasks(module_name):
         raise ConfigError(f"tasks_module: {module_name!r} cannot be imported: "
                           f"{type(exc).__name__}: {exc}") from None
     tasks = getattr(module, "TASKS", None)
-    if not isinstance(tasks, dict) or not all(callable(f) for f in tasks.values()):
+    if not isinstance(tasks, dict):
         raise ConfigError(f"tasks_module: {module_name!r} has no TASKS dict "
                           f"mapping names to functions")
+    for name, fn in tasks.items():
+        if not callable(fn):
+            raise ConfigError(f"tasks_module: TASKS[{name!r}] in {module_name!r} is "
+                              f"{type(fn).__name__} {fn!r:.40}, not a function")
     return tasks
 
 
@@ -258,13 +269,6 @@ def _job_json(job):
 
 
 _JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params", "timeout")
-
-
-def _show(value, limit=60):
-    """A value as JSON for an error message, cut short: the client sent it, and may
-    have sent a megabyte of it."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_text(fields, key, required):
@@ -724,6 +728,7 @@ class _WorkerPool:
         self._running = {}     # job id -> the thread that owns it
         self._deadlines = []   # heap of (monotonic deadline, job id, timeout reason)
         self._threads = set()  # the pool's worker threads (an abandoned one leaves it)
+        self._watchers = {}    # job id -> Events of callers waiting for it to finish
         self._stopping = False  # set by stop(): start no more jobs or workers
         self._names = itertools.count(1)
         self._watcher = None
@@ -735,8 +740,9 @@ class _WorkerPool:
         """Take a place in the backlog, or raise HTTPError(503) when it is full."""
         with self._lock:
             if len(self._waiting) + self._reserved >= self.capacity:
-                raise HTTPError(503, f"the backlog is full ({self.capacity} jobs are "
-                                     f"waiting); try again shortly", {"Retry-After": "1"})
+                raise HTTPError(503, f"the backlog is full (worker_pool.queue_capacity "
+                                     f"is {self.capacity}); try again shortly",
+                                {"Retry-After": "1"})
             self._reserved += 1
 
     def unreserve(self):
@@ -755,6 +761,30 @@ class _WorkerPool:
         """Forget a queued job that was deleted: it gives back its place and never runs."""
         with self._lock:
             self._waiting.discard(job_id)
+        self._wake(job_id)
+
+    @contextlib.contextmanager
+    def watching(self, job_id):
+        """An Event set when the job finishes (or is deleted) from now on. Read the
+        job's status after entering, so that a finish just before is not missed."""
+        event = threading.Event()
+        with self._lock:
+            self._watchers.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                events = self._watchers.get(job_id)
+                if events is not None:
+                    events.discard(event)
+                    if not events:
+                        del self._watchers[job_id]
+
+    def _wake(self, job_id):
+        with self._lock:
+            events = self._watchers.pop(job_id, ())
+        for event in events:
+            event.set()
 
     def stats(self):
         with self._lock:
@@ -828,6 +858,7 @@ class _WorkerPool:
         if job is not None:
             log.info("job %s: %s -> %s%s", job_id, IN_PROGRESS, status,
                      f" ({reason})" if reason else "")
+            self._wake(job_id)
 
     # -- the deadline watcher's single step
 
@@ -935,6 +966,9 @@ def _encode(payload):
     return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
 
 
+# Parse hooks: what Python's json accepts but other parsers would not (or could
+# not give back) is refused, so whatever valet stores it can always answer with.
+
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -944,6 +978,30 @@ def _finite_float(text):
     if not math.isfinite(value):
         raise ValueError(f"{text} is out of range for a JSON number")
     return value
+
+
+def _bounded_int(text):
+    if len(text) > 1000:
+        raise ValueError(f"an integer of {len(text)} digits is too long")
+    return int(text)
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {duplicate!r} appears twice in one object")
+    return obj
+
+
+def _json_type(value):
+    """The JSON name of a value's type, for messages: object, array, string, ..."""
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "array"),
+                       (str, "string"), ((int, float), "number")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
@@ -973,7 +1031,8 @@ class _Request:
             raise HTTPError(400, "body is empty; expected a JSON object")
         try:
             value = json.loads(text, parse_constant=_reject_constant,
-                               parse_float=_finite_float)
+                               parse_float=_finite_float, parse_int=_bounded_int,
+                               object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc.msg} at line "
                                  f"{exc.lineno} column {exc.colno}") from None
@@ -982,8 +1041,7 @@ class _Request:
         except RecursionError:
             raise HTTPError(400, "body is not valid JSON: nested too deeply") from None
         if not isinstance(value, dict):
-            raise HTTPError(400, f"body must be a JSON object, got "
-                                 f"{type(value).__name__.replace('dict', 'object')}")
+            raise HTTPError(400, f"body must be a JSON object, got {_json_type(value)}")
         if "\\ud" in text.lower():  # a \uD800-\uDFFF escape must be half of a pair
             try:
                 json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -993,13 +1051,17 @@ class _Request:
         return value
 
     def args(self, allowed) -> dict:
-        """The query parameters (the last of each name); HTTPError(400) for an unknown one."""
-        args = dict(urllib.parse.parse_qsl(self.query, keep_blank_values=True))
-        for name in args:
+        """The query parameters given a value (an empty one counts as not given), or
+        HTTPError(400) for an unknown or repeated one."""
+        args = {}
+        for name, value in urllib.parse.parse_qsl(self.query, keep_blank_values=True):
             if name not in allowed:
                 raise HTTPError(400, f"unknown query parameter {name!r}; allowed: "
                                      f"{', '.join(allowed)}")
-        return args
+            if name in args:
+                raise HTTPError(400, f"query parameter {name!r} is given more than once")
+            args[name] = value
+        return {name: value for name, value in args.items() if value}
 
 
 def _find_job(app, req):
@@ -1016,7 +1078,7 @@ def _post_job(app, req):
 
 def _list_jobs(app, req):
     args = req.args(("status", "limit", "cursor"))
-    status = args.get("status") or None
+    status = args.get("status")
     if status is not None:
         status = status.upper()
         if status not in STATUSES:
@@ -1026,7 +1088,7 @@ def _list_jobs(app, req):
     if not (_DIGITS.fullmatch(limit) and 1 <= int(limit) <= MAX_PAGE_SIZE):
         raise HTTPError(400, f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, "
                              f"got {limit!r}")
-    cursor = args.get("cursor") or "0"
+    cursor = args.get("cursor", "0")
     if not _DIGITS.fullmatch(cursor):
         raise HTTPError(400, f"cursor must be a next_cursor from an earlier page, "
                              f"got {cursor!r}")
@@ -1043,6 +1105,9 @@ def _get_job(app, req):
 def _patch_job(app, req):
     fields = req.json()
     for key in fields:
+        if key not in JOB_FIELDS and key not in _JOB_INPUT:
+            raise HTTPError(400, f"unknown field {key!r}; a PATCH may change only name "
+                                 f"and description")
         if key not in ("name", "description"):
             raise HTTPError(400, f"field {key!r} cannot be changed; a PATCH may change "
                                  f"only name and description")
@@ -1070,17 +1135,16 @@ def _delete_job(app, req):
 
 
 def _get_result(app, req):
-    result = app.store.result(req.params["id"])
+    result = app.result(req.params["id"])
     if result is None:
         job = _find_job(app, req)
-        result = app.store.result(job["id"])  # it may have finished since the first read
+        result = app.result(job["id"])  # it may have finished since the first read
     if result is None:
         if job["status"] in FINISHED:
             raise HTTPError(404, f"the result of job {job['id']!r} was deleted")
         raise HTTPError(404, f"job {job['id']!r} has not finished; its status is "
                              f"{job['status']}")
-    return 200, {"job_id": req.params["id"], "metadata": result["value"],
-                 "error": result["error"]}
+    return 200, result
 
 
 def _delete_result(app, req):
@@ -1185,7 +1249,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.info("%s %s %d %.2fms", self.command, self.path, status,
                  (time.perf_counter() - started) * 1000)
 
-    def _read_body(self):
+    def _content_length(self):
+        """The declared body length, or HTTPError (closing the connection, whose
+        framing can no longer be trusted) if it is missing its form or too large."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             raise HTTPError(411, "send the body with a Content-Length; chunked transfer "
@@ -1197,7 +1263,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length, limit = int(length), self.server.app.config["server.max_body_bytes"]
         if length > limit:
             self.close_connection = True
-            raise HTTPError(413, f"body is {length} bytes; the limit is {limit}")
+            raise HTTPError(413, f"body is {length} bytes; the limit is {limit} "
+                                 f"(server.max_body_bytes)")
+        return length
+
+    def handle_expect_100(self):
+        """Refuse a bad body before the client sends it, rather than after."""
+        try:
+            self._content_length()
+        except HTTPError as exc:
+            self._send(exc.status, _encode(exc.body()), exc.headers)
+            log.info("%s %s %d (before the body)", self.command, self.path, exc.status)
+            return False
+        return super().handle_expect_100()
+
+    def _read_body(self):
+        length = self._content_length()
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             self.close_connection = True
@@ -1322,7 +1403,8 @@ class Valet:
         if self.started_at is not None:
             self.pool.stop(grace)
         self.store.close()
-        log.info("valet stopped")
+        if self.started_at is not None:
+            log.info("valet stopped")
 
     def submit(self, fields: dict) -> dict:
         """Store a job (the fields of a POST /jobs body) and queue it; return its JSON.
@@ -1341,6 +1423,29 @@ class Valet:
         self.pool.enqueue(job["id"])
         log.info("job %s: created %s (task %s)", job["id"], PENDING, job["task_name"])
         return _job_json(job)
+
+    def job(self, job_id: str) -> dict | None:
+        """The job's JSON (as GET /jobs/{id} gives it), or None. Thread-safe."""
+        job = self.store.get(job_id)
+        return None if job is None else _job_json(job)
+
+    def result(self, job_id: str) -> dict | None:
+        """The finished job's {"job_id", "metadata", "error"} (as GET /jobs/{id}/results
+        gives it), or None while it has none. Thread-safe."""
+        result = self.store.result(job_id)
+        if result is None:
+            return None
+        return {"job_id": job_id, "metadata": result["value"], "error": result["error"]}
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict | None:
+        """Block until the job has finished, or `timeout` seconds have passed; return
+        its JSON then, whatever its status (None if there is no such job). Thread-safe."""
+        with self.pool.watching(job_id) as finished:
+            job = self.store.get(job_id)
+            if job is not None and job["status"] not in FINISHED:
+                finished.wait(timeout)
+                job = self.store.get(job_id)
+        return None if job is None else _job_json(job)
 
 
 # --------------------------------------------------------------------- main --
