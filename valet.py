@@ -471,6 +471,7 @@ CREATE TABLE IF NOT EXISTS results (
 _JOB_COLUMNS = ("seq", "id", "name", "description", "task_name", "metadata", "timeout",
                 "status", "failure_reason", "created_at", "started_at", "completed_at")
 _MAX_BATCH = 512  # writes applied in one transaction, at most
+_IDLE_READERS = 8  # read connections kept open between reads, at most
 
 
 def _dict_row(cursor, row):
@@ -576,7 +577,10 @@ class SqliteStore:
         try:
             yield conn
         finally:
-            self._readers.put(conn)
+            if self._readers.qsize() < _IDLE_READERS:
+                self._readers.put(conn)
+            else:
+                conn.close()  # a burst of readers is over
 
     @staticmethod
     def _out(row):
