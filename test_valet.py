@@ -6,6 +6,7 @@ Nothing waits a fixed time: tests wait on events set by their tasks or poll a
 condition with a deadline (wait_until).
 """
 
+import datetime
 import http.client
 import json
 import os
@@ -354,6 +355,18 @@ def test_run_once_runs_the_next_job_and_records_result(pool, store):
     assert pool.stats() == {"depth": 0, "busy": 0}
 
 
+def test_timeout_reason_says_second_for_one(pool, store, gate):
+    job_id = queue_job(pool, store, "gate", timeout=1)
+    worker = threading.Thread(target=pool.run_once)
+    worker.start()
+    assert gate.entered.wait(10)
+    assert pool.tick(pool.clock[0] + 1) == 1
+    assert store.get(job_id)["failure_reason"] == "timed out after 1 second"
+    gate.opened.set()
+    worker.join(10)
+    assert not worker.is_alive()
+
+
 def test_tick_fails_a_job_only_once_its_deadline_has_passed(pool, store, gate):
     job_id = queue_job(pool, store, "gate", timeout=5)
     worker = threading.Thread(target=pool.run_once)
@@ -374,13 +387,20 @@ def test_tick_fails_a_job_only_once_its_deadline_has_passed(pool, store, gate):
 
 
 def test_backlog_counts_reserved_and_queued_jobs(pool, store):
-    for _ in range(5):
+    for _ in range(3):
         queue_job(pool, store, "echo")
+    pool.reserve()
+    pool.reserve()  # two submissions on their way to the store
+    assert pool.stats()["depth"] == 5
     with pytest.raises(valet.HTTPError) as caught:
         pool.reserve()
     assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
+    pool.unreserve()  # one was refused by the store
+    pool.reserve()
+    with pytest.raises(valet.HTTPError):
+        pool.reserve()
     pool.run_once(block=False)
-    pool.reserve()  # a place came free
+    pool.reserve()  # a worker took one: a place came free
 
 
 # ----------------------------------------------------------------- HTTP API --
@@ -409,6 +429,12 @@ def test_job_runs_and_its_result_is_readable(app):
     resp = call(app, "GET", f"/jobs/{job['id']}/results")
     assert resp.status == 200
     assert resp.body == {"job_id": job["id"], "metadata": {"x": 1}, "error": None}
+
+
+def test_duration_is_milliseconds_from_start_to_end():
+    job = dict(new_record(), started_at=1.0, completed_at=3.5)
+    assert valet._job_json(job)["duration"] == 2500
+    assert valet._job_json(job)["started_at"] == "1970-01-01T00:00:01.000Z"
 
 
 def test_metadata_defaults_to_null_and_task_params_is_its_old_name(app, ran):
@@ -608,6 +634,18 @@ def test_list_pages_through_every_job_once_in_submission_order(make_app):
             break
     assert seen == ids
     assert cursor is None
+    assert call(app, "GET", "/jobs?limit=25").body["next_cursor"] is None  # exactly full
+    assert call(app, "GET", "/jobs?limit=1000").status == 200
+
+
+def test_list_page_size_defaults_to_100(make_app):
+    app = make_app(**{"worker_pool.queue_capacity": 200})
+    for i in range(101):
+        app.submit({"name": "n", "task_name": "echo", "metadata": i})
+    first = call(app, "GET", "/jobs").body
+    assert len(first["jobs"]) == 100 and first["next_cursor"] is not None
+    rest = call(app, "GET", f"/jobs?cursor={first['next_cursor']}").body
+    assert [j["metadata"] for j in rest["jobs"]] == [100] and rest["next_cursor"] is None
 
 
 @pytest.mark.parametrize("query, message", [
@@ -647,6 +685,7 @@ def test_status_reports_version_storage_queue_and_workers(app, storage, gate):
     assert body["queue"] == {"depth": 0, "capacity": 20, "accepting": True}
     assert body["workers"] == {"busy": 1, "total": 2}
     assert body["time"].endswith("Z")
+    assert 0 < body["uptime"] < 60
 
 
 def test_full_backlog_answers_503_with_retry_after_and_stores_nothing(make_app, gate):
@@ -671,11 +710,16 @@ def test_keep_alive_serves_many_requests_and_errors_on_one_connection(app):
     try:
         assert request(conn, "GET", "/tasks").status == 200
         sock = conn.sock
-        assert request(conn, "POST", "/jobs", raw=b"{bad json").status == 400
-        assert request(conn, "GET", "/nowhere").status == 404
-        assert request(conn, "PUT", "/jobs", raw=b'{"a": 1}').status == 405
-        assert request(conn, "POST", "/jobs", {"name": "n", "task_name": "echo"}).status == 202
-        assert conn.sock is sock  # never reconnected
+        assert sock is not None  # http.client drops the socket when told to close
+        for method, path, raw, status in [
+                ("POST", "/jobs", b"{bad json", 400), ("GET", "/nowhere", None, 404),
+                ("PUT", "/jobs", b'{"a": 1}', 405),
+                ("POST", "/jobs", b'{"name": "n", "task_name": "echo"}', 202)]:
+            resp = request(conn, method, path, raw=raw)
+            assert resp.status == status
+            assert "Connection" not in resp.headers
+            assert resp.headers["Content-Type"] == "application/json"
+            assert conn.sock is sock  # the same connection throughout
     finally:
         conn.close()
 
@@ -751,6 +795,7 @@ def test_open_connection_gets_503_once_stop_has_begun(app):
         app.stop()
         resp = request(conn, "POST", "/jobs", {"name": "n", "task_name": "echo"})
         assert resp.status == 503 and resp.headers["Connection"] == "close"
+        assert resp.headers["Retry-After"] == "1"
         assert resp.body["message"] == "valet is shutting down"
     finally:
         conn.close()
@@ -836,8 +881,10 @@ def test_stop_fails_jobs_still_running_after_the_grace_period(storage, gate, ran
             stopped = store.get(job["id"])
         finally:
             store.close()
-        assert stopped["status"] == valet.FAILED
-        assert "server stopped before the job finished" in stopped["failure_reason"]
+    else:
+        stopped = app.store.get(job["id"])  # a closed MemoryStore can still be read
+    assert stopped["status"] == valet.FAILED
+    assert "server stopped before the job finished" in stopped["failure_reason"]
 
 
 def test_timeouts_are_enforced_while_stop_waits_for_running_jobs(make_app, gate):
@@ -852,22 +899,26 @@ def test_timeouts_are_enforced_while_stop_waits_for_running_jobs(make_app, gate)
     assert stopped["failure_reason"] == "timed out after 50 milliseconds"
 
 
-class FlakyStore(valet.MemoryStore):
-    """A store whose first transition fails, as a full disk would."""
+class Flaky:
+    """Wraps a store: the first call of the method named `fails` raises, as a full
+    disk would; everything else goes to the real store."""
 
-    def __init__(self):
-        super().__init__()
-        self.failed = threading.Event()
+    def __init__(self, store, fails):
+        self._store, self._fails, self.failed = store, fails, False
 
-    def transition(self, *args, **kwargs):
-        if not self.failed.is_set():
-            self.failed.set()
+    def __getattr__(self, name):
+        method = getattr(self._store, name)
+        if name != self._fails or self.failed:
+            return method
+
+        def fail_once(*args, **kwargs):
+            self.failed = True
             raise OSError("disk full")
-        return super().transition(*args, **kwargs)
+        return fail_once
 
 
-def test_store_error_in_a_worker_is_logged_and_the_worker_goes_on(gate, ran, caplog):
-    store = FlakyStore()
+def test_store_error_in_a_worker_is_logged_and_the_worker_goes_on(store, gate, ran, caplog):
+    store = Flaky(store, "transition")
     pool = valet._WorkerPool(store, make_tasks(gate, ran), workers=1, capacity=5,
                              timeout_unit="second")
     pool.start()
@@ -880,6 +931,39 @@ def test_store_error_in_a_worker_is_logged_and_the_worker_goes_on(gate, ran, cap
         assert "OSError: disk full" in caplog.text
     finally:
         pool.stop(5)
+
+
+def test_store_error_on_submit_is_a_500_that_gives_back_the_backlog_place(make_app):
+    app = make_app(**{"worker_pool.queue_capacity": 1, "worker_pool.workers": 1})
+    app.store = Flaky(app.store, "add")
+    resp = call(app, "POST", "/jobs", {"name": "n", "task_name": "echo"})
+    assert resp.status == 500 and resp.body["message"] == "internal server error"
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 0
+    assert call(app, "GET", "/jobs").body["jobs"] == []
+    wait_for_status(app, submit(app, "echo")["id"], valet.COMPLETED)
+
+
+def test_sqlite_finish_writes_status_and_result_in_one_commit(tmp_path):
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    try:
+        job = new_record(status=valet.IN_PROGRESS)
+        store.add(job)
+        before = store.commits
+        store.transition(job["id"], (valet.IN_PROGRESS,), valet.COMPLETED, result=(1, None))
+        assert store.commits == before + 1
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("setting, level", [("full", 2), ("normal", 1)])
+def test_sqlite_synchronous_setting_reaches_every_connection(tmp_path, setting, level):
+    store = valet.SqliteStore(tmp_path / "valet.db", setting)
+    try:
+        assert store._conn.execute("PRAGMA synchronous").fetchone()["synchronous"] == level
+        with store._reading() as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone()["synchronous"] == level
+    finally:
+        store.close()
 
 
 def test_sqlite_writer_isolates_a_failing_write_from_its_batch(tmp_path):
@@ -908,7 +992,15 @@ def test_sqlite_writer_isolates_a_failing_write_from_its_batch(tmp_path):
         store.close()
 
 
-def test_embedding_program_can_submit_wait_and_read_results_without_http(app):
+def test_embedding_program_can_submit_wait_and_read_results_without_http(app, gate):
+    blocked = app.submit({"name": "blocked", "task_name": "gate"})
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(app.wait(blocked["id"], 30)))
+    waiter.start()
+    assert gate.entered.wait(10)
+    gate.opened.set()
+    waiter.join(5)  # woken by the finish, long before its 30 s run out
+    assert not waiter.is_alive() and outcome[0]["status"] == valet.COMPLETED
     job = app.submit({"name": "direct", "task_name": "echo", "metadata": [1]})
     done = app.wait(job["id"], timeout=10)
     assert done["status"] == valet.COMPLETED and done == app.job(job["id"])
@@ -937,23 +1029,33 @@ def test_wait_gives_up_after_its_timeout_and_wakes_when_the_job_is_deleted(make_
 
 # -------------------------------------------------------------- the process --
 
+PROCESS_TASKS = """
+def block(metadata):
+    # Wait until the test writes to the FIFO named in metadata.
+    with open(metadata["fifo"]) as fifo:
+        return fifo.read()
+
+
+def echo(metadata):
+    return metadata
+
+
+TASKS = {"block": block, "echo": echo}
+"""
+
+
 class Process:
-    """A real `python valet.py` with its own config file, read until it listens."""
+    """A real `python valet.py --port 0` run in tmp_path, where it finds config.yaml
+    (read by default) and its tasks module; read until it says where it listens."""
 
     def __init__(self, tmp_path, **config):
-        settings = {"server": {"port": 0},
-                    "storage": {"sqlite": {"path": str(tmp_path / "valet.db")}},
-                    "worker_pool": {"workers": 1}}
-        for key, value in config.items():
-            section, _, name = key.partition("__")
-            if name:
-                settings.setdefault(section, {})[name] = value
-            else:
-                settings[key] = value
-        path = tmp_path / "config.yaml"
-        path.write_text(json.dumps(settings))  # JSON is YAML
+        settings = {"storage": {"sqlite": {"path": "valet.db"}},
+                    "worker_pool": {"workers": 1}, "tasks_module": "valet_process_tasks"}
+        settings.update(config)
+        (tmp_path / "config.yaml").write_text(json.dumps(settings))  # JSON is YAML
+        (tmp_path / "valet_process_tasks.py").write_text(PROCESS_TASKS)
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "valet.py"), "--config", str(path)],
+            [sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
         self.lines = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -962,17 +1064,18 @@ class Process:
                                what="valet to listen")
         assert listening is not True, f"valet exited: {self.lines}"
         self.port = int(listening)
+        assert self.port != 8080  # --port 0 overrode the config's default
 
     def _read(self):
         for line in self.proc.stderr:
             self.lines.append(line)
 
     def _listening(self):
-        for line in self.lines:
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if found:
-                return found.group(1)
-        return None
+        found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", "".join(self.lines))
+        return found and found.group(1)
+
+    def logged(self, text):
+        return any(text in line for line in self.lines)
 
     def kill(self, signum):
         self.proc.send_signal(signum)
@@ -996,11 +1099,30 @@ def post(port, task_name, metadata=None):
     return resp.body["id"]
 
 
+def release(fifo):
+    """Let a `block` task return: open its FIFO for writing, which waits for the task
+    to have opened it for reading."""
+    written = threading.Event()
+
+    def write():
+        with open(fifo, "w") as f:
+            f.write("released")
+        written.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert written.wait(10), "the block task never opened its FIFO"
+
+
+def epoch(rfc3339):
+    return datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
 def test_sigkill_loses_no_acknowledged_job_and_restart_recovers(tmp_path, processes):
     first = processes(tmp_path)
-    running = post(first.port, "sleep", {"seconds": 60})
+    os.mkfifo(tmp_path / "never")
+    running = post(first.port, "block", {"fifo": str(tmp_path / "never")})
     wait_until(lambda: call(first.port, "GET", f"/jobs/{running}").body["status"]
-               == valet.IN_PROGRESS, what="the sleep job to start")
+               == valet.IN_PROGRESS, what="the block job to start")
     acknowledged = []
 
     def submit_many(i):
@@ -1011,10 +1133,12 @@ def test_sigkill_loses_no_acknowledged_job_and_restart_recovers(tmp_path, proces
     assert len(acknowledged) == 40
     assert first.kill(signal.SIGKILL) == -signal.SIGKILL
 
+    restarted = time.time()
     second = processes(tmp_path)
     crashed = call(second.port, "GET", f"/jobs/{running}").body
     assert crashed["status"] == valet.FAILED
     assert crashed["failure_reason"] == "the server stopped while the job was running"
+    assert epoch(crashed["completed_at"]) >= restarted - 0.001  # settled by the restart
     for job_id in acknowledged:
         wait_until(lambda: call(second.port, "GET", f"/jobs/{job_id}").body["status"]
                    == valet.COMPLETED, what=f"job {job_id} to complete after the restart")
@@ -1026,30 +1150,42 @@ def test_sigkill_loses_no_acknowledged_job_and_restart_recovers(tmp_path, proces
     assert starts == sorted(starts)
 
 
-def test_sigterm_lets_the_running_job_finish_and_keeps_pending_jobs(tmp_path, processes):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_lets_the_running_job_finish_and_keeps_pending_jobs(tmp_path, processes,
+                                                                   signum):
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
     proc = processes(tmp_path, logging_format="json")
-    running = post(proc.port, "sleep", {"seconds": 0.3})
+    running = post(proc.port, "block", {"fifo": str(fifo)})
     wait_until(lambda: call(proc.port, "GET", f"/jobs/{running}").body["status"]
-               == valet.IN_PROGRESS, what="the sleep job to start")
+               == valet.IN_PROGRESS, what="the block job to start")
     pending = post(proc.port, "echo", "later")
-    assert proc.kill(signal.SIGTERM) == 0
+    proc.proc.send_signal(signum)
+    wait_until(lambda: proc.logged("stopping: no new job starts"), what="the stop to begin")
+    release(fifo)
+    assert proc.proc.wait(10) == 0
     store = valet.SqliteStore(tmp_path / "valet.db")
     try:
         assert store.get(running)["status"] == valet.COMPLETED
+        assert store.result(running)["value"] == "released"
         assert store.get(pending)["status"] == valet.PENDING
     finally:
         store.close()
     proc.reader.join(10)
     records = [json.loads(line) for line in proc.lines]  # every line is JSON
-    assert any(r["message"].startswith("signal received") for r in records)
+    assert [r["message"] for r in records][-1] == "valet stopped"
 
 
-def test_tasks_module_entry_that_is_not_a_function_is_named(tmp_path, monkeypatch):
-    (tmp_path / "valet_bad_tasks.py").write_text("TASKS = {'ok': print, 'five': 5}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(valet.ConfigError) as caught:
-        valet._load_tasks("valet_bad_tasks")
-    assert "TASKS['five'] in 'valet_bad_tasks' is int 5, not a function" in str(caught.value)
+def test_port_in_use_exits_1_with_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--port",
+                               str(port)], capture_output=True, text=True, timeout=30,
+                              cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == f"valet: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 @pytest.mark.parametrize("config_text, message", [
@@ -1069,6 +1205,22 @@ def test_invalid_config_stops_the_process_with_exit_2_and_one_line(tmp_path, con
                           cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
+
+
+# -------------------------------------------------------------------- tasks --
+
+def test_shipped_tasks_do_what_the_readme_says():
+    import tasks
+    assert tasks.dummytask({"user": "ann"}) == {"user": "ann", "url": "http://www.test-url.com"}
+    assert tasks.dummytask(None) == {"url": "http://www.test-url.com"}
+    assert tasks.add({"numbers": [1, 2, 3.5]}) == {"sum": 6.5}
+    assert tasks.word_count({"text": "a b a"}) == {"words": 3, "counts": {"a": 2, "b": 1}}
+    assert tasks.sha256({"text": "abc"})["sha256"].startswith("ba7816bf")
+    assert tasks.echo([1]) == [1]
+    with pytest.raises(RuntimeError, match="nope"):
+        tasks.fail({"message": "nope"})
+    assert set(tasks.TASKS) == {"dummytask", "echo", "sleep", "fail", "add", "word_count",
+                                "sha256"}
 
 
 # --------------------------------------------------------------------- docs --

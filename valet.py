@@ -938,15 +938,19 @@ class _WorkerPool:
         for _ in range(self.size):
             self._spawn()
 
-    def stop(self, grace):
-        """Start no more jobs; wait up to `grace` seconds for running ones, then fail them.
-
-        Timeouts are still enforced while it waits. Jobs still queued stay PENDING
-        in the store, for the next start.
-        """
+    def halt(self):
+        """Start no more jobs: those still queued stay PENDING in the store."""
         with self._lock:
             self._stopping = True
             self._waiting.clear()
+
+    def stop(self, grace):
+        """halt(), then wait up to `grace` seconds for running jobs, then fail them.
+
+        Timeouts are still enforced while it waits.
+        """
+        self.halt()
+        with self._lock:
             threads = list(self._threads)
         for _ in threads:
             self._ready.put(_STOP)
@@ -1401,6 +1405,9 @@ class Valet:
             self.stopping = True
         if grace is None:
             grace = self.config["worker_pool.shutdown_grace"]
+        self.pool.halt()
+        if self.started_at is not None:
+            log.info("stopping: no new job starts; running jobs get up to %gs", grace)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -1490,7 +1497,7 @@ def main(argv=None) -> int:
     if args.port is not None:
         overrides["server.port"] = args.port
     if os.getcwd() not in sys.path:
-        sys.path.insert(1, os.getcwd())  # so tasks_module is found beside the config
+        sys.path.insert(1, os.getcwd())  # so tasks_module is found where valet runs
     try:
         config = load_config(path, overrides)
         _setup_logging(config)
@@ -1513,8 +1520,7 @@ def main(argv=None) -> int:
         app.stop()
         return 1
     stopping.wait()
-    log.info("signal received: stopping (running jobs get up to %gs)",
-             config["worker_pool.shutdown_grace"])
+    log.info("signal received")
     app.stop()
     return 0
 
