@@ -647,12 +647,20 @@ def test_list_page_size_defaults_to_100(make_app):
     ("cursor=abc", "cursor must be a next_cursor"),
     ("cursor=99999999999999999999", "cursor must be a next_cursor"),
     ("limit=%C2%B2", "limit must be an integer"),  # '²' passes str.isdigit()
-    ("sort=name", "unknown query parameter 'sort'"),
+    ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor"),
     ("limit=1&limit=2", "query parameter 'limit' is given more than once"),
 ])
 def test_list_rejects_bad_query_parameters(app, query, message):
     resp = call(app, "GET", f"/jobs?{query}")
     assert resp.status == 400 and message in resp.body["message"]
+
+
+@pytest.mark.parametrize("path", ["/jobs/{id}", "/jobs/{id}/results", "/tasks", "/status"])
+def test_routes_without_query_parameters_reject_them(app, path):
+    job = submit(app, "echo")
+    resp = call(app, "GET", path.format(id=job["id"]) + "?verbose=1")
+    assert resp.status == 400
+    assert resp.body["message"] == "unknown query parameter 'verbose'; it takes none"
 
 
 def test_list_treats_empty_query_values_as_not_given(app):
@@ -1219,7 +1227,7 @@ def test_shipped_tasks_do_what_the_readme_says():
 def test_readme_documents_every_route_and_config_key():
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
-    for method, pattern, _ in valet.ROUTES:
+    for method, pattern, *_ in valet.ROUTES:
         assert f"{method} {pattern}" in readme, f"{method} {pattern}"
     for key in valet._SCHEMA:
         assert f"`{key}`" in readme, key

@@ -1018,13 +1018,13 @@ _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
 class _Request:
     """What a route function sees of a request."""
 
-    __slots__ = ("method", "path", "params", "query", "body", "prefix")
+    __slots__ = ("method", "path", "params", "args", "body", "prefix")
 
-    def __init__(self, method, path, params, query, body, prefix):
+    def __init__(self, method, path, params, args, body, prefix):
         self.method = method
         self.path = path
-        self.params = params
-        self.query = query
+        self.params = params  # from the path: {"id": ...}
+        self.args = args      # from the query string, as the route allows them
         self.body = body
         self.prefix = prefix  # "/api" when the request came in under it, else ""
 
@@ -1058,18 +1058,6 @@ class _Request:
                                      "escape (\\uD800-\\uDFFF), which is not text") from None
         return value
 
-    def args(self, allowed) -> dict:
-        """The query parameters given a value (an empty one counts as not given), or
-        HTTPError(400) for an unknown or repeated one."""
-        args = {}
-        for name, value in urllib.parse.parse_qsl(self.query, keep_blank_values=True):
-            if name not in allowed:
-                raise HTTPError(400, f"unknown query parameter {name!r}; allowed: "
-                                     f"{', '.join(allowed)}")
-            if name in args:
-                raise HTTPError(400, f"query parameter {name!r} is given more than once")
-            args[name] = value
-        return {name: value for name, value in args.items() if value}
 
 
 def _find_job(app, req):
@@ -1085,7 +1073,7 @@ def _post_job(app, req):
 
 
 def _list_jobs(app, req):
-    args = req.args(("status", "limit", "cursor"))
+    args = req.args
     status = args.get("status")
     if status is not None:
         status = status.upper()
@@ -1180,38 +1168,54 @@ def _status(app, req):
     }
 
 
+# (method, path, route function, the query parameters it takes)
 ROUTES = [
-    ("POST", "/jobs", _post_job),
-    ("GET", "/jobs", _list_jobs),
-    ("GET", "/jobs/{id}", _get_job),
-    ("PATCH", "/jobs/{id}", _patch_job),
-    ("DELETE", "/jobs/{id}", _delete_job),
-    ("GET", "/jobs/{id}/results", _get_result),
-    ("DELETE", "/jobs/{id}/results", _delete_result),
-    ("GET", "/tasks", _list_tasks),
-    ("GET", "/status", _status),
+    ("POST", "/jobs", _post_job, ()),
+    ("GET", "/jobs", _list_jobs, ("status", "limit", "cursor")),
+    ("GET", "/jobs/{id}", _get_job, ()),
+    ("PATCH", "/jobs/{id}", _patch_job, ()),
+    ("DELETE", "/jobs/{id}", _delete_job, ()),
+    ("GET", "/jobs/{id}/results", _get_result, ()),
+    ("DELETE", "/jobs/{id}/results", _delete_result, ()),
+    ("GET", "/tasks", _list_tasks, ()),
+    ("GET", "/status", _status, ()),
 ]
 
 _COMPILED_ROUTES = [
     (method, re.compile(r"(?P<prefix>/api)?" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
-                        + "/?"), fn)
-    for method, pattern, fn in ROUTES
+                        + "/?"), fn, query)
+    for method, pattern, fn, query in ROUTES
 ]
 
 
 def _match(method, path):
-    """Return (route function, path parameters), or raise HTTPError 404 or 405."""
+    """Return (route function, path parameters, allowed query parameters), or raise
+    HTTPError 404 or 405."""
     allowed = []
-    for route_method, regex, fn in _COMPILED_ROUTES:
+    for route_method, regex, fn, query in _COMPILED_ROUTES:
         found = regex.fullmatch(path)
         if found:
             if route_method == method:
-                return fn, found.groupdict()
+                return fn, found.groupdict(), query
             allowed.append(route_method)
     if allowed:
         raise HTTPError(405, f"{method} is not allowed on {path}; allowed: "
                              f"{', '.join(allowed)}", {"Allow": ", ".join(allowed)})
     raise HTTPError(404, f"no such path: {path}")
+
+
+def _parse_query(query, allowed):
+    """The query parameters that have a value (an empty one counts as not given), or
+    HTTPError(400) for one the route does not take or one given twice."""
+    args = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name not in allowed:
+            takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+            raise HTTPError(400, f"unknown query parameter {name!r}; {takes}")
+        if name in args:
+            raise HTTPError(400, f"query parameter {name!r} is given more than once")
+        args[name] = value
+    return {name: value for name, value in args.items() if value}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -1241,9 +1245,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if app.stopping:  # a keep-alive connection that outlived the listener
                 self.close_connection = True
                 raise HTTPError(503, "valet is shutting down", {"Retry-After": "1"})
-            fn, params = _match(self.command, path)
+            fn, params, allowed = _match(self.command, path)
             prefix = params.pop("prefix") or ""
-            request = _Request(self.command, path, params, query, body, prefix)
+            request = _Request(self.command, path, params, _parse_query(query, allowed),
+                               body, prefix)
             status, payload, *rest = fn(app, request)
             headers = rest[0] if rest else {}
             data = b"" if payload is None else _encode(payload)
