@@ -377,6 +377,21 @@ def test_tick_fails_a_job_only_once_its_deadline_has_passed(pool, store, gate, t
     assert store.result(job_id) == {"value": None, "error": reason}
 
 
+def test_deadlines_of_jobs_that_finished_in_time_do_not_pile_up(pool, store, gate):
+    slow = queue_job(pool, store, "gate", timeout=60)
+    worker = threading.Thread(target=pool.run_once)
+    worker.start()
+    assert gate.entered.wait(10)
+    for _ in range(20):
+        queue_job(pool, store, "echo", timeout=60)
+        pool.run_once(block=False)
+    assert [job_id for _, job_id, _ in pool._deadlines] == [slow]
+    assert pool.tick(pool.clock[0] + 60) == 1  # the one kept still fires
+    gate.opened.set()
+    worker.join(10)
+    assert not worker.is_alive()
+
+
 def test_backlog_counts_reserved_and_queued_jobs(pool, store):
     for _ in range(3):
         queue_job(pool, store, "echo")

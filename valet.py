@@ -724,19 +724,20 @@ class _WorkerPool:
         self._unit = timeout_unit
         self._clock = clock
         self._ready = queue.Queue()  # ids of PENDING jobs, in submission order
-        self._lock = threading.Lock()  # guards every attribute from here to _threads
+        self._names = itertools.count(1)
+        self._watcher = None
+        self._lock = threading.Lock()  # guards every attribute below
         self._deadline_added = threading.Condition(self._lock)
         self._threads_changed = threading.Condition(self._lock)
         self._reserved = 0     # submissions given a place in the backlog, not yet queued
         self._waiting = set()  # ids queued and not yet taken by a worker (nor deleted)
         self._running = {}     # job id -> the thread that owns it
         self._deadlines = []   # heap of (monotonic deadline, job id, timeout reason)
+        self._settled_early = 0  # entries in _deadlines whose job finished in time
         self._threads = set()  # the pool's worker threads (an abandoned one leaves it)
         self._watchers = {}    # job id -> Events of callers waiting for it to finish
-        self._stopping = False  # set by stop(): start no more jobs or workers
-        self._names = itertools.count(1)
-        self._watcher = None
-        self._watching = True  # the watcher runs until stop() has joined the workers
+        self._stopping = False  # set by halt(): start no more jobs or workers
+        self._watching = True  # the watcher runs until stop() has waited for the workers
 
     # -- the backlog: jobs accepted and waiting for a worker
 
@@ -831,12 +832,24 @@ class _WorkerPool:
 
         with self._lock:
             owned = self._running.pop(job_id, None) is not None
+            if owned and job["timeout"] is not None:
+                self._forget_deadline()
         if not owned:
             log.info("job %s: the task returned after the job was settled; "
                      "its result is discarded", job_id)
             return False
         self._finish(job_id, status, reason, value)
         return True
+
+    def _forget_deadline(self):
+        """Count a deadline entry made stale by a job that finished in time, and prune
+        the heap once most of it is stale: a busy server with long timeouts would
+        otherwise hold an entry per job until its deadline. Call with the lock held."""
+        self._settled_early += 1
+        if self._settled_early * 2 > len(self._deadlines):
+            self._deadlines = [d for d in self._deadlines if d[1] in self._running]
+            heapq.heapify(self._deadlines)
+            self._settled_early = 0
 
     def _call(self, job):
         """Call the job's task outside every lock: (status, value, failure reason)."""
@@ -877,10 +890,12 @@ class _WorkerPool:
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, job_id, reason = heapq.heappop(self._deadlines)
                 thread = self._running.pop(job_id, None)
-                if thread is not None:
-                    self._threads.discard(thread)
-                    self._threads_changed.notify_all()
-                    overdue.append((job_id, reason))
+                if thread is None:  # it finished in time
+                    self._settled_early = max(0, self._settled_early - 1)
+                    continue
+                self._threads.discard(thread)
+                self._threads_changed.notify_all()
+                overdue.append((job_id, reason))
         for job_id, reason in overdue:
             if self._watcher is not None:
                 self._spawn()
