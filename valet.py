@@ -838,7 +838,7 @@ class _WorkerPool:
             log.info("job %s: the task returned after the job was settled; "
                      "its result is discarded", job_id)
             return False
-        self._finish(job_id, status, reason, value)
+        self.settle(job_id, status, reason, value)
         return True
 
     def _forget_deadline(self):
@@ -867,7 +867,9 @@ class _WorkerPool:
             return FAILED, None, f"the task's result is not JSON-serialisable: {exc}"
         return COMPLETED, value, None
 
-    def _finish(self, job_id, status, reason, value=None):
+    def settle(self, job_id, status, reason, value=None):
+        """Move a running job to COMPLETED or FAILED with its result, log it and wake
+        its waiters; nothing happens if it is no longer running."""
         job = self._store.transition(
             job_id, (IN_PROGRESS,), status,
             {"completed_at": time.time(), "failure_reason": reason},
@@ -899,7 +901,7 @@ class _WorkerPool:
         for job_id, reason in overdue:
             if self._watcher is not None:
                 self._spawn()
-            self._finish(job_id, FAILED, reason)
+            self.settle(job_id, FAILED, reason)
         return len(overdue)
 
     def _watch(self):
@@ -977,7 +979,7 @@ class _WorkerPool:
             self._watching = False
             self._deadline_added.notify_all()
         for job_id in unfinished:
-            self._finish(job_id, FAILED, f"the server stopped before the job finished "
+            self.settle(job_id, FAILED, f"the server stopped before the job finished "
                                          f"(shutdown grace period: {grace:g}s)")
         if self._watcher is not None:
             self._watcher.join(10)
@@ -1033,11 +1035,9 @@ _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
 class _Request:
     """What a route function sees of a request."""
 
-    __slots__ = ("method", "path", "params", "args", "body", "prefix")
+    __slots__ = ("params", "args", "body", "prefix")
 
-    def __init__(self, method, path, params, args, body, prefix):
-        self.method = method
-        self.path = path
+    def __init__(self, params, args, body, prefix):
         self.params = params  # from the path: {"id": ...}
         self.args = args      # from the query string, as the route allows them
         self.body = body
@@ -1262,8 +1262,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(503, "valet is shutting down", {"Retry-After": "1"})
             fn, params, allowed = _match(self.command, path)
             prefix = params.pop("prefix") or ""
-            request = _Request(self.command, path, params, _parse_query(query, allowed),
-                               body, prefix)
+            request = _Request(params, _parse_query(query, allowed), body, prefix)
             status, payload, *rest = fn(app, request)
             headers = rest[0] if rest else {}
             data = b"" if payload is None else _encode(payload)
@@ -1385,13 +1384,8 @@ class Valet:
 
         Called by start(); safe to call on its own (for tests and tools) before it.
         """
-        now = time.time()
         for job_id in self.store.ids(IN_PROGRESS):
-            reason = "the server stopped while the job was running"
-            if self.store.transition(job_id, (IN_PROGRESS,), FAILED,
-                                     {"completed_at": now, "failure_reason": reason},
-                                     result=(None, reason)):
-                log.info("job %s: %s -> %s (%s)", job_id, IN_PROGRESS, FAILED, reason)
+            self.pool.settle(job_id, FAILED, "the server stopped while the job was running")
         pending = self.store.ids(PENDING)
         for job_id in pending:
             self.pool.enqueue(job_id, reserved=False)
