@@ -5,6 +5,11 @@ A task is called as fn(metadata), where metadata is the job's JSON payload
 JSON-serialisable: it becomes the job's result. An exception fails the job
 with failure_reason "<ExceptionType>: <message>".
 
+A task that also takes a keyword argument named `context` is given a
+valet.Context: the job id, the attempt number, the deadline, a `cancelled`
+Event, and progress(fraction, message) (see countdown below). A pipeline job
+with use_previous_results is called as fn(metadata, previous_result).
+
 Point valet at your own module with the config key tasks_module; it needs
 only a TASKS dict like the one at the bottom of this file.
 """
@@ -58,6 +63,24 @@ def sha256(metadata):
     return {"sha256": hashlib.sha256(metadata["text"].encode("utf-8")).hexdigest()}
 
 
+def countdown(metadata, context):
+    """Count {"steps": 10} steps of {"delay": 0.5} seconds, reporting progress; stop
+    early, saying where, when the job is cancelled or times out."""
+    steps = (metadata or {}).get("steps", 10)
+    delay = (metadata or {}).get("delay", 0.5)
+    for step in range(steps):
+        if context.cancelled.wait(delay):
+            return {"stopped_at": step}
+        context.progress((step + 1) / steps, f"step {step + 1} of {steps}")
+    return {"counted": steps, "attempt": context.attempt}
+
+
+def previous(metadata, previous_result=None):
+    """Return what the job before this one in a pipeline returned (use it with
+    use_previous_results: true)."""
+    return previous_result
+
+
 TASKS = {
     "dummytask": dummytask,
     "echo": echo,
@@ -66,4 +89,6 @@ TASKS = {
     "add": add,
     "word_count": word_count,
     "sha256": sha256,
+    "countdown": countdown,
+    "previous": previous,
 }

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -98,6 +99,20 @@ def wait_for_status(app, job_id, *statuses):
     return call(app, "GET", f"/jobs/{job_id}").body
 
 
+class FakeClock:
+    """A wall clock (epoch seconds) that moves only when the test moves it."""
+
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+        return self.now
+
+
 class Gate:
     """A task that blocks until the test opens the gate, and says when it has started."""
 
@@ -156,12 +171,21 @@ def ran():
 def make_app(storage, gate, ran):
     apps = []
 
-    def make(**overrides):
+    def make(clock=time.time, tasks=None, start=True, **overrides):
+        """A started Valet on a free port (dotted config overrides); `tasks` adds to
+        make_tasks(); start=False leaves it unstarted. `clock` replaces the wall
+        clock: then the scheduler's thread is stopped, and only the test's calls of
+        app.scheduler.tick(now) run what is due."""
         config = valet.load_config(storage, {
             "server.port": 0, "worker_pool.workers": 2, "worker_pool.queue_capacity": 20,
             "worker_pool.shutdown_grace": 5, **overrides})
-        app = valet.Valet(config, tasks=make_tasks(gate, ran)).start()
+        app = valet.Valet(config, tasks={**make_tasks(gate, ran), **(tasks or {})},
+                          clock=clock)
         apps.append(app)
+        if start:
+            app.start()
+            if clock is not time.time:
+                app.scheduler.stop()
         return app
 
     yield make
@@ -282,7 +306,8 @@ def test_store_lists_in_submission_order_by_status_with_cursor(store):
     assert [j["name"] for j in rest] == ["j3", "j4", "j5", "j6"]
     running = store.list(valet.IN_PROGRESS, after=0, limit=10)
     assert [j["name"] for j in running] == ["j0", "j2", "j4", "j6"]
-    assert store.ids(valet.PENDING) == [jobs[1]["id"], jobs[3]["id"], jobs[5]["id"]]
+    pending = store.list(valet.PENDING, after=0, limit=10)
+    assert [j["id"] for j in pending] == [jobs[1]["id"], jobs[3]["id"], jobs[5]["id"]]
 
 
 def test_store_delete_only_in_allowed_states(store):
@@ -330,7 +355,8 @@ def pool(store, gate, ran):
     """A worker pool that is not started: tests drive run_once and tick directly."""
     clock = [1000.0]
     pool = valet._WorkerPool(store, make_tasks(gate, ran), workers=1, capacity=5,
-                             timeout_unit="second", clock=lambda: clock[0])
+                             timeout_unit="second", scheduler=valet._Scheduler(),
+                             clock=lambda: clock[0])
     pool.clock = clock
     yield pool
     gate.opened.set()
@@ -385,7 +411,7 @@ def test_deadlines_of_jobs_that_finished_in_time_do_not_pile_up(pool, store, gat
     for _ in range(20):
         queue_job(pool, store, "echo", timeout=60)
         pool.run_once(block=False)
-    assert [job_id for _, job_id, _ in pool._deadlines] == [slow]
+    assert [claim.job["id"] for _, _, claim, _ in pool._deadlines] == [slow]
     assert pool.tick(pool.clock[0] + 60) == 1  # the one kept still fires
     gate.opened.set()
     worker.join(10)
@@ -655,7 +681,8 @@ def test_list_page_size_defaults_to_100(make_app):
 
 
 @pytest.mark.parametrize("query, message", [
-    ("status=DONE", "status must be one of PENDING, IN_PROGRESS, COMPLETED, FAILED"),
+    ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, FAILED, "
+                    "CANCELLED"),
     ("limit=0", "limit must be an integer from 1 to 1000"),
     ("limit=1001", "limit must be an integer from 1 to 1000"),
     ("limit=ten", "limit must be an integer"),
@@ -934,7 +961,7 @@ class Flaky:
 def test_store_error_in_a_worker_is_logged_and_the_worker_goes_on(store, gate, ran, caplog):
     store = Flaky(store, "transition")
     pool = valet._WorkerPool(store, make_tasks(gate, ran), workers=1, capacity=5,
-                             timeout_unit="second")
+                             timeout_unit="second", scheduler=valet._Scheduler())
     pool.start()
     try:
         first = queue_job(pool, store, "echo")
@@ -1039,6 +1066,1304 @@ def test_wait_gives_up_after_its_timeout_and_wakes_when_the_job_is_deleted(make_
     assert call(app, "DELETE", f"/jobs/{queued['id']}").status == 204
     waiter.join(10)
     assert not waiter.is_alive() and outcome == [None]
+
+
+# ------------------------------------------------------------ time and flow --
+
+def at(clock, seconds=0):
+    """An RFC 3339 time `seconds` after the fake clock's now."""
+    return valet._rfc3339(clock.now + seconds)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-11-28T10:00:00Z", "2026-11-28T10:00:00.000Z"),
+    ("2026-11-28T10:00:00", "2026-11-28T10:00:00.000Z"),  # no offset: UTC
+    ("2026-11-28T12:00:00+02:00", "2026-11-28T10:00:00.000Z"),
+    ("2026-11-28t05:30:00.250-04:30", "2026-11-28T10:00:00.250Z"),
+    ("2026-11-28 10:00:00.123456789z", "2026-11-28T10:00:00.123Z"),
+])
+def test_run_at_is_rfc3339_with_an_offset_or_utc_without_one(text, expected):
+    assert valet._rfc3339(valet._parse_time(text)) == expected
+
+
+@pytest.mark.parametrize("run_at", ["tomorrow", 1800000000, "2026-13-01T00:00:00Z",
+                                    "2026-11-28T10:00Z", "2026-11-28T10:00:00+2"])
+def test_bad_run_at_is_400_and_stores_nothing(app, run_at):
+    resp = call(app, "POST", "/jobs", {"name": "n", "task_name": "echo", "run_at": run_at})
+    assert resp.status == 400
+    assert resp.body["message"].startswith("run_at must be an RFC 3339 time")
+    assert call(app, "GET", "/jobs").body["jobs"] == []
+
+
+def test_job_with_future_run_at_is_scheduled_until_due_then_runs(make_app, ran):
+    clock = FakeClock()
+    app = make_app(clock=clock)
+    job = submit(app, "echo", "later", run_at=at(clock, 60))
+    assert job["status"] == valet.SCHEDULED and job["run_at"] == at(clock, 60)
+    listed = call(app, "GET", "/jobs?status=scheduled").body["jobs"]
+    assert [j["id"] for j in listed] == [job["id"]]
+    assert app.scheduler.tick(clock.advance(59.999)) == 0
+    assert job_status(app, job["id"]) == valet.SCHEDULED
+    assert app.scheduler.tick(clock.advance(0.001)) == 1
+    done = app.wait(job["id"], 10)
+    assert done["status"] == valet.COMPLETED and ran == ["later"]
+
+
+def test_run_at_in_the_past_means_now(app):
+    job = submit(app, "echo", run_at="2000-01-01T00:00:00Z")
+    assert job["status"] == valet.PENDING and job["run_at"] == "2000-01-01T00:00:00.000Z"
+    assert app.wait(job["id"], 10)["status"] == valet.COMPLETED
+
+
+def test_scheduler_sleeps_until_due_and_wakes_for_an_earlier_job(app):
+    late = submit(app, "echo", run_at=valet._rfc3339(time.time() + 3600))
+    due = time.time() + 0.2
+    soon = submit(app, "echo", run_at=valet._rfc3339(due))
+    done = app.wait(soon["id"], 10)
+    assert done["status"] == valet.COMPLETED
+    lateness = epoch(done["started_at"]) - epoch(done["run_at"])
+    assert 0 <= lateness < 1  # started at run_at, not at the next poll (there is none)
+    assert job_status(app, late["id"]) == valet.SCHEDULED
+
+
+def test_scheduler_tick_runs_due_actions_in_time_order_and_survives_a_failing_one():
+    scheduler = valet._Scheduler(clock=FakeClock(100))
+    done = []
+    scheduler.at(30, done.append, "c")
+    scheduler.at(10, done.append, "a")
+    scheduler.at(20, lambda: 1 / 0)
+    scheduler.at(20, done.append, "b")
+    scheduler.at(40, done.append, "d")
+    assert scheduler.tick(30) == 4
+    assert done == ["a", "b", "c"] and scheduler.next_due() == 40
+
+
+def test_cancelled_or_deleted_scheduled_jobs_never_run(make_app, ran):
+    clock = FakeClock()
+    app = make_app(clock=clock)
+    cancelled = submit(app, "echo", "cancelled", run_at=at(clock, 10))
+    deleted = submit(app, "echo", "deleted", run_at=at(clock, 10))
+    resp = call(app, "POST", f"/jobs/{cancelled['id']}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED
+    assert call(app, "DELETE", f"/jobs/{deleted['id']}").status == 204
+    marker = submit(app, "echo", "marker", run_at=at(clock, 10))
+    app.scheduler.tick(clock.advance(10))
+    assert app.wait(marker["id"], 10)["status"] == valet.COMPLETED
+    assert ran == ["marker"]
+    assert job_status(app, cancelled["id"]) == valet.CANCELLED
+
+
+def test_higher_priority_starts_first_and_equal_priorities_keep_submission_order(
+        make_app, gate, ran):
+    app = make_app(**{"worker_pool.workers": 1})
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    jobs = [submit(app, "echo", name, priority=priority)
+            for name, priority in [("a", 0), ("b", 5), ("c", -1), ("d", 5), ("e", 0)]]
+    gate.opened.set()
+    for job in jobs:
+        app.wait(job["id"], 10)
+    assert ran == ["b", "d", "a", "e", "c"]
+    assert [j["priority"] for j in jobs] == [0, 5, -1, 5, 0]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("priority", 1.5, "priority must be an integer from -1000000 to 1000000"),
+    ("priority", 10 ** 7, "priority must be an integer from -1000000 to 1000000"),
+    ("max_retries", -1, "max_retries must be an integer from 0 to 100"),
+    ("max_retries", True, "max_retries must be an integer from 0 to 100"),
+    ("retry_backoff", -0.5, "retry_backoff must be a number of seconds from 0 to 3600"),
+    ("retry_backoff", "1s", "retry_backoff must be a number of seconds from 0 to 3600"),
+    ("use_previous_results", True, "unknown field 'use_previous_results'"),
+])
+def test_bad_priority_or_retry_fields_are_400_and_store_nothing(app, field, value, message):
+    resp = call(app, "POST", "/jobs", {"name": "n", "task_name": "echo", field: value})
+    assert resp.status == 400 and resp.body["message"].startswith(message), resp
+    assert call(app, "GET", "/jobs").body["jobs"] == []
+
+
+def failing_until(attempt_that_succeeds):
+    def task(metadata, context):
+        if context.attempt < attempt_that_succeeds:
+            raise RuntimeError(f"attempt {context.attempt} failed")
+        return {"attempt": context.attempt}
+    return task
+
+
+def test_failed_attempt_with_retries_left_is_scheduled_again_with_growing_backoff(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock, tasks={"flaky": failing_until(3)})
+    started = clock.now
+    job = submit(app, "flaky", max_retries=3, retry_backoff=10)
+    for attempt, (shortest, longest) in enumerate([(5, 10), (10, 20)], start=1):
+        waiting = wait_until(lambda: (j := app.job(job["id"]))["status"] == valet.SCHEDULED
+                             and j["attempts"] == attempt and j, what=f"retry {attempt}")
+        assert waiting["failure_reason"] == f"RuntimeError: attempt {attempt} failed"
+        assert epoch(waiting["started_at"]) == started  # the first attempt's start
+        delay = app.store.get(job["id"])["run_at"] - clock.now
+        assert shortest - 0.001 <= delay <= longest + 0.001  # backoff with jitter
+        assert app.scheduler.tick(clock.advance(delay - 0.01)) == 0
+        assert app.scheduler.tick(clock.advance(0.01)) == 1
+    done = app.wait(job["id"], 10)
+    assert done["status"] == valet.COMPLETED and done["attempts"] == 3
+    assert done["failure_reason"] is None
+    assert epoch(done["started_at"]) == started
+    assert epoch(done["completed_at"]) == pytest.approx(clock.now, abs=0.001)
+    assert app.result(job["id"])["metadata"] == {"attempt": 3}
+
+
+def test_job_fails_for_good_once_its_retries_are_used_up(make_app):
+    app = make_app(**{"worker_pool.workers": 1})
+    job = submit(app, "fail", max_retries=2, retry_backoff=0)
+    done = app.wait(job["id"], 10)
+    assert done["status"] == valet.FAILED and done["attempts"] == 3
+    assert done["failure_reason"] == "ValueError: boom"
+    assert app.result(job["id"])["error"] == "ValueError: boom"
+
+
+def test_backoff_doubles_with_jitter_and_is_capped():
+    for attempts in range(1, 8):
+        full = 2 * 2 ** (attempts - 1)
+        delays = [valet._backoff(2, attempts) for _ in range(50)]
+        assert all(full / 2 <= d <= full for d in delays)
+        assert len(set(delays)) > 1  # jittered
+    assert valet._backoff(2, 1000) <= valet._MAX_BACKOFF
+    assert valet._backoff(0, 5) == 0
+
+
+def test_timeout_is_a_failed_attempt_and_sets_the_task_s_cancelled_flag(make_app):
+    saw_flag = threading.Event()
+
+    def stuck_once(metadata, context):
+        if context.attempt == 1:
+            if context.cancelled.wait(10):
+                saw_flag.set()
+            return "too late"
+        return "second try"
+
+    app = make_app(tasks={"stuck_once": stuck_once}, timeout_unit="millisecond")
+    job = submit(app, "stuck_once", timeout=50, max_retries=1, retry_backoff=0)
+    done = app.wait(job["id"], 10)
+    assert done["status"] == valet.COMPLETED and done["attempts"] == 2
+    assert app.result(job["id"])["metadata"] == "second try"
+    assert saw_flag.wait(10)
+
+
+def test_cancel_pending_job_answers_at_once_and_it_never_runs(make_app, gate, ran):
+    app = make_app(**{"worker_pool.workers": 1})
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    queued = submit(app, "echo", "cancelled")
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 1
+    resp = call(app, "POST", f"/jobs/{queued['id']}/cancel")
+    assert resp.status == 200
+    assert resp.body["status"] == valet.CANCELLED
+    assert resp.body["failure_reason"] == "cancelled by request"
+    assert resp.body["completed_at"] is not None and resp.body["started_at"] is None
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 0
+    gate.opened.set()
+    after = submit(app, "echo", "after")
+    assert app.wait(after["id"], 10)["status"] == valet.COMPLETED
+    assert ran == ["after"]
+    result = call(app, "GET", f"/jobs/{queued['id']}/results")
+    assert result.status == 404 and "was cancelled" in result.body["message"]
+
+
+def test_cancel_running_job_tells_its_task_and_discards_its_late_result(make_app):
+    started, told, finish = threading.Event(), threading.Event(), threading.Event()
+    threads = []
+
+    def patient(metadata, context):
+        threads.append(threading.current_thread())
+        started.set()
+        if context.cancelled.wait(10):
+            told.set()
+        finish.wait(10)
+        return "late"
+
+    app = make_app(tasks={"patient": patient}, **{"worker_pool.workers": 1})
+    job = submit(app, "patient")
+    assert started.wait(10)
+    resp = call(app, "POST", f"/jobs/{job['id']}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED
+    assert told.wait(10)
+    # the pool keeps its one free worker while the cancelled task winds down
+    other = submit(app, "echo", "next")
+    assert app.wait(other["id"], 10)["status"] == valet.COMPLETED
+    finish.set()
+    threads[0].join(10)  # the task returned, and its thread left
+    assert not threads[0].is_alive()
+    assert app.job(job["id"])["status"] == valet.CANCELLED
+    assert app.result(job["id"]) is None
+
+
+def test_cancel_finished_job_is_409_and_unknown_job_is_404(app):
+    job = submit(app, "echo")
+    app.wait(job["id"], 10)
+    resp = call(app, "POST", f"/jobs/{job['id']}/cancel")
+    assert resp.status == 409 and "has finished (status COMPLETED)" in resp.body["message"]
+    assert job_status(app, job["id"]) == valet.COMPLETED
+    again = call(app, "POST", f"/jobs/{job['id']}/cancel")
+    assert again.status == 409
+    assert call(app, "POST", "/jobs/nope/cancel").status == 404
+
+
+def test_cancelling_twice_is_409_the_second_time(app, gate):
+    job = submit(app, "gate")
+    assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
+    resp = call(app, "POST", f"/jobs/{job['id']}/cancel")
+    assert resp.status == 409 and "CANCELLED" in resp.body["message"]
+
+
+def test_cancel_a_job_waiting_for_its_retry(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock)
+    job = submit(app, "fail", max_retries=5, retry_backoff=60)
+    wait_until(lambda: job_status(app, job["id"]) == valet.SCHEDULED, what="the retry")
+    assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
+    app.scheduler.tick(clock.advance(3600))
+    cancelled = app.job(job["id"])
+    assert cancelled["status"] == valet.CANCELLED and cancelled["attempts"] == 1
+
+
+def test_task_context_gives_id_attempt_deadline_and_plain_tasks_still_work(make_app):
+    seen = {}
+
+    def with_context(metadata, context):
+        seen.update(job_id=context.job_id, attempt=context.attempt,
+                    deadline=context.deadline, remaining=context.remaining(),
+                    flag=context.cancelled.is_set())
+        return "ok"
+
+    def with_kwargs(metadata, **extra):
+        return sorted(extra)
+
+    app = make_app(tasks={"with_context": with_context, "with_kwargs": with_kwargs})
+    before = time.time()
+    job = submit(app, "with_context", timeout=30)
+    assert app.wait(job["id"], 10)["status"] == valet.COMPLETED
+    assert seen["job_id"] == job["id"] and seen["attempt"] == 1 and not seen["flag"]
+    assert before + 30 <= seen["deadline"] <= time.time() + 30
+    assert 0 < seen["remaining"] <= 30
+    plain = submit(app, "echo", "plain")
+    assert app.wait(plain["id"], 10)["status"] == valet.COMPLETED
+    kwargs = submit(app, "with_kwargs")
+    app.wait(kwargs["id"], 10)
+    assert app.result(kwargs["id"])["metadata"] == ["context"]
+    untimed = submit(app, "with_context")
+    app.wait(untimed["id"], 10)
+    assert seen["deadline"] is None and seen["remaining"] is None
+
+
+def test_progress_shows_in_job_json_while_the_job_runs(make_app):
+    reported, finish = threading.Event(), threading.Event()
+    errors = []
+
+    def reporting(metadata, context):
+        context.progress(0.25, "a quarter")
+        context.progress(0.5, "halfway")
+        for bad in (1.5, -0.1, float("nan"), "half"):
+            try:
+                context.progress(bad)
+            except ValueError as exc:
+                errors.append(str(exc))
+        reported.set()
+        finish.wait(10)
+        return "done"
+
+    app = make_app(tasks={"reporting": reporting})
+    job = submit(app, "reporting")
+    assert job["progress"] is None
+    assert reported.wait(10)
+    running = call(app, "GET", f"/jobs/{job['id']}").body
+    assert running["progress"] == {"fraction": 0.5, "message": "halfway"}
+    listed = call(app, "GET", "/jobs?status=in_progress").body["jobs"]
+    assert listed[0]["progress"] == running["progress"]
+    assert len(errors) == 4 and all("from 0 to 1" in e for e in errors)
+    finish.set()
+    assert app.wait(job["id"], 10)["progress"] is None
+
+
+def test_stop_sets_the_cancelled_flag_of_tasks_still_running(make_app):
+    told = threading.Event()
+
+    def patient(metadata, context):
+        if context.cancelled.wait(20):
+            told.set()
+
+    app = make_app(tasks={"patient": patient})
+    job = submit(app, "patient")
+    wait_until(lambda: job_status(app, job["id"]) == valet.IN_PROGRESS, what="the start")
+    app.stop(grace=0)
+    assert told.wait(10)
+
+
+def test_sqlite_file_from_valet_0_1_0_opens_and_runs_its_jobs(tmp_path, gate, ran):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL, description TEXT, task_name TEXT NOT NULL,
+            metadata TEXT NOT NULL, timeout, status TEXT NOT NULL, failure_reason TEXT,
+            created_at REAL NOT NULL, started_at REAL, completed_at REAL);
+        CREATE INDEX jobs_by_status ON jobs (status, seq);
+        CREATE TABLE results (job_id TEXT PRIMARY KEY, value TEXT NOT NULL, error TEXT)
+            WITHOUT ROWID;
+        INSERT INTO jobs VALUES (1, 'done', 'd', NULL, 'echo', '"old"', NULL, 'COMPLETED',
+                                 NULL, 1.0, 2.0, 3.0);
+        INSERT INTO results VALUES ('done', '"old"', NULL);
+        INSERT INTO jobs VALUES (2, 'waiting', 'w', NULL, 'echo', '"queued"', 5, 'PENDING',
+                                 NULL, 4.0, NULL, NULL);
+    """)
+    conn.commit()
+    conn.close()
+    config = {"server": {"port": 0}, "storage": {"sqlite": {"path": str(path)}}}
+    app = valet.Valet(config, tasks=make_tasks(gate, ran)).start()
+    try:
+        done = app.job("done")
+        assert done["status"] == valet.COMPLETED and done["attempts"] == 1
+        assert done["priority"] == 0 and done["max_retries"] == 0 and done["run_at"] is None
+        assert app.wait("waiting", 10)["status"] == valet.COMPLETED
+        assert ran == ["queued"] and app.job("waiting")["attempts"] == 1
+        assert call(app, "GET", "/jobs").body["jobs"][0]["id"] == "done"
+    finally:
+        app.stop()
+
+
+def test_scheduled_job_survives_a_restart_and_one_due_meanwhile_runs_once(tmp_path, ran,
+                                                                          gate):
+    clock = FakeClock()
+    config = {"server": {"port": 0}, "storage": {"sqlite": {"path": str(tmp_path / "v.db")}}}
+    first = valet.Valet(config, tasks=make_tasks(gate, ran), clock=clock).start()
+    due_later = first.submit({"name": "later", "task_name": "echo", "metadata": "later",
+                              "run_at": at(clock, 3600)})
+    due_soon = first.submit({"name": "soon", "task_name": "echo", "metadata": "soon",
+                             "run_at": at(clock, 60)})
+    first.stop()
+    clock.advance(600)  # "soon" came due while valet was down
+    second = valet.Valet(config, tasks=make_tasks(gate, ran), clock=clock).start()
+    try:
+        second.scheduler.tick(clock.now)
+        assert second.wait(due_soon["id"], 10)["status"] == valet.COMPLETED
+        assert second.job(due_later["id"])["status"] == valet.SCHEDULED
+        assert second.scheduler.next_due() == epoch(due_later["run_at"])
+        assert ran == ["soon"] and second.job(due_soon["id"])["attempts"] == 1
+    finally:
+        second.stop()
+
+
+# ----------------------------------------------------------------- periodic --
+
+MINUTELY = {"name": "minutely", "task_name": "echo", "every": 60}
+NIGHTLY = {"name": "nightly", "task_name": "echo", "cron": "0 3 * * *"}
+
+
+def utc(*args):
+    """Epoch seconds of a UTC date and time: utc(2026, 1, 1, 12, 30)."""
+    return datetime.datetime(*args, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def next_run(app, name):
+    """The next_run_at GET /periodic gives for the entry `name`."""
+    entries = call(app, "GET", "/periodic").body["periodic"]
+    return next(e["next_run_at"] for e in entries if e["name"] == name)
+
+
+def listed_jobs(app):
+    return call(app, "GET", "/jobs").body["jobs"]
+
+
+def fire(app, name, due, then):
+    """Tick the app's scheduler at `due` and wait for the firing to have planned the
+    next one, at `then` (the scheduler's own thread may be the one that fires)."""
+    app.scheduler.tick(due)
+    wait_until(lambda: next_run(app, name) == valet._rfc3339(then),
+               what=f"{name} to plan its next firing at {valet._rfc3339(then)}")
+
+
+@pytest.mark.parametrize("periodic, message", [
+    (5, "periodic: 5 is not allowed; expected a list of entries"),
+    (MINUTELY, 'periodic: {"name": "minutely", "task_name": "echo", "every": 60} is not '
+               "allowed; expected a list"),
+    (["minutely"], 'periodic[0]: "minutely" is not allowed; expected a mapping'),
+    ([{**MINUTELY, "run_at": "2027-01-01T00:00:00Z"}], "periodic[0].run_at: unknown key"),
+    ([{"task_name": "echo", "every": 60}],
+     "periodic[0].name: null is not allowed; expected a non-empty string"),
+    ([{**MINUTELY, "name": " "}], 'periodic[0].name: " " is not allowed'),
+    ([MINUTELY, NIGHTLY, {**NIGHTLY, "cron": "0 4 * * *"}],
+     "periodic[2].name: 'nightly' is used by an earlier entry"),
+    ([{**NIGHTLY, "every": 60}], "periodic[0]: give cron or every (one of them)"),
+    ([{"name": "n", "task_name": "echo"}], "periodic[0]: give cron or every (one of them)"),
+    ([{**NIGHTLY, "cron": "0 3 * *"}], "periodic[0].cron: expected five fields"),
+    ([{**NIGHTLY, "cron": "0 3 * * * *"}], "periodic[0].cron: expected five fields"),
+    ([{**NIGHTLY, "cron": "60 * * * *"}],
+     "periodic[0].cron: minute field '60' is out of range: minute runs from 0 to 59"),
+    ([{**NIGHTLY, "cron": "0 24 * * *"}], "periodic[0].cron: hour field '24' is out of range"),
+    ([{**NIGHTLY, "cron": "0 0 0 * *"}],
+     "periodic[0].cron: day of month field '0' is out of range"),
+    ([{**NIGHTLY, "cron": "0 0 * 13 *"}], "periodic[0].cron: month field '13' is out of range"),
+    ([{**NIGHTLY, "cron": "0 0 * * 8"}],
+     "periodic[0].cron: day of week field '8' is out of range"),
+    ([{**NIGHTLY, "cron": "*/0 * * * *"}], "periodic[0].cron: minute field '*/0'"),
+    ([{**NIGHTLY, "cron": "5-1 * * * *"}], "periodic[0].cron: minute field '5-1'"),
+    ([{**NIGHTLY, "cron": "*/x * * * *"}],
+     "periodic[0].cron: minute field '*/x' is not a number, *, a range"),
+    ([{**NIGHTLY, "cron": "0 3 * * MON"}], "periodic[0].cron: day of week field 'MON'"),
+    ([{**NIGHTLY, "cron": "1,,2 * * * *"}], "periodic[0].cron: minute field ''"),
+    ([{**NIGHTLY, "cron": "*-5 * * * *"}], "periodic[0].cron: minute field '*-5'"),
+    ([{**NIGHTLY, "cron": "0 0 30 2 *"}], "periodic[0].cron: '0 0 30 2 *' never matches a date"),
+    ([{**NIGHTLY, "cron": "0 0 31 4,6,9,11 *"}], "periodic[0].cron: '0 0 31 4,6,9,11 *'"),
+    ([{**NIGHTLY, "cron": 5}], "periodic[0].cron: 5 is not a cron expression"),
+    ([MINUTELY, {**NIGHTLY, "cron": "0 3 * *"}], "periodic[1].cron: expected five fields"),
+    ([{**MINUTELY, "every": "5 parsecs"}], 'periodic[0].every: "5 parsecs" is not an interval'),
+    ([{**MINUTELY, "every": True}], "periodic[0].every: true is not an interval"),
+    ([{**MINUTELY, "every": 0}],
+     "periodic[0].every: 0 is not allowed; an interval runs from 1 second to a year"),
+    ([{**MINUTELY, "every": -60}], "periodic[0].every: -60 is not allowed"),
+    ([{**MINUTELY, "every": 0.5}], "periodic[0].every: 0.5 is not allowed"),
+    ([{**MINUTELY, "every": "0.5s"}], 'periodic[0].every: "0.5s" is not allowed'),
+    ([{**MINUTELY, "every": "999ms"}], 'periodic[0].every: "999ms" is not allowed'),
+    ([{**MINUTELY, "every": "367d"}], 'periodic[0].every: "367d" is not allowed'),
+])
+def test_invalid_periodic_entry_is_a_config_error_naming_entry_and_field(periodic, message):
+    with pytest.raises(valet.ConfigError) as caught:
+        valet.load_config({"periodic": periodic})
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task_name": "nope"}, "periodic[1].task_name 'nope' is not a registered task; "
+                            "registered tasks: echo"),
+    ({"task_name": None}, "periodic[1].task_name must be a string, got null"),
+    ({"description": 5}, "periodic[1].description must be a string or null, got 5"),
+    ({"timeout": 0}, "periodic[1].timeout must be a number greater than 0"),
+    ({"priority": "high"}, "periodic[1].priority must be an integer"),
+    ({"max_retries": 101}, "periodic[1].max_retries must be an integer from 0 to 100"),
+    ({"retry_backoff": -1}, "periodic[1].retry_backoff must be a number of seconds"),
+])
+def test_periodic_job_fields_are_checked_when_valet_is_built(change, message):
+    config = valet.load_config({"storage": {"option": "memory"},
+                                "periodic": [NIGHTLY, {**MINUTELY, **change}]})
+    with pytest.raises(valet.ConfigError) as caught:
+        valet.Valet(config, tasks={"echo": print})
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize("metadata", [{"since": datetime.date(2026, 1, 1)},
+                                      {"ratio": float("nan")}],
+                         ids=["yaml-date", "nan"])
+def test_periodic_metadata_that_json_cannot_carry_is_a_config_error(metadata):
+    """A YAML date or .nan in metadata must stop valet at start: else every firing of
+    a date fails, and a NaN job makes GET /jobs answer 500."""
+    with pytest.raises(valet.ConfigError, match=r"^periodic\[0\]\.metadata"):
+        config = valet.load_config({"storage": {"option": "memory"},
+                                    "periodic": [{**MINUTELY, "metadata": metadata}]})
+        valet.Valet(config, tasks={"echo": print}).stop()
+
+
+def test_periodic_config_accepts_every_documented_form():
+    entries = [
+        {"name": "quarterly", "task_name": "echo", "cron": "*/15 * * * *"},
+        {"name": "weekdays", "task_name": "echo", "cron": "0 3 * * 1-5",
+         "description": "d", "metadata": {"k": [1]}, "timeout": 5, "priority": -3,
+         "max_retries": 1, "retry_backoff": 0},
+        {"name": "mixed", "task_name": "echo", "cron": "0,30 8-18/2 1 1,7 0,7"},
+        {"name": "leap", "task_name": "echo", "cron": "0 0 29 2 *"},
+        {"name": "seconds", "task_name": "echo", "every": 90},
+        {"name": "ms", "task_name": "echo", "every": "1500ms"},
+        {"name": "days", "task_name": "echo", "every": "1d"},
+    ]
+    config = valet.load_config({"storage": {"option": "memory"}, "periodic": entries})
+    assert config["periodic"] == entries
+    for periodic, names in [(entries, [e["name"] for e in entries]),
+                            (None, [])]:  # `periodic:` with every entry commented out
+        app = valet.Valet(valet.load_config({"storage": {"option": "memory"},
+                                             "periodic": periodic}), tasks={"echo": print})
+        try:
+            assert [e["name"] for e in app.periodic()] == names
+        finally:
+            app.stop()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({**NIGHTLY, "cron": "0 3 * *"}, "valet: config error: periodic[0].cron: expected five"),
+    ({**NIGHTLY, "task_name": "nope"},
+     "valet: config error: periodic[0].task_name 'nope' is not a registered task"),
+])
+def test_bad_periodic_entry_stops_the_process_with_exit_2_and_one_line(tmp_path, entry,
+                                                                       message):
+    (tmp_path / "config.yaml").write_text(json.dumps({"periodic": [entry]}))  # JSON is YAML
+    done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
+    assert not (tmp_path / "valet.db").exists()  # stopped before opening the store
+
+
+# 2026-01-01 is a Thursday.
+@pytest.mark.parametrize("cron, after, expected", [
+    ("*/15 * * * *", utc(2026, 1, 1, 12, 0), utc(2026, 1, 1, 12, 15)),  # strictly after
+    ("*/15 * * * *", utc(2026, 1, 1, 12, 14, 59, 999000), utc(2026, 1, 1, 12, 15)),
+    ("*/15 * * * *", utc(2026, 1, 1, 12, 50, 10), utc(2026, 1, 1, 13, 0)),
+    ("* * * * *", utc(2026, 1, 1, 12, 0, 0, 500000), utc(2026, 1, 1, 12, 1)),  # whole minute
+    ("1-5 * * * *", utc(2026, 1, 1, 12, 2, 30), utc(2026, 1, 1, 12, 3)),
+    ("1-5 * * * *", utc(2026, 1, 1, 12, 5), utc(2026, 1, 1, 13, 1)),
+    ("10-20/5 * * * *", utc(2026, 1, 1, 12, 10), utc(2026, 1, 1, 12, 15)),
+    ("10-20/5 * * * *", utc(2026, 1, 1, 12, 20), utc(2026, 1, 1, 13, 10)),
+    ("1,2,3 * * * *", utc(2026, 1, 1, 12, 1), utc(2026, 1, 1, 12, 2)),
+    ("1,2,3 * * * *", utc(2026, 1, 1, 12, 3), utc(2026, 1, 1, 13, 1)),
+    ("0 1,2,3 * * *", utc(2026, 1, 1, 3, 0), utc(2026, 1, 2, 1, 0)),
+    ("30 2 * * *", utc(2026, 1, 1, 1, 0), utc(2026, 1, 1, 2, 30)),
+    ("30 2 * * *", utc(2026, 1, 1, 2, 30), utc(2026, 1, 2, 2, 30)),
+    ("0 0 1 * *", utc(2026, 1, 31, 23, 59), utc(2026, 2, 1)),  # month boundary
+    ("0 0 31 * *", utc(2026, 4, 1), utc(2026, 5, 31)),  # April has no 31st
+    ("*/10 * * * *", utc(2026, 12, 31, 23, 55), utc(2027, 1, 1)),  # year boundary
+    ("0 0 1 1 *", utc(2026, 6, 1), utc(2027, 1, 1)),
+    ("0 0 29 2 *", utc(2026, 3, 1), utc(2028, 2, 29)),  # the next leap year
+    ("0 12 * 2-3 *", utc(2026, 3, 31, 12, 0), utc(2027, 2, 1, 12, 0)),
+])
+def test_cron_next_after_is_the_first_matching_minute_strictly_after(cron, after, expected):
+    assert valet._Cron(cron).next_after(after) == expected
+
+
+@pytest.mark.parametrize("cron, after, expected", [
+    ("0 0 * * 0", utc(2026, 1, 1), utc(2026, 1, 4)),  # Sunday is 0 ...
+    ("0 0 * * 7", utc(2026, 1, 1), utc(2026, 1, 4)),  # ... and 7
+    ("0 0 * * 1-5", utc(2026, 1, 2), utc(2026, 1, 5)),  # Friday -> Monday
+    # Both restricted: a day matches if either does.
+    ("0 0 13 * 5", utc(2026, 1, 1), utc(2026, 1, 2)),  # a Friday, not the 13th
+    ("0 0 13 * 5", utc(2026, 1, 10), utc(2026, 1, 13)),  # the 13th, a Tuesday
+    ("0 0 30 2 1", utc(2026, 1, 1), utc(2026, 2, 2)),  # no 30 February, but Mondays
+    # One is *: the other alone decides.
+    ("0 0 13 * *", utc(2026, 1, 1), utc(2026, 1, 13)),
+    ("0 0 * * 5", utc(2026, 1, 2), utc(2026, 1, 9)),
+    # A field starting with * counts as unrestricted: here both must match.
+    ("0 0 */10 * 1", utc(2026, 1, 1), utc(2026, 5, 11)),  # the 11th and a Monday
+])
+def test_cron_day_of_month_and_day_of_week_follow_vixie_rules(cron, after, expected):
+    assert valet._Cron(cron).next_after(after) == expected
+
+
+@pytest.mark.parametrize("cron, last, now, expected", [
+    ("*/15 * * * *", utc(2026, 1, 1, 12, 0), utc(2026, 1, 1, 12, 44, 59),
+     utc(2026, 1, 1, 12, 30)),
+    ("*/15 * * * *", utc(2026, 1, 1, 12, 30), utc(2026, 1, 1, 12, 44, 59), None),
+    ("*/15 * * * *", utc(2026, 1, 1, 12, 29, 59), utc(2026, 1, 1, 12, 30),
+     utc(2026, 1, 1, 12, 30)),  # at now counts
+    ("30 2 * * *", utc(2026, 1, 1, 2, 30), utc(2026, 1, 4, 10, 0), utc(2026, 1, 4, 2, 30)),
+    ("0 0 1 * *", utc(2026, 1, 1), utc(2026, 3, 15), utc(2026, 3, 1)),
+    ("0 0 1 1 *", utc(2025, 1, 1), utc(2026, 1, 1, 0, 0, 30), utc(2026, 1, 1)),
+])
+def test_cron_latest_is_the_last_due_time_after_last_and_at_or_before_now(cron, last, now,
+                                                                         expected):
+    assert valet._Cron(cron).latest(last, now) == expected
+
+
+@pytest.mark.parametrize("every, seconds", [
+    (60, 60), (1, 1), (2.5, 2.5), ("90", 90), ("1500ms", 1.5), ("1000ms", 1), ("30s", 30),
+    ("5m", 300), ("1.5m", 90), ("2h", 7200), ("1d", 86400),
+])
+def test_every_takes_seconds_or_a_number_and_a_unit(every, seconds):
+    assert valet._Every(every).seconds == seconds
+    assert valet._Every(every).next_after(1000) == 1000 + seconds
+
+
+def test_next_due_counts_from_the_last_firing_and_fires_a_backlog_once():
+    every = valet._Every(60)
+    assert valet._next_due(every, 1000, 1000) == 1060
+    assert valet._next_due(every, 1000, 1059.9) == 1060
+    assert valet._next_due(every, 1000, 1060) == 1060
+    assert valet._next_due(every, 1000, 1359) == 1300  # five missed: the latest, once
+    cron = valet._Cron("*/15 * * * *")
+    assert valet._next_due(cron, utc(2026, 1, 1, 12, 30), utc(2026, 1, 1, 12, 44)) \
+        == utc(2026, 1, 1, 12, 45)
+    assert valet._next_due(cron, utc(2026, 1, 1, 11, 0), utc(2026, 1, 1, 12, 44)) \
+        == utc(2026, 1, 1, 12, 30)
+
+
+def test_store_records_each_firing_once_with_its_job(store):
+    first, again, earlier, later, other = (new_record(n) for n in "abcde")
+    assert store.add(first, fired=("nightly", 160.0)) is True
+    assert store.add(again, fired=("nightly", 160.0)) is False
+    assert store.add(earlier, fired=("nightly", 100.0)) is False
+    assert store.get(again["id"]) is None and store.get(earlier["id"]) is None
+    assert store.add(later, fired=("nightly", 220.0)) is True
+    assert store.add(other, fired=("hourly", 160.0)) is True  # names are apart
+    assert [j["id"] for j in store.list()] == [first["id"], later["id"], other["id"]]
+    assert store.periodic_last("nightly", 999.0) == 220.0
+
+
+def test_store_periodic_last_anchors_now_on_first_sight(store):
+    assert store.periodic_last("nightly", 100.0) == 100.0
+    assert store.periodic_last("nightly", 200.0) == 100.0
+    assert store.add(new_record(), fired=("nightly", 100.0)) is False  # the anchor counts
+    assert store.add(new_record(), fired=("nightly", 160.0)) is True
+    assert store.periodic_last("nightly", 300.0) == 160.0
+
+
+def test_store_add_that_fails_records_no_firing(store):
+    bad = new_record("bad")
+    bad["metadata"] = {"since": datetime.date(2026, 1, 1)}  # JSON cannot hold it
+    with pytest.raises(TypeError):
+        store.add(bad, fired=("nightly", 100.0))
+    assert store.list() == []
+    assert store.add(new_record("good"), fired=("nightly", 100.0)) is True
+
+
+def test_every_entry_fires_one_ordinary_job_per_due_time(make_app, ran):
+    clock = FakeClock()
+    app = make_app(clock=clock, periodic=[{
+        **MINUTELY, "description": "a beat", "metadata": {"beat": 1}, "timeout": 30,
+        "priority": 5, "max_retries": 2, "retry_backoff": 0.5}])
+    assert app.scheduler.tick(clock.now) == 0  # not due at start
+    assert listed_jobs(app) == []
+    due = clock.advance(60)
+    fire(app, "minutely", due, then=due + 60)
+    [job] = listed_jobs(app)
+    assert {k: job[k] for k in ("name", "description", "task_name", "metadata", "timeout",
+                                "priority", "max_retries", "retry_backoff", "run_at")} == {
+        "name": "minutely", "description": "a beat", "task_name": "echo",
+        "metadata": {"beat": 1}, "timeout": 30, "priority": 5, "max_retries": 2,
+        "retry_backoff": 0.5, "run_at": None}
+    assert epoch(job["created_at"]) == due
+    assert wait_for_status(app, job["id"], valet.COMPLETED)["attempts"] == 1
+    assert ran == [{"beat": 1}]
+    assert app.scheduler.tick(clock.now) == 0  # the same time again: nothing more
+    assert [j["id"] for j in listed_jobs(app)] == [job["id"]]
+    assert epoch(next_run(app, "minutely")) == due + 60
+
+
+def test_get_periodic_lists_entries_with_their_next_run_time(make_app):
+    clock = FakeClock()  # 2027-01-15T08:00:00Z
+    app = make_app(clock=clock, periodic=[MINUTELY, {**NIGHTLY, "cron": "30 2 * * *"}])
+    assert call(app, "GET", "/periodic").body == {"periodic": [
+        {"name": "minutely", "task_name": "echo", "cron": None, "every": 60,
+         "next_run_at": "2027-01-15T08:01:00.000Z"},
+        {"name": "nightly", "task_name": "echo", "cron": "30 2 * * *", "every": None,
+         "next_run_at": "2027-01-16T02:30:00.000Z"}]}
+    fire(app, "minutely", clock.advance(60), then=utc(2027, 1, 15, 8, 2))
+    assert next_run(app, "minutely") == "2027-01-15T08:02:00.000Z"
+    assert next_run(app, "nightly") == "2027-01-16T02:30:00.000Z"
+
+
+def test_cron_entry_fires_on_its_minutes_through_the_app(make_app):
+    clock = FakeClock(utc(2027, 3, 10, 12, 3, 30))
+    app = make_app(clock=clock, periodic=[{**NIGHTLY, "name": "five", "cron": "*/5 * * * *"}])
+    assert next_run(app, "five") == "2027-03-10T12:05:00.000Z"
+    clock.now = utc(2027, 3, 10, 12, 5)
+    fire(app, "five", clock.now, then=utc(2027, 3, 10, 12, 10))
+    [job] = listed_jobs(app)
+    assert job["name"] == "five" and epoch(job["created_at"]) == utc(2027, 3, 10, 12, 5)
+    clock.now = utc(2027, 3, 10, 12, 9, 59)
+    assert app.scheduler.tick(clock.now) == 0
+    clock.now = utc(2027, 3, 10, 12, 10)
+    fire(app, "five", clock.now, then=utc(2027, 3, 10, 12, 15))
+    assert len(listed_jobs(app)) == 2
+
+
+def test_a_firing_that_cannot_be_stored_does_not_stop_later_firings(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock, start=False, periodic=[MINUTELY])
+    app.store = Flaky(app.store, "add")
+    app.recover()
+    first = clock.advance(60)
+    app.scheduler.tick(first)  # the store fails: this firing is lost
+    assert app.store.failed
+    assert valet._parse_time(app.periodic()[0]["next_run_at"]) > first
+    app.scheduler.tick(clock.advance(60))
+    assert len(app.store.list()) == 1
+
+
+@pytest.fixture
+def sqlite_app(tmp_path):
+    """Valets on one SQLite file in tmp_path, built one after another as restarts."""
+    apps = []
+
+    def make(clock, periodic, start=True):
+        config = valet.load_config(
+            {"storage": {"sqlite": {"path": str(tmp_path / "valet.db")}}, "periodic": periodic},
+            {"server.port": 0, "worker_pool.workers": 1})
+        app = valet.Valet(config, tasks=make_tasks(Gate(), []), clock=clock)
+        apps.append(app)
+        if start:
+            app.start()
+            app.scheduler.stop()  # only the test's ticks run what is due
+        return app
+
+    yield make
+    for app in apps:
+        app.stop()
+
+
+@pytest.mark.parametrize("delay", [0, 30])
+def test_periodic_firing_is_not_repeated_by_a_restart(sqlite_app, delay):
+    clock = FakeClock()
+    first = sqlite_app(clock, [MINUTELY])
+    due = clock.advance(60)
+    fire(first, "minutely", due, then=due + 60)
+    [job] = listed_jobs(first)
+    wait_for_status(first, job["id"], valet.COMPLETED)
+    first.stop()
+
+    clock.advance(delay)
+    second = sqlite_app(clock, [MINUTELY])
+    assert epoch(next_run(second, "minutely")) == due + 60  # on the first run's beat
+    assert second.scheduler.tick(clock.now) == 0
+    assert [j["id"] for j in listed_jobs(second)] == [job["id"]]
+    fire(second, "minutely", clock.advance(60 - delay), then=due + 120)
+    assert len(listed_jobs(second)) == 2
+
+
+def test_firing_missed_while_down_runs_once_at_start(sqlite_app):
+    clock = FakeClock()
+    first = sqlite_app(clock, [MINUTELY])
+    due = clock.advance(60)
+    fire(first, "minutely", due, then=due + 60)
+    [old] = listed_jobs(first)
+    first.stop()
+
+    restart = clock.advance(5 * 60)  # five due times pass while valet is down
+    second = sqlite_app(clock, [MINUTELY])
+    fire(second, "minutely", restart, then=restart + 60)
+    jobs = listed_jobs(second)
+    assert [j["id"] for j in jobs][0] == old["id"] and len(jobs) == 2
+    assert epoch(jobs[1]["created_at"]) == restart
+    wait_for_status(second, jobs[1]["id"], valet.COMPLETED)
+    assert epoch(next_run(second, "minutely")) > clock.now
+
+
+def test_two_servers_on_one_sqlite_file_fire_each_due_time_once(sqlite_app):
+    clock = FakeClock()
+    apps = [sqlite_app(clock, [MINUTELY], start=False) for _ in range(2)]
+    for app in apps:
+        app.recover()
+    due = clock.advance(60)
+    run_together(lambda i: apps[i].scheduler.tick(due), 2)
+    assert len(apps[0].store.list()) == 1
+    assert [a.periodic()[0]["next_run_at"] for a in apps] == [valet._rfc3339(due + 60)] * 2
+
+
+# ---------------------------------------------------------------- pipelines --
+def stage(task_name="echo", metadata=None, **fields):
+    """One job of a pipeline body."""
+    return {"name": f"{task_name} stage", "task_name": task_name, "metadata": metadata,
+            **fields}
+
+
+def submit_pipeline(app, *jobs, **fields):
+    resp = call(app, "POST", "/pipelines", {"name": "pipeline", "jobs": list(jobs), **fields})
+    assert resp.status == 202, resp
+    return resp.body
+
+
+def get_pipeline(app, pipeline_id):
+    resp = call(app, "GET", f"/pipelines/{pipeline_id}")
+    assert resp.status == 200, resp
+    return resp.body
+
+
+def wait_for_pipeline(app, pipeline_id, *statuses):
+    wait_until(lambda: get_pipeline(app, pipeline_id)["status"] in statuses,
+               what=f"pipeline {pipeline_id} to be {' or '.join(statuses)}")
+    return get_pipeline(app, pipeline_id)
+
+
+def job_statuses(pipeline):
+    return [job["status"] for job in pipeline["jobs"]]
+
+
+class Counted:
+    """A task that records the arguments of every call and fails the first `failures`;
+    each call lasts at least `lasts` seconds, so that its start and end differ even
+    in milliseconds."""
+
+    def __init__(self, failures=0, lasts=0.0):
+        self.failures, self.lasts, self.calls = failures, lasts, []
+
+    def task(self, *args):
+        called = time.time()
+        wait_until(lambda: time.time() >= called + self.lasts, what="time to pass")
+        self.calls.append(args)
+        if len(self.calls) <= self.failures:
+            raise RuntimeError(f"failure {len(self.calls)}")
+        return {"call": len(self.calls)}
+
+
+def test_post_pipeline_answers_202_with_its_jobs_in_order_linked_by_next_job_id(make_app,
+                                                                                gate):
+    app = make_app(tasks={"pair": lambda metadata, previous: [metadata, previous]})
+    resp = call(app, "POST", "/pipelines", {
+        "name": "p", "description": "d", "priority": 7, "jobs": [
+            stage("gate", {"a": 1}, description="first", timeout=30),
+            stage("pair", "two", max_retries=2, retry_backoff=0.5, use_previous_results=True),
+            {"name": "third", "task_name": "echo", "task_params": [3]}]})
+    assert resp.status == 202, resp
+    pipeline = resp.body
+    assert list(pipeline) == list(valet.PIPELINE_FIELDS)
+    assert resp.headers["Location"] == f"/pipelines/{pipeline['id']}"
+    assert pipeline["name"] == "p" and pipeline["description"] == "d"
+    assert pipeline["priority"] == 7 and pipeline["status"] == valet.PENDING
+    assert pipeline["run_at"] is None and pipeline["created_at"].endswith("Z")
+    assert pipeline["started_at"] is pipeline["completed_at"] is pipeline["duration"] is None
+    jobs = pipeline["jobs"]
+    assert [list(job) for job in jobs] == [list(valet.JOB_FIELDS)] * 3
+    assert [job["name"] for job in jobs] == ["gate stage", "pair stage", "third"]
+    assert [job["metadata"] for job in jobs] == [{"a": 1}, "two", [3]]
+    assert [job["pipeline_id"] for job in jobs] == [pipeline["id"]] * 3
+    assert [job["next_job_id"] for job in jobs] == [jobs[1]["id"], jobs[2]["id"], None]
+    assert [job["use_previous_results"] for job in jobs] == [False, True, False]
+    assert [job["priority"] for job in jobs] == [7, 7, 7]  # the pipeline's, for every job
+    assert jobs[0]["description"] == "first" and jobs[0]["timeout"] == 30
+    assert jobs[1]["max_retries"] == 2 and jobs[1]["retry_backoff"] == 0.5
+    assert job_statuses(pipeline) == [valet.PENDING] * 3
+    assert gate.entered.wait(10)
+    got = get_pipeline(app, pipeline["id"])
+    assert got["status"] == valet.IN_PROGRESS
+    assert job_statuses(got) == [valet.IN_PROGRESS, valet.PENDING, valet.PENDING]
+    assert [job["id"] for job in got["jobs"]] == [job["id"] for job in jobs]
+    listed = call(app, "GET", f"/pipelines/{pipeline['id']}/jobs")
+    assert listed.status == 200
+    assert [job["id"] for job in listed.body["jobs"]] == [job["id"] for job in jobs]
+    single = call(app, "GET", f"/jobs/{jobs[1]['id']}").body
+    assert single["pipeline_id"] == pipeline["id"] and single["next_job_id"] == jobs[2]["id"]
+    gate.opened.set()
+    wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    result = call(app, "GET", f"/jobs/{jobs[1]['id']}/results").body["metadata"]
+    assert result == ["two", {"gate": "passed"}]
+
+
+def test_pipeline_routes_also_answer_under_api_prefix(app):
+    resp = call(app, "POST", "/api/pipelines", {"name": "p", "jobs": [stage(), stage()]})
+    assert resp.status == 202
+    assert resp.headers["Location"] == f"/api/pipelines/{resp.body['id']}"
+    assert call(app, "GET", resp.headers["Location"]).body["id"] == resp.body["id"]
+
+
+def test_pipeline_jobs_run_in_order_each_given_the_previous_result_when_asked(make_app):
+    counted = Counted(lasts=0.002)
+    app = make_app(tasks={"counted": counted.task})
+    pipeline = submit_pipeline(app, stage("counted", "m1"),
+                               stage("counted", "m2", use_previous_results=True),
+                               stage("counted", "m3"),
+                               stage("counted", "m4", use_previous_results=True))
+    done = wait_for_pipeline(app, pipeline["id"], valet.COMPLETED, valet.FAILED)
+    assert done["status"] == valet.COMPLETED
+    assert job_statuses(done) == [valet.COMPLETED] * 4
+    # fn(metadata) alone, or fn(metadata, previous job's return value) when asked
+    assert counted.calls == [("m1",), ("m2", {"call": 1}), ("m3",), ("m4", {"call": 3})]
+    last = call(app, "GET", f"/jobs/{done['jobs'][-1]['id']}/results").body
+    assert last["metadata"] == {"call": 4}
+    for before, after in zip(done["jobs"], done["jobs"][1:]):
+        assert epoch(after["started_at"]) >= epoch(before["completed_at"])
+    assert done["started_at"] == done["jobs"][0]["started_at"]
+    assert done["completed_at"] == done["jobs"][-1]["completed_at"]
+    expected = (epoch(done["completed_at"]) - epoch(done["started_at"])) * 1000
+    assert expected >= 8  # four jobs of at least 2 ms each
+    assert abs(done["duration"] - expected) < 1.001
+
+
+def test_pipeline_does_not_hold_a_worker_while_it_waits_between_jobs(make_app, gate, ran):
+    app = make_app(**{"worker_pool.workers": 1})
+    pipeline = submit_pipeline(app, stage("gate"), stage("echo", "second"))
+    assert gate.entered.wait(10)
+    plain = submit(app, "echo", "plain")
+    gate.opened.set()
+    wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    assert job_status(app, plain["id"]) == valet.COMPLETED
+    # The plain job was queued before the second job became due: FIFO runs it first.
+    assert ran == ["plain", "second"]
+
+
+def test_pipeline_between_jobs_is_in_progress_and_cannot_be_deleted(make_app, gate):
+    hold = Gate()
+    app = make_app(tasks={"hold": hold.task}, **{"worker_pool.workers": 1})
+    pipeline = submit_pipeline(app, stage("gate"), stage("echo", "second"))
+    assert gate.entered.wait(10)
+    blocker = submit(app, "hold")
+    gate.opened.set()
+    assert hold.entered.wait(10)  # the only worker runs the plain job now
+    between = get_pipeline(app, pipeline["id"])
+    assert job_statuses(between) == [valet.COMPLETED, valet.PENDING]
+    assert between["status"] == valet.IN_PROGRESS
+    assert between["started_at"] is not None
+    assert between["completed_at"] is None and between["duration"] is None
+    listed = call(app, "GET", "/pipelines?status=in_progress").body["pipelines"]
+    assert [p["id"] for p in listed] == [pipeline["id"]]
+    resp = call(app, "DELETE", f"/pipelines/{pipeline['id']}")
+    assert resp.status == 409 and "running" in resp.body["message"]
+    hold.opened.set()
+    wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    wait_for_status(app, blocker["id"], valet.COMPLETED)
+
+
+def test_failed_job_fails_the_pipeline_after_its_retries_and_cancels_every_later_job(app, ran):
+    pipeline = submit_pipeline(app, stage("echo", "first"),
+                               stage("fail", max_retries=1, retry_backoff=0),
+                               stage("echo", "third"), stage("echo", "fourth"))
+    failing = pipeline["jobs"][1]["id"]
+    done = wait_for_pipeline(app, pipeline["id"], valet.FAILED, valet.COMPLETED)
+    assert done["status"] == valet.FAILED
+    assert job_statuses(done) == [valet.COMPLETED, valet.FAILED, valet.CANCELLED,
+                                  valet.CANCELLED]
+    assert done["jobs"][1]["attempts"] == 2  # its retry ran before the pipeline failed
+    assert done["jobs"][1]["failure_reason"] == "ValueError: boom"
+    for later in done["jobs"][2:]:
+        assert failing in later["failure_reason"] and "failed" in later["failure_reason"]
+        assert later["attempts"] == 0
+        resp = call(app, "GET", f"/jobs/{later['id']}/results")
+        assert resp.status == 404 and "was cancelled" in resp.body["message"]
+    assert call(app, "GET", "/jobs?status=pending").body["jobs"] == []
+    assert done["completed_at"] is not None and done["duration"] is not None
+    failed = call(app, "GET", "/pipelines?status=failed").body["pipelines"]
+    assert [p["id"] for p in failed] == [pipeline["id"]]
+    assert ran == ["first"]
+
+
+def test_retried_pipeline_job_that_then_succeeds_lets_the_pipeline_complete(make_app):
+    flaky = Counted(failures=1)
+    collect = Counted()
+    app = make_app(tasks={"flaky": flaky.task, "collect": collect.task})
+    pipeline = submit_pipeline(app, stage("flaky", "f", max_retries=1, retry_backoff=0),
+                               stage("collect", "c", use_previous_results=True))
+    last = app.wait(pipeline["jobs"][1]["id"], timeout=10)
+    assert last["status"] == valet.COMPLETED
+    done = get_pipeline(app, pipeline["id"])
+    assert done["status"] == valet.COMPLETED
+    assert done["jobs"][0]["attempts"] == 2 and done["jobs"][0]["failure_reason"] is None
+    assert flaky.calls == [("f",), ("f",)]
+    assert collect.calls == [("c", {"call": 2})]  # the successful attempt's result
+
+
+def test_pipeline_waiting_for_a_retry_is_in_progress(make_app):
+    clock = FakeClock()
+    flaky = Counted(failures=1)
+    app = make_app(clock=clock, tasks={"flaky": flaky.task})
+    pipeline = submit_pipeline(app, stage("flaky", max_retries=1, retry_backoff=10),
+                               stage("echo", "after"))
+    first = pipeline["jobs"][0]["id"]
+    wait_until(lambda: call(app, "GET", f"/jobs/{first}").body["attempts"] == 1
+               and job_status(app, first) == valet.SCHEDULED, what="the retry to be scheduled")
+    waiting = get_pipeline(app, pipeline["id"])
+    assert job_statuses(waiting) == [valet.SCHEDULED, valet.PENDING]
+    assert waiting["status"] == valet.IN_PROGRESS
+    assert waiting["jobs"][0]["failure_reason"] == "RuntimeError: failure 1"
+    app.scheduler.tick(clock.advance(10))  # the backoff is at most 10 s
+    done = wait_for_pipeline(app, pipeline["id"], valet.COMPLETED, valet.FAILED)
+    assert done["status"] == valet.COMPLETED and done["jobs"][0]["attempts"] == 2
+
+
+def test_scheduled_pipeline_starts_when_its_run_at_comes_and_a_cancelled_one_never(make_app,
+                                                                                  ran):
+    clock = FakeClock()
+    app = make_app(clock=clock, **{"worker_pool.workers": 1})
+    run_at = valet._rfc3339(clock.now + 60)
+    doomed = submit_pipeline(app, stage("echo", "doomed"), stage("echo", "doomed too"),
+                             run_at=run_at)
+    pipeline = submit_pipeline(app, stage("echo", "a"), stage("echo", "b"), run_at=run_at)
+    assert pipeline["status"] == valet.SCHEDULED and pipeline["run_at"] == run_at
+    assert job_statuses(pipeline) == [valet.SCHEDULED, valet.PENDING]
+    assert pipeline["jobs"][0]["run_at"] == run_at
+    scheduled = call(app, "GET", "/pipelines?status=scheduled").body["pipelines"]
+    assert [p["id"] for p in scheduled] == [doomed["id"], pipeline["id"]]
+    cancelled = call(app, "POST", f"/pipelines/{doomed['id']}/cancel")
+    assert cancelled.status == 200 and cancelled.body["status"] == valet.CANCELLED
+    assert job_statuses(cancelled.body) == [valet.CANCELLED, valet.CANCELLED]
+    assert cancelled.body["started_at"] is None
+    app.scheduler.tick(clock.advance(59))
+    assert get_pipeline(app, pipeline["id"])["status"] == valet.SCHEDULED
+    app.scheduler.tick(clock.advance(1))
+    done = wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    assert job_statuses(done) == [valet.COMPLETED, valet.COMPLETED]
+    # The cancelled pipeline's first job was due first: had it been queued, it would
+    # have run before "a" on the only worker.
+    assert ran == ["a", "b"]
+    assert get_pipeline(app, doomed["id"])["status"] == valet.CANCELLED
+
+
+def test_pipeline_of_100_jobs_is_accepted(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock)  # scheduled ahead, so that none of them runs
+    pipeline = submit_pipeline(app, *[stage("echo", i) for i in range(100)],
+                               run_at=valet._rfc3339(clock.now + 60))
+    assert [job["metadata"] for job in pipeline["jobs"]] == list(range(100))
+    listed = call(app, "GET", f"/pipelines/{pipeline['id']}/jobs").body["jobs"]
+    assert [job["id"] for job in listed] == [job["id"] for job in pipeline["jobs"]]
+
+
+def _too_many_jobs():
+    return [stage() for _ in range(101)]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"name": "p"}, "jobs must be a list of 2 to 100 jobs, got null"),
+    ({"name": "p", "jobs": {"a": stage()}}, "jobs must be a list of 2 to 100 jobs"),
+    ({"name": "p", "jobs": [stage()]}, "jobs must be a list of 2 to 100 jobs"),
+    ({"name": "p", "jobs": _too_many_jobs()}, "jobs must be a list of 2 to 100 jobs"),
+    ({"name": "p", "jobs": [stage(), 5]}, "jobs[1]: a job must be a JSON object, got 5"),
+    ({"name": "p", "jobs": [stage(), stage(priority=1)]}, "jobs[1]: unknown field 'priority'"),
+    ({"name": "p", "jobs": [stage(), stage(run_at="2030-01-01T00:00:00Z")]},
+     "jobs[1]: unknown field 'run_at'"),
+    ({"name": "p", "jobs": [stage(), stage("nope")]},
+     "jobs[1]: task_name 'nope' is not a registered task"),
+    ({"name": "p", "jobs": [stage(), {"task_name": "echo"}]}, "jobs[1]: name is required"),
+    ({"name": "p", "jobs": [stage(), stage(timeout=0)]},
+     "jobs[1]: timeout must be a number greater than 0"),
+    ({"name": "p", "jobs": [stage(use_previous_results=True), stage()]},
+     "jobs[0]: use_previous_results cannot be true for the first job"),
+    ({"name": "p", "jobs": [stage(), stage(use_previous_results="yes")]},
+     "jobs[1]: use_previous_results must be true or false"),
+    ({"name": "p", "timeout": 5, "jobs": [stage(), stage()]},
+     "unknown field 'timeout'; a pipeline takes name, description, priority, run_at, jobs"),
+    ({"name": "p", "run_at": "tomorrow", "jobs": [stage(), stage()]},
+     "run_at must be an RFC 3339 time"),
+    ({"name": "p", "priority": "high", "jobs": [stage(), stage()]},
+     "priority must be an integer"),
+    ({"jobs": [stage(), stage()]}, "name is required"),
+])
+def test_rejected_pipeline_names_the_problem_and_stores_nothing(app, body, message):
+    resp = call(app, "POST", "/pipelines", body)
+    assert resp.status == 400, resp
+    assert resp.body["error"] is True and resp.body["code"] == 400
+    assert message in resp.body["message"]
+    assert call(app, "GET", "/pipelines").body["pipelines"] == []
+    assert call(app, "GET", "/jobs").body["jobs"] == []
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 0
+
+
+def test_cancelling_a_running_pipeline_cancels_every_job_and_discards_the_late_result(
+        app, gate, ran):
+    pipeline = submit_pipeline(app, stage("gate"), stage("echo", "2"), stage("echo", "3"))
+    running = pipeline["jobs"][0]["id"]
+    assert gate.entered.wait(10)
+    resp = call(app, "POST", f"/pipelines/{pipeline['id']}/cancel")
+    assert resp.status == 200
+    assert list(resp.body) == list(valet.PIPELINE_FIELDS)
+    assert resp.body["status"] == valet.CANCELLED
+    assert job_statuses(resp.body) == [valet.CANCELLED] * 3
+    assert "cancelled" in resp.body["jobs"][0]["failure_reason"]
+    for later in resp.body["jobs"][1:]:
+        assert running in later["failure_reason"]
+        assert "was cancelled" in later["failure_reason"]
+    before = get_pipeline(app, pipeline["id"])
+    assert before["completed_at"] is not None
+    gate.opened.set()  # the task returns late
+    assert gate.returned.wait(10)
+    stuck = gate.thread
+    wait_until(lambda: not stuck.is_alive(), what="the abandoned worker to exit")
+    assert get_pipeline(app, pipeline["id"]) == before
+    resp = call(app, "GET", f"/jobs/{running}/results")
+    assert resp.status == 404 and "was cancelled" in resp.body["message"]
+    assert ran == []
+    assert call(app, "GET", "/status").body["workers"] == {"busy": 0, "total": 2}
+    listed = call(app, "GET", "/pipelines?status=cancelled").body["pipelines"]
+    assert [p["id"] for p in listed] == [pipeline["id"]]
+    again = call(app, "POST", f"/pipelines/{pipeline['id']}/cancel")
+    assert again.status == 409 and "has finished" in again.body["message"]
+
+
+def test_cancelling_one_pipeline_job_cancels_it_and_the_jobs_after_it(make_app, gate, ran):
+    app = make_app(**{"worker_pool.workers": 1})
+    pipeline = submit_pipeline(app, stage("gate"), stage("echo", "2"), stage("echo", "3"))
+    first, second, third = (job["id"] for job in pipeline["jobs"])
+    assert gate.entered.wait(10)
+    resp = call(app, "POST", f"/jobs/{second}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED
+    now = get_pipeline(app, pipeline["id"])
+    assert job_statuses(now) == [valet.IN_PROGRESS, valet.CANCELLED, valet.CANCELLED]
+    assert second in now["jobs"][2]["failure_reason"]
+    assert now["status"] == valet.IN_PROGRESS  # its first job still runs
+    gate.opened.set()
+    assert app.wait(first, 10)["status"] == valet.COMPLETED
+    later = submit(app, "echo", "later")  # queued behind the second job, had it been
+    wait_for_status(app, later["id"], valet.COMPLETED)
+    assert ran == ["later"]
+    done = get_pipeline(app, pipeline["id"])
+    assert done["status"] == valet.CANCELLED
+    assert job_statuses(done) == [valet.COMPLETED, valet.CANCELLED, valet.CANCELLED]
+
+
+def test_finished_pipeline_cannot_be_cancelled(app):
+    pipeline = submit_pipeline(app, stage(), stage())
+    wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    resp = call(app, "POST", f"/pipelines/{pipeline['id']}/cancel")
+    assert resp.status == 409
+    assert "has finished (status COMPLETED)" in resp.body["message"]
+    assert get_pipeline(app, pipeline["id"])["status"] == valet.COMPLETED
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/pipelines/{id}"), ("PATCH", "/pipelines/{id}"), ("DELETE", "/pipelines/{id}"),
+    ("GET", "/pipelines/{id}/jobs"), ("POST", "/pipelines/{id}/cancel"),
+])
+def test_unknown_pipeline_id_is_404(app, method, path):
+    resp = call(app, method, path.format(id="no-such-pipeline"), body={"name": "x"})
+    assert resp.status == 404
+    assert resp.body == {"error": True, "code": 404,
+                         "message": "pipeline 'no-such-pipeline' not found"}
+
+
+def test_deleting_a_finished_pipeline_removes_it_its_jobs_and_their_results(app):
+    plain = submit(app, "echo", "stays")
+    pipeline = submit_pipeline(app, stage("echo", 1), stage("fail"))
+    wait_for_pipeline(app, pipeline["id"], valet.FAILED)
+    wait_for_status(app, plain["id"], valet.COMPLETED)
+    assert call(app, "GET", f"/jobs/{pipeline['jobs'][0]['id']}/results").status == 200
+    resp = call(app, "DELETE", f"/pipelines/{pipeline['id']}")
+    assert resp.status == 204 and resp.body is None
+    assert call(app, "GET", f"/pipelines/{pipeline['id']}").status == 404
+    for job in pipeline["jobs"]:
+        assert call(app, "GET", f"/jobs/{job['id']}").status == 404
+        assert call(app, "GET", f"/jobs/{job['id']}/results").status == 404
+    assert [j["id"] for j in call(app, "GET", "/jobs").body["jobs"]] == [plain["id"]]
+    assert call(app, "GET", "/pipelines").body["pipelines"] == []
+    assert call(app, "DELETE", f"/pipelines/{pipeline['id']}").status == 404
+
+
+def test_running_pipeline_cannot_be_deleted_and_nothing_is_removed(app, gate):
+    pipeline = submit_pipeline(app, stage("gate"), stage("echo"))
+    assert gate.entered.wait(10)
+    resp = call(app, "DELETE", f"/pipelines/{pipeline['id']}")
+    assert resp.status == 409 and "running" in resp.body["message"]
+    got = get_pipeline(app, pipeline["id"])
+    assert got["status"] == valet.IN_PROGRESS
+    assert [job["id"] for job in got["jobs"]] == [job["id"] for job in pipeline["jobs"]]
+    gate.opened.set()
+    done = wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    assert job_statuses(done) == [valet.COMPLETED, valet.COMPLETED]
+
+
+def test_deleted_pending_pipeline_never_runs(make_app, gate, ran):
+    app = make_app(**{"worker_pool.workers": 1})
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    pipeline = submit_pipeline(app, stage("echo", "doomed"), stage("echo", "doomed too"))
+    assert call(app, "DELETE", f"/pipelines/{pipeline['id']}").status == 204
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 0  # its place given back
+    later = submit(app, "echo", "later")
+    gate.opened.set()
+    wait_for_status(app, later["id"], valet.COMPLETED)
+    assert ran == ["later"]
+
+
+def test_cancelled_pending_pipeline_gives_back_its_backlog_place_and_never_runs(make_app,
+                                                                             gate, ran):
+    app = make_app(**{"worker_pool.workers": 1})
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    pipeline = submit_pipeline(app, stage("echo", "doomed"), stage("echo", "doomed too"))
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 1
+    resp = call(app, "POST", f"/pipelines/{pipeline['id']}/cancel")
+    assert resp.status == 200 and job_statuses(resp.body) == [valet.CANCELLED] * 2
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 0
+    later = submit(app, "echo", "later")
+    gate.opened.set()
+    wait_for_status(app, later["id"], valet.COMPLETED)
+    assert ran == ["later"]
+
+
+def test_pipeline_job_cannot_be_deleted_on_its_own(app):
+    pipeline = submit_pipeline(app, stage(), stage())
+    wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    first = pipeline["jobs"][0]["id"]
+    resp = call(app, "DELETE", f"/jobs/{first}")
+    assert resp.status == 409
+    assert pipeline["id"] in resp.body["message"] and "pipeline" in resp.body["message"]
+    assert job_status(app, first) == valet.COMPLETED
+    assert len(get_pipeline(app, pipeline["id"])["jobs"]) == 2
+
+
+def test_patch_pipeline_changes_only_name_and_description(app):
+    pipeline = submit_pipeline(app, stage(), stage(), description="old")
+    resp = call(app, "PATCH", f"/pipelines/{pipeline['id']}", {"description": "new"})
+    assert resp.status == 204 and resp.body is None
+    got = get_pipeline(app, pipeline["id"])
+    assert got["description"] == "new" and got["name"] == "pipeline"
+    resp = call(app, "PATCH", f"/pipelines/{pipeline['id']}", {"name": "renamed"})
+    assert resp.status == 204
+    got = get_pipeline(app, pipeline["id"])
+    assert got["name"] == "renamed" and got["description"] == "new"
+    for body, message in [({"jobs": []}, "field 'jobs' cannot be changed"),
+                          ({"priority": 3}, "field 'priority' cannot be changed"),
+                          ({"name": "x", "nmae": "y"}, "unknown field 'nmae'"),
+                          ({"name": ""}, "name must be a non-empty string")]:
+        resp = call(app, "PATCH", f"/pipelines/{pipeline['id']}", body)
+        assert resp.status == 400 and message in resp.body["message"], (body, resp)
+    after = get_pipeline(app, pipeline["id"])
+    assert after["name"] == "renamed" and after["priority"] == 0
+    assert len(after["jobs"]) == 2
+
+
+def test_list_pipelines_pages_in_submission_order_and_filters_by_status(app):
+    ids = [submit_pipeline(app, stage(), stage("fail" if i in (1, 3) else "echo"))["id"]
+           for i in range(5)]
+    for pipeline_id in ids:
+        wait_for_pipeline(app, pipeline_id, valet.COMPLETED, valet.FAILED)
+    seen, cursor = [], ""
+    for _ in range(4):
+        resp = call(app, "GET", f"/pipelines?limit=2&cursor={cursor}")
+        assert resp.status == 200 and len(resp.body["pipelines"]) <= 2
+        seen += [p["id"] for p in resp.body["pipelines"]]
+        cursor = resp.body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids and cursor is None
+    whole = call(app, "GET", "/pipelines?limit=5").body
+    assert whole["next_cursor"] is None  # exactly full
+    assert [list(p) for p in whole["pipelines"]] == [list(valet.PIPELINE_FIELDS)] * 5
+    first = call(app, "GET", "/pipelines?status=FAILED&limit=1").body
+    assert [p["id"] for p in first["pipelines"]] == [ids[1]]
+    rest = call(app, "GET", f"/pipelines?status=failed&cursor={first['next_cursor']}").body
+    assert [p["id"] for p in rest["pipelines"]] == [ids[3]] and rest["next_cursor"] is None
+    completed = call(app, "GET", "/pipelines?status=Completed").body["pipelines"]
+    assert [p["id"] for p in completed] == [ids[0], ids[2], ids[4]]
+    assert call(app, "GET", "/pipelines?status=pending").body == {"pipelines": [],
+                                                                 "next_cursor": None}
+
+
+@pytest.mark.parametrize("query, message", [
+    ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS"),
+    ("limit=0", "limit must be an integer from 1 to 1000"),
+    ("cursor=abc", "cursor must be a next_cursor"),
+    ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor"),
+])
+def test_list_pipelines_rejects_bad_query_parameters(app, query, message):
+    resp = call(app, "GET", f"/pipelines?{query}")
+    assert resp.status == 400 and message in resp.body["message"]
+
+
+def test_pipeline_runs_its_next_job_after_a_restart_on_sqlite(make_app, storage, gate, ran):
+    if storage["storage"]["option"] == "memory":
+        pytest.skip("a memory store does not outlive its server")
+    collect = Counted()
+    first = make_app(tasks={"collect": collect.task}, start=False)
+    first.recover()
+    begun = first.submit_pipeline({"name": "begun", "jobs": [
+        stage("echo", {"n": 1}), stage("collect", "a2", use_previous_results=True)]})
+    unstarted = first.submit_pipeline({"name": "unstarted", "jobs": [
+        stage("gate"), stage("collect", "b2", use_previous_results=True)]})
+    a1, a2 = (job["id"] for job in begun["jobs"])
+    b1, b2 = (job["id"] for job in unstarted["jobs"])
+    assert first.pool.run_once(block=False) is True  # exactly one job: the first queued
+    assert first.store.get(a1)["status"] == valet.COMPLETED
+    assert [first.store.get(i)["status"] for i in (a2, b1, b2)] == [valet.PENDING] * 3
+    first.stop()
+    assert collect.calls == []
+
+    second = make_app(tasks={"collect": collect.task})  # the same file
+    done = wait_for_pipeline(second, begun["id"], valet.COMPLETED, valet.FAILED)
+    assert job_statuses(done) == [valet.COMPLETED, valet.COMPLETED]
+    assert collect.calls == [("a2", {"n": 1})]  # given the first run's stored result
+    # The other pipeline resumes from its first job; its second waits for it.
+    assert gate.entered.wait(10)
+    plain = submit(second, "echo", "plain")  # queued behind anything recovered
+    wait_for_status(second, plain["id"], valet.COMPLETED)
+    assert job_status(second, b2) == valet.PENDING
+    gate.opened.set()
+    assert wait_for_pipeline(second, unstarted["id"], valet.COMPLETED,
+                             valet.FAILED)["status"] == valet.COMPLETED
+    assert collect.calls == [("a2", {"n": 1}), ("b2", {"gate": "passed"})]
+    assert ran == [{"n": 1}, "plain"]  # the completed first job did not run again
 
 
 # -------------------------------------------------------------- the process --
@@ -1164,6 +2489,26 @@ def test_sigkill_loses_no_acknowledged_job_and_restart_recovers(tmp_path, proces
     assert starts == sorted(starts)
 
 
+def test_job_with_retries_left_runs_again_after_a_crash(tmp_path, processes):
+    first = processes(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    resp = call(first.port, "POST", "/jobs", {
+        "name": "n", "task_name": "block", "metadata": {"fifo": str(tmp_path / "fifo")},
+        "max_retries": 1, "retry_backoff": 0})
+    job_id = resp.body["id"]
+    wait_until(lambda: call(first.port, "GET", f"/jobs/{job_id}").body["status"]
+               == valet.IN_PROGRESS, what="the first attempt to start")
+    first.kill(signal.SIGKILL)
+    second = processes(tmp_path)
+    wait_until(lambda: call(second.port, "GET", f"/jobs/{job_id}").body["attempts"] == 2,
+               what="the second attempt to start")
+    release(tmp_path / "fifo")
+    done = wait_until(lambda: (j := call(second.port, "GET", f"/jobs/{job_id}").body)
+                      ["status"] == valet.COMPLETED and j, what="the retry to complete")
+    assert done["failure_reason"] is None
+    assert call(second.port, "GET", f"/jobs/{job_id}/results").body["metadata"] == "released"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_lets_the_running_job_finish_and_keeps_pending_jobs(tmp_path, processes,
                                                                    signum):
@@ -1233,8 +2578,16 @@ def test_shipped_tasks_do_what_the_readme_says():
     assert tasks.echo([1]) == [1]
     with pytest.raises(RuntimeError, match="nope"):
         tasks.fail({"message": "nope"})
+    assert tasks.previous(None, {"words": 3}) == {"words": 3}
+    claim = valet._Claim(threading.current_thread())
+    context = valet.Context("id", 2, None, claim)
+    assert tasks.countdown({"steps": 4, "delay": 0}, context=context) == {"counted": 4,
+                                                                         "attempt": 2}
+    assert claim.progress == {"fraction": 1, "message": "step 4 of 4"}
+    claim.cancelled.set()
+    assert tasks.countdown({"steps": 4, "delay": 0}, context=context) == {"stopped_at": 0}
     assert set(tasks.TASKS) == {"dummytask", "echo", "sleep", "fail", "add", "word_count",
-                                "sha256"}
+                                "sha256", "countdown", "previous"}
 
 
 # --------------------------------------------------------------------- docs --

@@ -11,26 +11,37 @@ Embed it:   app = Valet({"server": {"port": 0}}, tasks={"add": add}).start()
 
 Endpoints (each also answers under /api, where the original Go valet served them):
 
-    POST   /jobs                 submit a job                            202
-    GET    /jobs                 list jobs: ?status= ?limit= ?cursor=     200
-    GET    /jobs/{id}            one job                                 200
-    PATCH  /jobs/{id}            change its name and/or description      204
-    DELETE /jobs/{id}            remove a job that is not running        204
-    GET    /jobs/{id}/results    a finished job's result                 200
-    DELETE /jobs/{id}/results    remove a finished job's result          204
-    GET    /tasks                the registered task names               200
-    GET    /status               version, storage, queue and workers     200
+    POST   /jobs                     submit a job (run_at: later)            202
+    GET    /jobs                     list jobs: ?status= ?limit= ?cursor=     200
+    GET    /jobs/{id}                one job                                 200
+    PATCH  /jobs/{id}                change its name and/or description      204
+    DELETE /jobs/{id}                remove a job that is not running        204
+    POST   /jobs/{id}/cancel         cancel a job that has not finished      200
+    GET    /jobs/{id}/results        a finished job's result                 200
+    DELETE /jobs/{id}/results        remove a finished job's result          204
+    POST   /pipelines                submit jobs that run one after another  202
+    GET    /pipelines                list pipelines: ?status= ?limit= ?cursor= 200
+    GET    /pipelines/{id}           one pipeline, with its jobs             200
+    PATCH  /pipelines/{id}           change its name and/or description      204
+    DELETE /pipelines/{id}           remove a pipeline that is not running   204
+    GET    /pipelines/{id}/jobs      its jobs, in order                      200
+    POST   /pipelines/{id}/cancel    cancel what is left of a pipeline       200
+    GET    /periodic                 the periodic jobs and when they are due 200
+    GET    /tasks                    the registered task names               200
+    GET    /status                   version, storage, queue and workers     200
 
-A job moves PENDING -> IN_PROGRESS -> COMPLETED | FAILED, and only through
-the store's transition(), so no race can move a finished job back.
+A job moves SCHEDULED -> PENDING -> IN_PROGRESS -> COMPLETED | FAILED, may be
+CANCELLED before it finishes, and goes back to SCHEDULED when a failed attempt
+has retries left. It moves only through the store's transition(), so no race
+can move a finished job back.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Valet", "load_config", "ConfigError", "HTTPError", "InvalidTransition",
-    "MemoryStore", "SqliteStore", "main",
-    "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "STATUSES",
+    "MemoryStore", "SqliteStore", "Context", "main",
+    "SCHEDULED", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "STATUSES",
 ]
 
 import argparse
@@ -41,12 +52,14 @@ import datetime
 import heapq
 import http.server
 import importlib
+import inspect
 import itertools
 import json
 import logging
 import math
 import os
 import queue
+import random
 import re
 import signal
 import sqlite3
@@ -63,30 +76,48 @@ log = logging.getLogger("valet")
 
 # ---------------------------------------------------------------- constants --
 
+SCHEDULED = "SCHEDULED"
 PENDING = "PENDING"
 IN_PROGRESS = "IN_PROGRESS"
 COMPLETED = "COMPLETED"
 FAILED = "FAILED"
-STATUSES = (PENDING, IN_PROGRESS, COMPLETED, FAILED)
-FINISHED = (COMPLETED, FAILED)
+CANCELLED = "CANCELLED"
+STATUSES = (SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, FAILED, CANCELLED)
+FINISHED = (COMPLETED, FAILED, CANCELLED)
+UNFINISHED = (SCHEDULED, PENDING, IN_PROGRESS)
 
 # The only moves a status may make. transition() refuses any other.
 _MOVES = {
-    PENDING: {IN_PROGRESS},
-    IN_PROGRESS: {COMPLETED, FAILED},
+    SCHEDULED: {PENDING, CANCELLED},                           # due, or cancelled
+    PENDING: {IN_PROGRESS, CANCELLED},
+    IN_PROGRESS: {COMPLETED, FAILED, CANCELLED, SCHEDULED},    # SCHEDULED: a retry
     COMPLETED: set(),
     FAILED: set(),
+    CANCELLED: set(),
 }
 
 # Every key of a job's JSON, in the order it is written; unset is null.
 JOB_FIELDS = (
-    "id", "name", "description", "task_name", "metadata", "timeout", "status",
-    "failure_reason", "created_at", "started_at", "completed_at", "duration",
+    "id", "name", "description", "task_name", "metadata", "timeout", "priority",
+    "status", "failure_reason", "progress", "attempts", "max_retries", "retry_backoff",
+    "run_at", "created_at", "started_at", "completed_at", "duration",
+    "pipeline_id", "next_job_id", "use_previous_results",
+)
+
+# Every key of a pipeline's JSON, in order.
+PIPELINE_FIELDS = (
+    "id", "name", "description", "priority", "status", "run_at", "created_at",
+    "started_at", "completed_at", "duration", "jobs",
 )
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _MAX_TIMEOUT_SECONDS = 366 * 24 * 3600  # a year: longer is a mistake, not a timeout
+_MAX_RETRIES = 100
+_MAX_BACKOFF = 3600.0      # seconds: the longest wait before a retry, jitter included
+_DEFAULT_BACKOFF = 1.0     # seconds before the first retry, doubling after each
+_MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
+_MAX_PIPELINE_JOBS = 100
 
 
 # ------------------------------------------------------------------- errors --
@@ -139,6 +170,7 @@ def _choice(*options):
 
 
 # key -> (default, check, what is allowed). config.yaml documents each key.
+# A check may raise ConfigError itself, to name the part of the value at fault.
 _SCHEMA = {
     "server.host": ("127.0.0.1", lambda v: isinstance(v, str) and v != "",
                     "a host name or IP address"),
@@ -162,6 +194,8 @@ _SCHEMA = {
     "timeout_unit": ("second", *_choice("second", "millisecond")),
     "logging_format": ("text", *_choice("text", "json")),
     "logging_level": ("info", *_choice("debug", "info", "warning", "error")),
+    "periodic": ([], lambda v: _periodic_entries(v) is not None,
+                 "a list of entries, each with name, task_name and cron or every"),
 }
 
 
@@ -248,8 +282,30 @@ def _rfc3339(t):
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _job_json(job):
-    """The public form of a stored job record: every key of JOB_FIELDS, in order."""
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))?")
+
+
+def _parse_time(text):
+    """Epoch seconds from an RFC 3339 time; no offset means UTC. ValueError if not one."""
+    found = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if found is None:
+        raise ValueError("not an RFC 3339 time")
+    year, month, day, hour, minute, second = map(int, found.group(1, 2, 3, 4, 5, 6))
+    fraction, sign = found.group(7) or "0", found.group(9)
+    offset = datetime.timedelta()
+    if sign:
+        offset = datetime.timedelta(hours=int(found.group(10)), minutes=int(found.group(11)))
+        offset = -offset if sign == "-" else offset
+    moment = datetime.datetime(year, month, day, hour, minute, second,
+                               tzinfo=datetime.timezone(offset))
+    return moment.timestamp() + int(fraction.ljust(9, "0")) / 1e9
+
+
+def _job_json(job, progress=None):
+    """The public form of a stored job record: every key of JOB_FIELDS, in order.
+    `progress` is what its task last reported, while it runs."""
     started, completed = job["started_at"], job["completed_at"]
     return {
         "id": job["id"],
@@ -258,79 +314,228 @@ def _job_json(job):
         "task_name": job["task_name"],
         "metadata": job["metadata"],
         "timeout": job["timeout"],
+        "priority": job["priority"],
         "status": job["status"],
         "failure_reason": job["failure_reason"],
+        "progress": progress if job["status"] == IN_PROGRESS else None,
+        "attempts": job["attempts"],
+        "max_retries": job["max_retries"],
+        "retry_backoff": job["retry_backoff"],
+        "run_at": _rfc3339(job["run_at"]),
         "created_at": _rfc3339(job["created_at"]),
         "started_at": _rfc3339(started),
         "completed_at": _rfc3339(completed),
         "duration": (round((completed - started) * 1000, 3)
                      if started is not None and completed is not None else None),
+        "pipeline_id": job["pipeline_id"],
+        "next_job_id": job["next_job_id"],
+        "use_previous_results": bool(job["use_previous_results"]),
     }
 
 
-_JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params", "timeout")
+_JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params", "timeout",
+              "priority", "run_at", "max_retries", "retry_backoff")
+_PIPELINE_JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params",
+                       "timeout", "max_retries", "retry_backoff", "use_previous_results")
+_PIPELINE_INPUT = ("name", "description", "priority", "run_at", "jobs")
 
 
-def _check_text(fields, key, required):
+def _check_text(fields, key, required, where=""):
     value = fields.get(key)
     if value is None and not required:
         return None
     if key not in fields:
-        raise HTTPError(400, f"{key} is required")
+        raise HTTPError(400, f"{where}{key} is required")
     if not isinstance(value, str) or (required and not value.strip()):
         kind = "a non-empty string" if required else "a string or null"
-        raise HTTPError(400, f"{key} must be {kind}, got {_show(value)}")
+        raise HTTPError(400, f"{where}{key} must be {kind}, got {_show(value)}")
     return value
 
 
-def _new_job(fields, tasks, timeout_unit, now):
-    """Validate a submitted job body and build its record; HTTPError(400) names the field."""
-    unknown = sorted(set(fields) - set(_JOB_INPUT))
+def _check_unknown(fields, allowed, what, where=""):
+    unknown = sorted(set(fields) - set(allowed))
     if unknown:
-        raise HTTPError(400, f"unknown field {unknown[0]!r}; a job takes "
-                             f"{', '.join(_JOB_INPUT)}")
-    name = _check_text(fields, "name", required=True)
+        raise HTTPError(400, f"{where}unknown field {unknown[0]!r}; {what} takes "
+                             f"{', '.join(allowed)}")
+
+
+def _check_number(fields, key, default, check, expected, where=""):
+    value = fields.get(key)
+    if value is None:
+        return default
+    if not check(value):
+        raise HTTPError(400, f"{where}{key} must be {expected}, got {_show(value)}")
+    return value
+
+
+def _check_priority(fields, where=""):
+    return _check_number(
+        fields, "priority", 0, lambda v: _is_int(v) and abs(v) <= _MAX_PRIORITY,
+        f"an integer from -{_MAX_PRIORITY} to {_MAX_PRIORITY}", where)
+
+
+def _check_run_at(fields, where=""):
+    value = fields.get("run_at")
+    if value is None:
+        return None
+    try:
+        return _parse_time(value)
+    except (ValueError, OverflowError):
+        raise HTTPError(400, f"{where}run_at must be an RFC 3339 time such as "
+                             f"\"2026-11-28T09:30:00Z\", got {_show(value)}") from None
+
+
+def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
+    """Validate a submitted job body and build its record; HTTPError(400) names the field.
+
+    `tasks` None skips the check that task_name is registered; `where` prefixes
+    every message ("jobs[1]: "), for a job inside a pipeline or a config entry.
+    """
+    what = "a pipeline job" if allowed is _PIPELINE_JOB_INPUT else "a job"
+    _check_unknown(fields, allowed, what, where)
+    name = _check_text(fields, "name", required=True, where=where)
     task_name = fields.get("task_name")
     if "task_name" not in fields:
-        raise HTTPError(400, "task_name is required")
+        raise HTTPError(400, f"{where}task_name is required")
     if not isinstance(task_name, str):
-        raise HTTPError(400, f"task_name must be a string, got {_show(task_name)}")
-    if task_name not in tasks:
-        raise HTTPError(400, f"task_name {task_name!r} is not a registered task; "
+        raise HTTPError(400, f"{where}task_name must be a string, got {_show(task_name)}")
+    if tasks is not None and task_name not in tasks:
+        raise HTTPError(400, f"{where}task_name {task_name!r} is not a registered task; "
                              f"registered tasks: {', '.join(sorted(tasks)) or '(none)'}")
-    description = _check_text(fields, "description", required=False)
+    description = _check_text(fields, "description", required=False, where=where)
     if "metadata" in fields and "task_params" in fields:
-        raise HTTPError(400, "give metadata or task_params (its old name), not both")
-    metadata = fields.get("metadata", fields.get("task_params"))
-    timeout = fields.get("timeout")
+        raise HTTPError(400, f"{where}give metadata or task_params (its old name), not both")
     longest = _MAX_TIMEOUT_SECONDS * (1000 if timeout_unit == "millisecond" else 1)
-    if timeout is not None and not (_is_number(timeout) and 0 < timeout <= longest):
-        raise HTTPError(400, f"timeout must be a number greater than 0 and at most "
-                             f"{longest} (in {timeout_unit}s), got {_show(timeout)}")
+    timeout = _check_number(
+        fields, "timeout", None, lambda v: _is_number(v) and 0 < v <= longest,
+        f"a number greater than 0 and at most {longest} (in {timeout_unit}s)", where)
+    max_retries = _check_number(
+        fields, "max_retries", 0, lambda v: _is_int(v) and 0 <= v <= _MAX_RETRIES,
+        f"an integer from 0 to {_MAX_RETRIES}", where)
+    retry_backoff = _check_number(
+        fields, "retry_backoff", _DEFAULT_BACKOFF,
+        lambda v: _is_number(v) and 0 <= v <= _MAX_BACKOFF,
+        f"a number of seconds from 0 to {_MAX_BACKOFF:g}", where)
+    use_previous = fields.get("use_previous_results", False)
+    if not isinstance(use_previous, bool):
+        raise HTTPError(400, f"{where}use_previous_results must be true or false, got "
+                             f"{_show(use_previous)}")
+    run_at = _check_run_at(fields, where)
     return {
         "id": str(uuid.uuid4()), "name": name, "description": description,
-        "task_name": task_name, "metadata": metadata, "timeout": timeout,
-        "status": PENDING, "failure_reason": None, "created_at": now,
-        "started_at": None, "completed_at": None,
+        "task_name": task_name, "metadata": fields.get("metadata", fields.get("task_params")),
+        "timeout": timeout, "priority": _check_priority(fields, where),
+        "status": SCHEDULED if run_at is not None and run_at > now else PENDING,
+        "failure_reason": None, "attempts": 0, "max_retries": max_retries,
+        "retry_backoff": retry_backoff, "run_at": run_at, "created_at": now,
+        "started_at": None, "completed_at": None, "pipeline_id": None,
+        "previous_job_id": None, "next_job_id": None, "use_previous_results": use_previous,
+    }
+
+
+def _new_pipeline(fields, tasks, timeout_unit, now):
+    """Validate a submitted pipeline body: (pipeline record, its job records in order)."""
+    _check_unknown(fields, _PIPELINE_INPUT, "a pipeline")
+    name = _check_text(fields, "name", required=True)
+    description = _check_text(fields, "description", required=False)
+    priority = _check_priority(fields)
+    run_at = _check_run_at(fields)
+    specs = fields.get("jobs")
+    if not (isinstance(specs, list) and 2 <= len(specs) <= _MAX_PIPELINE_JOBS):
+        raise HTTPError(400, f"jobs must be a list of 2 to {_MAX_PIPELINE_JOBS} jobs, got "
+                             f"{_show(specs)}")
+    pipeline = {"id": str(uuid.uuid4()), "name": name, "description": description,
+                "priority": priority, "run_at": run_at, "created_at": now}
+    jobs = []
+    for i, spec in enumerate(specs):
+        where = f"jobs[{i}]: "
+        if not isinstance(spec, dict):
+            raise HTTPError(400, f"{where}a job must be a JSON object, got {_show(spec)}")
+        job = _new_job(spec, tasks, timeout_unit, now, _PIPELINE_JOB_INPUT, where)
+        if i == 0 and job["use_previous_results"]:
+            raise HTTPError(400, f"{where}use_previous_results cannot be true for the "
+                                 f"first job: it has no previous job")
+        job.update(pipeline_id=pipeline["id"], priority=priority, status=PENDING)
+        if i == 0:
+            job["run_at"] = run_at
+            job["status"] = SCHEDULED if run_at is not None and run_at > now else PENDING
+        else:
+            job["previous_job_id"] = jobs[-1]["id"]
+            jobs[-1]["next_job_id"] = job["id"]
+        jobs.append(job)
+    return pipeline, jobs
+
+
+def _pipeline_status(jobs):
+    """A pipeline's status, which is never stored: the status of its first job that
+    has not completed (COMPLETED if none), except that a pipeline waiting for its
+    next job, or for a retry, after it has started is IN_PROGRESS."""
+    for i, job in enumerate(jobs):
+        status = job["status"]
+        if status == COMPLETED:
+            continue
+        if status in (SCHEDULED, PENDING) and (i > 0 or job["attempts"] > 0):
+            return IN_PROGRESS
+        return status
+    return COMPLETED
+
+
+def _pipeline_json(pipeline, jobs, job_json=_job_json):
+    """The public form of a pipeline and its job records (in order): every key of
+    PIPELINE_FIELDS, in order, with each job written by `job_json`."""
+    status = _pipeline_status(jobs)
+    started = jobs[0]["started_at"]
+    completed = (max(j["completed_at"] for j in jobs if j["completed_at"] is not None)
+                 if status in FINISHED else None)
+    return {
+        "id": pipeline["id"],
+        "name": pipeline["name"],
+        "description": pipeline["description"],
+        "priority": pipeline["priority"],
+        "status": status,
+        "run_at": _rfc3339(pipeline["run_at"]),
+        "created_at": _rfc3339(pipeline["created_at"]),
+        "started_at": _rfc3339(started),
+        "completed_at": _rfc3339(completed),
+        "duration": (round((completed - started) * 1000, 3)
+                     if started is not None and completed is not None else None),
+        "jobs": [job_json(job) for job in jobs],
     }
 
 
 # ------------------------------------------------------------------ storage --
 #
 # Both stores implement the same small interface. Records are plain dicts with
-# the keys of a job (times as epoch seconds) plus "seq", the job's place in
-# submission order, which never changes and is never reused. Every method is
-# thread-safe; every write is atomic.
+# the keys of a job or pipeline (times as epoch seconds) plus "seq", its place in
+# submission order, which never changes and is never reused. A job record also
+# has "previous_job_id", which its JSON does not show. Every method is
+# thread-safe; every write is atomic and durable when it returns.
 #
-#   add(job)                                  store a new job; durable on return
+#   add(job, fired=None) -> bool              store a new job; fired=(periodic name,
+#                                             due time) records that firing in the same
+#                                             write, and stores nothing (False) if a
+#                                             firing that late is already recorded
 #   get(job_id) -> record | None
 #   list(status, after, limit) -> [record]    in seq order, seq > after
-#   ids(status) -> [job_id]                   in seq order (start-up recovery)
 #   update(job_id, fields) -> bool            name/description; False if missing
-#   transition(job_id, from_states, to_state, fields, result) -> record | None
+#   transition(job_id, from_states, to_state, fields, result, then) -> record | None
+#       the one way a status changes: the move is made only if the job's status is
+#       in from_states; a move to IN_PROGRESS counts an attempt, and sets
+#       started_at only on the first. result=(value,
+#       error) is stored with it, and so are `then`, further moves (job_id,
+#       from_states, to_state, fields) each made where its from_states match.
 #   delete(job_id, states) -> status | None   deletes only if its status is in states
 #   result(job_id) -> {"value", "error"} | None
 #   delete_result(job_id) -> bool
+#   add_pipeline(pipeline, jobs)              a pipeline and its jobs, in one write
+#   get_pipeline(pipeline_id) -> record | None
+#   pipeline_jobs(pipeline_id) -> [record]    its jobs, in order
+#   list_pipelines(after, limit) -> [record]  in seq order, seq > after
+#   update_pipeline(pipeline_id, fields) -> bool
+#   delete_pipeline(pipeline_id) -> status | None
+#       with its jobs and their results, unless its status is IN_PROGRESS
+#   periodic_last(name, now) -> due time      of its last firing; stores `now` as
+#                                             that time when it has none yet
 #   ping() -> bool; close()
 
 _NO_RESULT = object()
@@ -343,7 +548,7 @@ def _check_move(from_states, to_state):
 
 
 class MemoryStore:
-    """Jobs in dicts, guarded by one lock. Lost when the process ends."""
+    """Jobs and pipelines in dicts, guarded by one lock. Lost when the process ends."""
 
     option = "memory"
 
@@ -355,6 +560,12 @@ class MemoryStore:
         self._by_status = {s: [] for s in STATUSES}  # seqs per status, ascending
         self._ids = {}         # seq -> job id
         self._next_seq = itertools.count(1)
+        self._pipelines = {}   # pipeline id -> record
+        self._pipeline_jobs = {}  # pipeline id -> its job ids, in order
+        self._pipeline_seqs = []  # seq of every pipeline, ascending
+        self._pipeline_ids = {}   # seq -> pipeline id
+        self._next_pipeline_seq = itertools.count(1)
+        self._periodic = {}    # periodic entry name -> due time of its last firing
 
     @staticmethod
     def _out(record):
@@ -362,14 +573,23 @@ class MemoryStore:
         job["metadata"] = json.loads(record["metadata"])
         return job
 
-    def add(self, job):
+    def add(self, job, fired=None):
         record = dict(job, metadata=json.dumps(job["metadata"]))
         with self._lock:
-            seq = record["seq"] = next(self._next_seq)
-            self._jobs[job["id"]] = record
-            self._ids[seq] = job["id"]
-            self._seqs.append(seq)
-            self._by_status[record["status"]].append(seq)
+            if fired is not None:
+                name, due = fired
+                if self._periodic.get(name, -math.inf) >= due:
+                    return False
+                self._periodic[name] = due
+            self._insert(record)
+            return True
+
+    def _insert(self, record):
+        seq = record["seq"] = next(self._next_seq)
+        self._jobs[record["id"]] = record
+        self._ids[seq] = record["id"]
+        self._seqs.append(seq)
+        self._by_status[record["status"]].append(seq)
 
     def get(self, job_id):
         with self._lock:
@@ -382,10 +602,6 @@ class MemoryStore:
             start = bisect.bisect_right(seqs, after)
             return [self._out(self._jobs[self._ids[s]]) for s in seqs[start:start + limit]]
 
-    def ids(self, status):
-        with self._lock:
-            return [self._ids[s] for s in self._by_status[status]]
-
     def update(self, job_id, fields):
         with self._lock:
             record = self._jobs.get(job_id)
@@ -394,38 +610,54 @@ class MemoryStore:
             record.update(fields)
             return True
 
-    def transition(self, job_id, from_states, to_state, fields=None, result=_NO_RESULT):
+    def transition(self, job_id, from_states, to_state, fields=None, result=_NO_RESULT,
+                   then=()):
         _check_move(from_states, to_state)
+        for _, states, state, _ in then:
+            _check_move(states, state)
         with self._lock:
-            record = self._jobs.get(job_id)
-            if record is None or record["status"] not in from_states:
+            record = self._move(job_id, from_states, to_state, fields)
+            if record is None:
                 return None
-            self._move(record["seq"], record["status"], to_state)
-            record.update(fields or {}, status=to_state)
             if result is not _NO_RESULT:
                 value, error = result
                 self._results[job_id] = (json.dumps(value), error)
+            for move in then:
+                self._move(*move)
             return self._out(record)
 
-    def _move(self, seq, old, new):
+    def _move(self, job_id, from_states, to_state, fields):
+        """Make one move, with the lock held; the record, or None if it does not apply."""
+        record = self._jobs.get(job_id)
+        if record is None or record["status"] not in from_states:
+            return None
+        seq, old = record["seq"], record["status"]
         old_seqs = self._by_status[old]
         del old_seqs[bisect.bisect_left(old_seqs, seq)]
-        bisect.insort(self._by_status[new], seq)
+        bisect.insort(self._by_status[to_state], seq)
+        started = record["started_at"]
+        record.update(fields or {}, status=to_state)
+        if to_state == IN_PROGRESS:
+            record["attempts"] += 1
+            record["started_at"] = started if started is not None else record["started_at"]
+        return record
 
     def delete(self, job_id, states):
         with self._lock:
             record = self._jobs.get(job_id)
             if record is None:
                 return None
-            status = record["status"]
-            if status in states:
-                seq = record["seq"]
-                del self._jobs[job_id], self._ids[seq]
-                del self._seqs[bisect.bisect_left(self._seqs, seq)]
-                by_status = self._by_status[status]
-                del by_status[bisect.bisect_left(by_status, seq)]
-                self._results.pop(job_id, None)
-            return status
+            if record["status"] in states:
+                self._remove(record)
+            return record["status"]
+
+    def _remove(self, record):
+        seq, job_id = record["seq"], record["id"]
+        del self._jobs[job_id], self._ids[seq]
+        del self._seqs[bisect.bisect_left(self._seqs, seq)]
+        by_status = self._by_status[record["status"]]
+        del by_status[bisect.bisect_left(by_status, seq)]
+        self._results.pop(job_id, None)
 
     def result(self, job_id):
         with self._lock:
@@ -438,6 +670,59 @@ class MemoryStore:
         with self._lock:
             return self._results.pop(job_id, None) is not None
 
+    def add_pipeline(self, pipeline, jobs):
+        records = [dict(job, metadata=json.dumps(job["metadata"])) for job in jobs]
+        with self._lock:
+            record = dict(pipeline, seq=next(self._next_pipeline_seq))
+            self._pipelines[pipeline["id"]] = record
+            self._pipeline_seqs.append(record["seq"])
+            self._pipeline_ids[record["seq"]] = pipeline["id"]
+            self._pipeline_jobs[pipeline["id"]] = [job["id"] for job in jobs]
+            for record in records:
+                self._insert(record)
+
+    def get_pipeline(self, pipeline_id):
+        with self._lock:
+            record = self._pipelines.get(pipeline_id)
+            return None if record is None else dict(record)
+
+    def pipeline_jobs(self, pipeline_id):
+        with self._lock:
+            ids = self._pipeline_jobs.get(pipeline_id, ())
+            return [self._out(self._jobs[job_id]) for job_id in ids]
+
+    def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE):
+        with self._lock:
+            start = bisect.bisect_right(self._pipeline_seqs, after)
+            return [dict(self._pipelines[self._pipeline_ids[s]])
+                    for s in self._pipeline_seqs[start:start + limit]]
+
+    def update_pipeline(self, pipeline_id, fields):
+        with self._lock:
+            record = self._pipelines.get(pipeline_id)
+            if record is None:
+                return False
+            record.update(fields)
+            return True
+
+    def delete_pipeline(self, pipeline_id):
+        with self._lock:
+            if pipeline_id not in self._pipelines:
+                return None
+            jobs = [self._jobs[job_id] for job_id in self._pipeline_jobs[pipeline_id]]
+            status = _pipeline_status(jobs)
+            if status != IN_PROGRESS:
+                for record in jobs:
+                    self._remove(record)
+                seq = self._pipelines.pop(pipeline_id)["seq"]
+                del self._pipeline_jobs[pipeline_id], self._pipeline_ids[seq]
+                del self._pipeline_seqs[bisect.bisect_left(self._pipeline_seqs, seq)]
+            return status
+
+    def periodic_last(self, name, now):
+        with self._lock:
+            return self._periodic.setdefault(name, now)
+
     def ping(self):
         return True
 
@@ -445,7 +730,10 @@ class MemoryStore:
         pass
 
 
-_SQL_SCHEMA = """
+# The tables as valet 0.1.0 made them. Columns added since are in
+# _ADDED_COLUMNS, which every open adds where they are missing: a new file and
+# an old one go through the same steps.
+_SQL_TABLES = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
     id             TEXT NOT NULL UNIQUE,
@@ -460,16 +748,48 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at     REAL,
     completed_at   REAL
 );
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT PRIMARY KEY,
     value  TEXT NOT NULL,          -- JSON
     error  TEXT
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pipelines (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    name        TEXT NOT NULL,
+    description TEXT,
+    priority    INTEGER NOT NULL,
+    run_at      REAL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS periodic (
+    name     TEXT PRIMARY KEY,
+    last_due REAL NOT NULL         -- the due time of its last firing
+) WITHOUT ROWID;
+"""
+
+_ADDED_COLUMNS = (  # (column, its declaration) added to jobs after 0.1.0
+    ("priority", "INTEGER NOT NULL DEFAULT 0"),
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("max_retries", "INTEGER NOT NULL DEFAULT 0"),
+    ("retry_backoff", f"DEFAULT {_DEFAULT_BACKOFF}"),  # no type, like timeout
+    ("run_at", "REAL"),
+    ("pipeline_id", "TEXT"),
+    ("previous_job_id", "TEXT"),
+    ("next_job_id", "TEXT"),
+    ("use_previous_results", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+_SQL_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_pipeline ON jobs (pipeline_id, seq)
+    WHERE pipeline_id IS NOT NULL;
 """
 
 _JOB_COLUMNS = ("seq", "id", "name", "description", "task_name", "metadata", "timeout",
-                "status", "failure_reason", "created_at", "started_at", "completed_at")
+                "status", "failure_reason", "created_at", "started_at", "completed_at",
+                *(column for column, _ in _ADDED_COLUMNS))
+_PIPELINE_COLUMNS = ("id", "name", "description", "priority", "run_at", "created_at")
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
 
@@ -496,7 +816,9 @@ class SqliteStore:
         self._synchronous = synchronous.upper()
         self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.executescript(_SQL_SCHEMA)
+        self._conn.executescript(_SQL_TABLES)
+        self._add_columns()
+        self._conn.executescript(_SQL_INDEXES)
         self._writes = queue.SimpleQueue()  # (write function, Future) or None to stop
         self._readers = queue.SimpleQueue()  # idle read connections
         self._closing = threading.Lock()  # guards _closed
@@ -512,6 +834,15 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA busy_timeout = 5000")
         return conn
+
+    def _add_columns(self):
+        """Bring a jobs table made by an older valet up to date."""
+        have = {row["name"] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        for column, declaration in _ADDED_COLUMNS:
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+        if "attempts" not in have:  # every job that started made one attempt
+            self._conn.execute("UPDATE jobs SET attempts = 1 WHERE started_at IS NOT NULL")
 
     # -- the writer
 
@@ -584,56 +915,73 @@ class SqliteStore:
 
     @staticmethod
     def _out(row):
-        if row is not None:
+        if row is not None and "metadata" in row:
             row["metadata"] = json.loads(row["metadata"])
+            row["use_previous_results"] = bool(row["use_previous_results"])
         return row
+
+    def _read(self, sql, args=()):
+        with self._reading() as conn:
+            return [self._out(row) for row in conn.execute(sql, args).fetchall()]
 
     # -- the interface
 
-    def add(self, job):
-        values = dict(job, metadata=json.dumps(job["metadata"]))
+    def add(self, job, fired=None):
         columns = [c for c in _JOB_COLUMNS if c != "seq"]
         sql = (f"INSERT INTO jobs ({', '.join(columns)}) "
                f"VALUES ({', '.join('?' * len(columns))})")
-        self._write(lambda conn: conn.execute(sql, [values[c] for c in columns]))
+        values = [json.dumps(job[c]) if c == "metadata" else job[c] for c in columns]
+
+        def insert(conn):
+            if fired is not None and conn.execute(
+                    "INSERT INTO periodic VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
+                    "SET last_due = excluded.last_due WHERE last_due < excluded.last_due",
+                    fired).rowcount == 0:
+                return False
+            conn.execute(sql, values)
+            return True
+
+        return self._write(insert)
 
     def get(self, job_id):
-        with self._reading() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._out(row)
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
 
     def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE):
         where, args = "seq > ?", [after]
         if status is not None:
             where, args = "status = ? AND seq > ?", [status, after]
-        with self._reading() as conn:
-            rows = conn.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY seq LIMIT ?",
-                                [*args, limit]).fetchall()
-        return [self._out(row) for row in rows]
-
-    def ids(self, status):
-        with self._reading() as conn:
-            rows = conn.execute("SELECT id FROM jobs WHERE status = ? ORDER BY seq",
-                                (status,)).fetchall()
-        return [row["id"] for row in rows]
+        return self._read(f"SELECT * FROM jobs WHERE {where} ORDER BY seq LIMIT ?",
+                          [*args, limit])
 
     def update(self, job_id, fields):
+        return self._update("jobs", job_id, fields)
+
+    def _update(self, table, row_id, fields):
         columns = [c for c in fields if c in ("name", "description")]
         sets = ", ".join(f"{c} = ?" for c in columns) or "id = id"
-        sql = f"UPDATE jobs SET {sets} WHERE id = ?"
-        args = [fields[c] for c in columns] + [job_id]
+        sql = f"UPDATE {table} SET {sets} WHERE id = ?"
+        args = [fields[c] for c in columns] + [row_id]
         return self._write(lambda conn: conn.execute(sql, args).rowcount == 1)
 
-    def transition(self, job_id, from_states, to_state, fields=None, result=_NO_RESULT):
+    @staticmethod
+    def _move_sql(job_id, from_states, to_state, fields):
         _check_move(from_states, to_state)
-        fields = fields or {}
-        for column in fields:
+        for column in fields or {}:
             if column not in _JOB_COLUMNS:
                 raise ValueError(f"no such job column: {column}")
-        sets = "".join(f", {c} = ?" for c in fields)
+        sets = "".join(f", {c} = ?" for c in fields or {})
+        if to_state == IN_PROGRESS:
+            sets = sets.replace("started_at = ?", "started_at = COALESCE(started_at, ?)")
+            sets += ", attempts = attempts + 1"
         marks = ", ".join("?" * len(from_states))
         sql = f"UPDATE jobs SET status = ?{sets} WHERE id = ? AND status IN ({marks})"
-        args = [to_state, *fields.values(), job_id, *from_states]
+        return sql, [to_state, *(fields or {}).values(), job_id, *from_states]
+
+    def transition(self, job_id, from_states, to_state, fields=None, result=_NO_RESULT,
+                   then=()):
+        sql, args = self._move_sql(job_id, from_states, to_state, fields)
+        more = [self._move_sql(*move) for move in then]
         if result is not _NO_RESULT:
             value_json = json.dumps(result[0])
 
@@ -643,6 +991,8 @@ class SqliteStore:
             if result is not _NO_RESULT:
                 conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
                              (job_id, value_json, result[1]))
+            for then_sql, then_args in more:
+                conn.execute(then_sql, then_args)
             return conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
         return self._out(self._write(move))
@@ -658,16 +1008,69 @@ class SqliteStore:
         return self._write(remove)
 
     def result(self, job_id):
-        with self._reading() as conn:
-            row = conn.execute("SELECT value, error FROM results WHERE job_id = ?",
-                               (job_id,)).fetchone()
-        if row is None:
+        rows = self._read("SELECT value, error FROM results WHERE job_id = ?", (job_id,))
+        if not rows:
             return None
-        return {"value": json.loads(row["value"]), "error": row["error"]}
+        return {"value": json.loads(rows[0]["value"]), "error": rows[0]["error"]}
 
     def delete_result(self, job_id):
         return self._write(lambda conn: conn.execute(
             "DELETE FROM results WHERE job_id = ?", (job_id,)).rowcount == 1)
+
+    def add_pipeline(self, pipeline, jobs):
+        columns = [c for c in _JOB_COLUMNS if c != "seq"]
+        job_sql = (f"INSERT INTO jobs ({', '.join(columns)}) "
+                   f"VALUES ({', '.join('?' * len(columns))})")
+        job_rows = [[json.dumps(job[c]) if c == "metadata" else job[c] for c in columns]
+                    for job in jobs]
+        sql = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(_PIPELINE_COLUMNS))})")
+
+        def insert(conn):
+            conn.execute(sql, [pipeline[c] for c in _PIPELINE_COLUMNS])
+            conn.executemany(job_sql, job_rows)
+
+        self._write(insert)
+
+    def get_pipeline(self, pipeline_id):
+        rows = self._read("SELECT * FROM pipelines WHERE id = ?", (pipeline_id,))
+        return rows[0] if rows else None
+
+    def pipeline_jobs(self, pipeline_id):
+        return self._read("SELECT * FROM jobs WHERE pipeline_id = ? ORDER BY seq",
+                          (pipeline_id,))
+
+    def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE):
+        return self._read("SELECT * FROM pipelines WHERE seq > ? ORDER BY seq LIMIT ?",
+                          (after, limit))
+
+    def update_pipeline(self, pipeline_id, fields):
+        return self._update("pipelines", pipeline_id, fields)
+
+    def delete_pipeline(self, pipeline_id):
+        def remove(conn):
+            if conn.execute("SELECT 1 FROM pipelines WHERE id = ?",
+                            (pipeline_id,)).fetchone() is None:
+                return None
+            jobs = conn.execute("SELECT status, attempts FROM jobs WHERE pipeline_id = ? "
+                                "ORDER BY seq", (pipeline_id,)).fetchall()
+            status = _pipeline_status(jobs)
+            if status != IN_PROGRESS:
+                conn.execute("DELETE FROM results WHERE job_id IN "
+                             "(SELECT id FROM jobs WHERE pipeline_id = ?)", (pipeline_id,))
+                conn.execute("DELETE FROM jobs WHERE pipeline_id = ?", (pipeline_id,))
+                conn.execute("DELETE FROM pipelines WHERE id = ?", (pipeline_id,))
+            return status
+
+        return self._write(remove)
+
+    def periodic_last(self, name, now):
+        def anchor(conn):
+            conn.execute("INSERT OR IGNORE INTO periodic VALUES (?, ?)", (name, now))
+            return conn.execute("SELECT last_due FROM periodic WHERE name = ?",
+                                (name,)).fetchone()["last_due"]
+
+        return self._write(anchor)
 
     def ping(self):
         try:
@@ -700,42 +1103,126 @@ def _open_store(config):
 
 # ------------------------------------------------------------------ workers --
 
+class Context:
+    """What a task is given when it takes a `context` keyword argument:
+
+        def resize(metadata, context):
+            for i, image in enumerate(metadata["images"]):
+                if context.cancelled.is_set():
+                    return {"stopped_at": i}
+                ...
+                context.progress((i + 1) / len(metadata["images"]), f"{i + 1} done")
+
+    `job_id` and `attempt` (1 for the first run, 2 for the first retry, ...);
+    `deadline`, the epoch second its timeout runs out (None without a timeout);
+    `cancelled`, a threading.Event set when the job is cancelled, times out or
+    the server stops, so the task can stop early (its result is discarded then);
+    and progress(fraction, message), which the job's JSON shows while it runs.
+    """
+
+    def __init__(self, job_id, attempt, deadline, claim, clock=time.time):
+        self.job_id = job_id
+        self.attempt = attempt
+        self.deadline = deadline
+        self.cancelled = claim.cancelled
+        self._claim = claim
+        self._clock = clock
+
+    def remaining(self):
+        """Seconds left before the timeout (never below 0), or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - self._clock())
+
+    def progress(self, fraction, message=""):
+        """Report how far the task has got: a number from 0 to 1 and a short message."""
+        if not (_is_number(fraction) and 0 <= fraction <= 1):
+            raise ValueError(f"progress fraction must be a number from 0 to 1, "
+                             f"got {fraction!r}")
+        self._claim.progress = {"fraction": fraction, "message": str(message)[:200]}
+
+
+class _Claim:
+    """A job taken by a worker thread: whoever pops it from the pool's `_running`
+    (the worker, the deadline watcher, a cancel, stop) settles the job."""
+
+    __slots__ = ("thread", "job", "cancelled", "progress")
+
+    def __init__(self, thread):
+        self.thread = thread
+        self.job = None        # its record, once it is IN_PROGRESS
+        self.cancelled = threading.Event()
+        self.progress = None
+
+
+def _takes_context(fn):
+    """True if fn accepts a `context` keyword argument."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    return any(p.name == "context" and p.kind != p.POSITIONAL_ONLY
+               or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def _backoff(base, attempts):
+    """Seconds to wait before the retry that follows failed attempt number `attempts`:
+    doubling from `base`, capped, with jitter (half to all of it) so that jobs that
+    failed together do not all retry at the same moment."""
+    delay = min(_MAX_BACKOFF, base * 2 ** min(attempts - 1, 32))
+    return delay * random.uniform(0.5, 1.0)
+
+
 _STOP = object()  # put on the ready queue, one per worker, to end it
 
 
-class _WorkerPool:
-    """Worker threads taking job ids from a queue, and a watcher that enforces timeouts.
+def _guarded(step, *args):
+    """Run one step of a thread's loop; an error (the store's, say) is logged, and
+    the thread goes on. A job it left behind is settled at the next start."""
+    try:
+        return step(*args)
+    except Exception:
+        log.exception("%s: unexpected error", threading.current_thread().name)
+        return True
 
-    A job belongs to the thread running it while its id is in `_running`; the
-    first thread to pop it from there (the worker, when the task returns; the
-    watcher, when the deadline passes; stop(), when the grace period runs out)
+
+class _WorkerPool:
+    """Worker threads taking job ids from a priority queue, and a watcher that enforces
+    timeouts.
+
+    A job belongs to the thread running it while its _Claim is in `_running`; the
+    first thread to pop the claim (the worker, when the task returns; the watcher,
+    when the deadline passes; cancel(); stop(), when the grace period runs out)
     settles the job, and the others drop what they have. A Python thread cannot
-    be killed, so a timed-out worker is left to finish its task on its own: the
-    watcher starts a replacement at once, and the old thread exits when the task
-    returns, its late result discarded.
+    be killed, so a worker whose job was taken from it is left to finish its task
+    on its own: a replacement starts at once, and the old thread exits when the
+    task returns, its late result discarded.
     """
 
-    def __init__(self, store, tasks, workers, capacity, timeout_unit,
+    def __init__(self, store, tasks, workers, capacity, timeout_unit, scheduler,
                  clock=time.monotonic):
         self.size = workers
         self.capacity = capacity
         self._store = store
         self._tasks = tasks
         self._unit = timeout_unit
+        self._scheduler = scheduler
+        self._now = scheduler.clock  # the wall clock, for the times a job records
         self._clock = clock
-        self._ready = queue.Queue()  # ids of PENDING jobs, in submission order
+        # (-priority, order, job id) of PENDING jobs: highest priority first, then FIFO
+        self._ready = queue.PriorityQueue()
+        self._order = itertools.count()
         self._names = itertools.count(1)
+        self._context = {}  # task function -> whether it takes a context argument
         self._watcher = None
         self._lock = threading.Lock()  # guards every attribute below
         self._deadline_added = threading.Condition(self._lock)
         self._threads_changed = threading.Condition(self._lock)
         self._reserved = 0     # submissions given a place in the backlog, not yet queued
         self._waiting = set()  # ids queued and not yet taken by a worker (nor deleted)
-        self._running = {}     # job id -> the thread that owns it
-        self._deadlines = []   # heap of (monotonic deadline, job id, timeout reason)
+        self._running = {}     # job id -> the _Claim of the thread that owns it
+        self._deadlines = []   # heap of (monotonic deadline, order, claim, timeout reason)
         self._settled_early = 0  # entries in _deadlines whose job finished in time
         self._threads = set()  # the pool's worker threads (an abandoned one leaves it)
-        self._watchers = {}    # job id -> Events of callers waiting for it to finish
+        self._watchers = {}    # job id -> Events of callers waiting for it to change
         self._stopping = False  # set by halt(): start no more jobs or workers
         self._watching = True  # the watcher runs until stop() has waited for the workers
 
@@ -755,23 +1242,34 @@ class _WorkerPool:
         with self._lock:
             self._reserved -= 1
 
-    def enqueue(self, job_id, reserved=True):
-        """Queue a stored PENDING job. Start-up recovery passes reserved=False."""
+    def enqueue(self, job_id, priority=0, reserved=True):
+        """Queue a stored PENDING job. Jobs that were accepted earlier (scheduled ones
+        coming due, a pipeline's next job, start-up recovery) pass reserved=False:
+        they take a place even when the backlog is full."""
         with self._lock:
             self._reserved -= reserved
             self._waiting.add(job_id)
-        self._ready.put(job_id)
+        self._ready.put((-priority, next(self._order), job_id))
 
     def discard(self, job_id):
-        """Forget a queued job that was deleted: it gives back its place and never runs."""
+        """Forget a queued job that was deleted or cancelled: it gives back its place
+        and never runs."""
         with self._lock:
             self._waiting.discard(job_id)
         self._wake(job_id)
 
+    def promote(self, job_id):
+        """A scheduled job has come due: make it PENDING and queue it."""
+        job = self._store.transition(job_id, (SCHEDULED,), PENDING)
+        if job is not None:
+            log.info("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
+            self.enqueue(job_id, job["priority"], reserved=False)
+
     @contextlib.contextmanager
     def watching(self, job_id):
-        """An Event set when the job finishes (or is deleted) from now on. Read the
-        job's status after entering, so that a finish just before is not missed."""
+        """An Event set when the job's status next changes after it has started (it
+        finishes, is retried, cancelled or deleted). Read the job's status after
+        entering, so that a change just before is not missed."""
         event = threading.Event()
         with self._lock:
             self._watchers.setdefault(job_id, set()).add(event)
@@ -795,50 +1293,73 @@ class _WorkerPool:
         with self._lock:
             return {"depth": len(self._waiting) + self._reserved, "busy": len(self._running)}
 
+    def progress(self, job_id):
+        """What the running job's task last reported, or None."""
+        with self._lock:
+            claim = self._running.get(job_id)
+            return None if claim is None else claim.progress
+
     # -- a worker's single step
 
     def run_once(self, block=True, timeout=None):
         """Take one job id from the queue and run that job to its end.
 
         Returns False when this thread should stop: it took the stop sentinel, or
-        its job timed out and a replacement has taken its place. Raises queue.Empty
-        when not blocking (or after `timeout`) and nothing is queued.
+        its job was taken from it (a timeout, a cancel) and a replacement has
+        taken its place. Raises queue.Empty when not blocking (or after
+        `timeout`) and nothing is queued.
         """
-        job_id = self._ready.get(block, timeout)
+        *_, job_id = self._ready.get(block, timeout)
         if job_id is _STOP:
             return False
         with self._lock:
             if job_id not in self._waiting or self._stopping:
-                return True  # deleted while queued; or left PENDING for the next start
+                return True  # deleted or cancelled while queued; or left for the next start
             self._waiting.remove(job_id)
-        return self._run(job_id)
+            claim = self._running[job_id] = _Claim(threading.current_thread())
+        try:
+            return self._run(job_id, claim)
+        finally:  # on an error (the store's, say), the job is left for the next start
+            with self._lock:
+                if self._running.get(job_id) is claim:
+                    del self._running[job_id]
 
-    def _run(self, job_id):
-        now = time.time()
-        job = self._store.transition(job_id, (PENDING,), IN_PROGRESS, {"started_at": now})
-        if job is None:
-            return True  # deleted while it waited
-        log.info("job %s: %s -> %s", job_id, PENDING, IN_PROGRESS)
+    def _run(self, job_id, claim):
+        job = self._store.transition(job_id, (PENDING,), IN_PROGRESS,
+                                     {"started_at": self._now()})
         with self._lock:
-            self._running[job_id] = threading.current_thread()
+            owned = self._running.get(job_id) is claim
+            if job is None or not owned:  # cancelled or deleted before it started
+                if owned:
+                    del self._running[job_id]
+                return owned  # if not, the canceller started a replacement
+            claim.job = job
+            deadline = None
             if job["timeout"] is not None:
                 seconds = job["timeout"] / (1000 if self._unit == "millisecond" else 1)
                 plural = "" if job["timeout"] == 1 else "s"
                 reason = f"timed out after {job['timeout']:g} {self._unit}{plural}"
-                heapq.heappush(self._deadlines, (self._clock() + seconds, job_id, reason))
+                deadline = self._now() + seconds
+                heapq.heappush(self._deadlines,
+                               (self._clock() + seconds, next(self._order), claim, reason))
                 self._deadline_added.notify()
+        log.info("job %s: %s -> %s (attempt %d)", job_id, PENDING, IN_PROGRESS,
+                 job["attempts"])
 
-        status, value, reason = self._call(job)
+        context = Context(job_id, job["attempts"], deadline, claim, self._now)
+        status, value, reason = self._call(job, context)
 
         with self._lock:
-            owned = self._running.pop(job_id, None) is not None
-            if owned and job["timeout"] is not None:
-                self._forget_deadline()
+            owned = self._running.get(job_id) is claim
+            if owned:
+                del self._running[job_id]
+                if job["timeout"] is not None:
+                    self._forget_deadline()
         if not owned:
             log.info("job %s: the task returned after the job was settled; "
                      "its result is discarded", job_id)
             return False
-        self.settle(job_id, status, reason, value)
+        self.settle(job, status, reason, value)
         return True
 
     def _forget_deadline(self):
@@ -847,17 +1368,25 @@ class _WorkerPool:
         otherwise hold an entry per job until its deadline. Call with the lock held."""
         self._settled_early += 1
         if self._settled_early * 2 > len(self._deadlines):
-            self._deadlines = [d for d in self._deadlines if d[1] in self._running]
+            self._deadlines = [d for d in self._deadlines
+                               if self._running.get(d[2].job["id"]) is d[2]]
             heapq.heapify(self._deadlines)
             self._settled_early = 0
 
-    def _call(self, job):
+    def _call(self, job, context):
         """Call the job's task outside every lock: (status, value, failure reason)."""
         fn = self._tasks.get(job["task_name"])
         if fn is None:
             return FAILED, None, f"task {job['task_name']!r} is not registered"
+        if fn not in self._context:
+            self._context[fn] = _takes_context(fn)
+        args = [job["metadata"]]
         try:
-            value = fn(job["metadata"])
+            if job["use_previous_results"]:
+                previous = self._store.result(job["previous_job_id"])
+                args.append(None if previous is None else previous["value"])
+            kwargs = {"context": context} if self._context[fn] else {}
+            value = fn(*args, **kwargs)
         except BaseException as exc:  # a task's failure must never end the worker
             log.warning("job %s: task %s raised", job["id"], job["task_name"], exc_info=True)
             return FAILED, None, f"{type(exc).__name__}: {exc}"
@@ -867,17 +1396,73 @@ class _WorkerPool:
             return FAILED, None, f"the task's result is not JSON-serialisable: {exc}"
         return COMPLETED, value, None
 
-    def settle(self, job_id, status, reason, value=None):
-        """Move a running job to COMPLETED or FAILED with its result, log it and wake
-        its waiters; nothing happens if it is no longer running."""
-        job = self._store.transition(
-            job_id, (IN_PROGRESS,), status,
-            {"completed_at": time.time(), "failure_reason": reason},
-            result=(value, reason))
-        if job is not None:
-            log.info("job %s: %s -> %s%s", job_id, IN_PROGRESS, status,
-                     f" ({reason})" if reason else "")
-            self._wake(job_id)
+    # -- the one way an attempt ends
+
+    def settle(self, job, status, reason, value=None, states=(IN_PROGRESS,)):
+        """End an attempt of a job the caller owns, moving it from `states`: a failure
+        with retries left schedules the next attempt; otherwise the job finishes as
+        `status` with its result, a pipeline's next job is queued, or (when it did
+        not complete) the rest of its pipeline is cancelled in the same write.
+        Returns the moved record; None (and nothing happens) if it was not in
+        `states` any more.
+        """
+        job_id, now = job["id"], self._now()
+        if status == FAILED and job["attempts"] <= job["max_retries"]:
+            run_at = now + _backoff(job["retry_backoff"], max(1, job["attempts"]))
+            moved = self._store.transition(job_id, states, SCHEDULED,
+                                           {"run_at": run_at, "failure_reason": reason})
+            if moved is not None:
+                log.info("job %s: attempt %d failed (%s); retry %d of %d at %s", job_id,
+                         moved["attempts"], reason, moved["attempts"], moved["max_retries"],
+                         _rfc3339(run_at))
+                self._scheduler.at(run_at, self.promote, job_id)
+                self._wake(job_id)
+            return moved
+        later = []
+        if status != COMPLETED and job["next_job_id"] is not None:
+            jobs = self._store.pipeline_jobs(job["pipeline_id"])
+            ids = [j["id"] for j in jobs]
+            what = "failed" if status == FAILED else "was cancelled"
+            later = [(later_id, (SCHEDULED, PENDING), CANCELLED,
+                      {"completed_at": now,
+                       "failure_reason": f"job {job_id} before it in the pipeline {what}"})
+                     for later_id in ids[ids.index(job_id) + 1:]]
+        result = (value, reason) if status != CANCELLED else _NO_RESULT
+        moved = self._store.transition(job_id, states, status,
+                                       {"completed_at": now, "failure_reason": reason},
+                                       result=result, then=later)
+        if moved is None:
+            return None
+        log.info("job %s: %s -> %s%s", job_id, job["status"], status,
+                 f" ({reason})" if reason else "")
+        for later_id, *_ in later:
+            self.discard(later_id)
+        self._wake(job_id)
+        if status == COMPLETED and job["next_job_id"] is not None:
+            self.enqueue(job["next_job_id"], job["priority"], reserved=False)
+        return moved
+
+    def cancel(self, job_id, reason):
+        """Cancel a job that has not finished: it never starts, or, if it is running,
+        its task is told (context.cancelled) and its late result discarded.
+        Returns (the job's record or None if there is none, whether this call
+        cancelled it): a job that finished first keeps its status."""
+        job = self._store.get(job_id)
+        if job is None or job["status"] in FINISHED:
+            return job, False
+        with self._lock:
+            claim = self._running.pop(job_id, None)
+            if claim is not None:
+                self._abandon(claim)
+        if claim is not None:
+            claim.cancelled.set()
+            self._replace()
+            job = claim.job or job
+        moved = self.settle(job, CANCELLED, reason, states=UNFINISHED)
+        if moved is None:  # it finished, or was deleted, just now
+            return self._store.get(job_id), False
+        self.discard(job_id)
+        return moved, True
 
     # -- the deadline watcher's single step
 
@@ -885,23 +1470,25 @@ class _WorkerPool:
         """Fail every running job whose deadline is at or before `now` (monotonic).
 
         Each such job's thread leaves the pool and a replacement starts, so the
-        pool keeps its full number of free workers. Returns how many it failed.
+        pool keeps its full number of free workers. A timed-out attempt is a
+        failed one: it is retried if the job has retries left. Returns how many
+        it timed out.
         """
         overdue = []
         with self._lock:
             while self._deadlines and self._deadlines[0][0] <= now:
-                _, job_id, reason = heapq.heappop(self._deadlines)
-                thread = self._running.pop(job_id, None)
-                if thread is None:  # it finished in time
+                _, _, claim, reason = heapq.heappop(self._deadlines)
+                job_id = claim.job["id"]
+                if self._running.get(job_id) is not claim:  # it finished in time
                     self._settled_early = max(0, self._settled_early - 1)
                     continue
-                self._threads.discard(thread)
-                self._threads_changed.notify_all()
-                overdue.append((job_id, reason))
-        for job_id, reason in overdue:
-            if self._watcher is not None:
-                self._spawn()
-            self.settle(job_id, FAILED, reason)
+                del self._running[job_id]
+                self._abandon(claim)
+                overdue.append((claim, reason))
+        for claim, reason in overdue:
+            claim.cancelled.set()
+            self._replace()
+            self.settle(claim.job, FAILED, reason)
         return len(overdue)
 
     def _watch(self):
@@ -918,19 +1505,19 @@ class _WorkerPool:
                     self._deadline_added.wait(min(delay, 3600))
                 if not self._watching:
                     return
-            self._guarded(self.tick, self._clock())
+            _guarded(self.tick, self._clock())
 
     # -- threads
 
-    @staticmethod
-    def _guarded(step, *args):
-        """Run one step of a thread's loop; an error (the store's, say) is logged, and
-        the thread goes on. A job it left behind is settled at the next start."""
-        try:
-            return step(*args)
-        except Exception:
-            log.exception("%s: unexpected error", threading.current_thread().name)
-            return True
+    def _abandon(self, claim):
+        """The claim's thread leaves the pool (call with the lock held)."""
+        self._threads.discard(claim.thread)
+        self._threads_changed.notify_all()
+
+    def _replace(self):
+        """Start a worker in place of an abandoned one (once the pool has started)."""
+        if self._watcher is not None:
+            self._spawn()
 
     def _spawn(self):
         thread = threading.Thread(target=self._work, name=f"valet-worker-{next(self._names)}",
@@ -942,7 +1529,7 @@ class _WorkerPool:
         thread.start()
 
     def _work(self):
-        while self._guarded(self.run_once):
+        while _guarded(self.run_once):
             pass
         with self._lock:
             self._threads.discard(threading.current_thread())
@@ -962,7 +1549,8 @@ class _WorkerPool:
             self._waiting.clear()
 
     def stop(self, grace):
-        """halt(), then wait up to `grace` seconds for running jobs, then fail them.
+        """halt(), then wait up to `grace` seconds for running jobs, then fail them
+        (retrying those with retries left, at the next start).
 
         Timeouts are still enforced while it waits.
         """
@@ -970,19 +1558,259 @@ class _WorkerPool:
         with self._lock:
             threads = list(self._threads)
         for _ in threads:
-            self._ready.put(_STOP)
+            self._ready.put((-math.inf, next(self._order), _STOP))
         with self._lock:
-            # Threads leave the pool when they exit, or when their job times out.
+            # Threads leave the pool when they exit, or when their job is taken.
             self._threads_changed.wait_for(lambda: not self._threads, grace)
-            unfinished = list(self._running)
+            unfinished = list(self._running.values())
             self._running.clear()
             self._watching = False
             self._deadline_added.notify_all()
-        for job_id in unfinished:
-            self.settle(job_id, FAILED, f"the server stopped before the job finished "
-                                         f"(shutdown grace period: {grace:g}s)")
+        for claim in unfinished:
+            claim.cancelled.set()
+            if claim.job is not None:  # else it never started: it stays PENDING
+                self.settle(claim.job, FAILED, f"the server stopped before the job "
+                                               f"finished (shutdown grace period: {grace:g}s)")
         if self._watcher is not None:
             self._watcher.join(10)
+
+
+# ---------------------------------------------------------------- scheduler --
+
+class _Scheduler:
+    """Runs actions at wall-clock times: scheduled jobs coming due, retries, periodic
+    firings. A heap of (time, order, action, args) and a thread that sleeps on a
+    Condition until the earliest entry is due, woken early when an earlier one is
+    added; no polling.
+    """
+
+    def __init__(self, clock=time.time):
+        self.clock = clock  # epoch seconds; tests pass their own
+        self._order = itertools.count()
+        self._thread = None
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # guards the two below
+        self._heap = []
+        self._running = True
+
+    def at(self, when, action, *args):
+        """Run action(*args) on the scheduler's thread at epoch second `when`."""
+        with self._lock:
+            heapq.heappush(self._heap, (when, next(self._order), action, args))
+            self._changed.notify()
+
+    def tick(self, now):
+        """Run every action due at or before `now`, in time order; return how many.
+        One that raises is logged, and the rest still run."""
+        done = 0
+        while True:
+            with self._lock:
+                if not self._heap or self._heap[0][0] > now:
+                    return done
+                _, _, action, args = heapq.heappop(self._heap)
+            _guarded(action, *args)
+            done += 1
+
+    def next_due(self):
+        """The epoch second the earliest entry is due, or None."""
+        with self._lock:
+            return self._heap[0][0] if self._heap else None
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while self._running:
+                    delay = self._heap[0][0] - self.clock() if self._heap else None
+                    if delay is not None and delay <= 0:
+                        break
+                    # Capped, so that a step of the wall clock delays nothing for long.
+                    self._changed.wait(60 if delay is None else min(delay, 60))
+                if not self._running:
+                    return
+            self.tick(self.clock())
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name="valet-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        with self._lock:
+            self._running = False
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+# Periodic jobs: config entries that each create an ordinary job when due.
+
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+                ("month", 1, 12), ("day of week", 0, 7))
+_CRON_PART = re.compile(r"(\*|[0-9]{1,2})(?:-([0-9]{1,2}))?(?:/([0-9]{1,2}))?")
+_CRON_STEPS = 5000  # a search gives up after this many steps: about five years
+_EVERY = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
+_EVERY_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class _Cron:
+    """A standard five-field cron expression (minute hour day-of-month month
+    day-of-week; numbers, *, ranges a-b, steps /n and lists a,b), in UTC. As in
+    Vixie cron, when both day fields are restricted (neither starts with *), a
+    day matches if either does."""
+
+    def __init__(self, text):
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(f"expected five fields (minute hour day-of-month month "
+                             f"day-of-week), got {len(fields)}")
+        values = [self._field(f, *spec) for f, spec in zip(fields, _CRON_FIELDS)]
+        self.minutes, self.hours, self.days, self.months, weekdays = values
+        self.weekdays = {day % 7 for day in weekdays}  # 0 and 7 are both Sunday
+        self.either_day = not fields[2].startswith("*") and not fields[4].startswith("*")
+        self.text = text
+        if self.next_after(time.time()) is None:
+            raise ValueError(f"{text!r} never matches a date")
+
+    @staticmethod
+    def _field(text, name, low, high):
+        values = set()
+        for part in text.split(","):
+            found = _CRON_PART.fullmatch(part)
+            if found is None:
+                raise ValueError(f"{name} field {part!r} is not a number, *, a range "
+                                 f"a-b, a step /n or a list of those")
+            first, last, step = found.groups()
+            if first == "*" and last is not None:
+                raise ValueError(f"{name} field {part!r}: * cannot start a range")
+            start = low if first == "*" else int(first)
+            end = high if first == "*" or (last is None and step) else int(last or first)
+            if not (low <= start <= end <= high) or step == "0" or (step and int(step) > high):
+                raise ValueError(f"{name} field {part!r} is out of range: {name} runs "
+                                 f"from {low} to {high}")
+            values.update(range(start, end + 1, int(step or 1)))
+        return values
+
+    def _matches_day(self, moment):
+        in_month = moment.day in self.days
+        in_week = moment.isoweekday() % 7 in self.weekdays
+        return in_month or in_week if self.either_day else in_month and in_week
+
+    def _search(self, moment, forward):
+        """The first matching minute from `moment` on (or back), as epoch seconds."""
+        for _ in range(_CRON_STEPS):
+            if moment.month not in self.months:
+                start = moment.replace(day=1, hour=0, minute=0)
+                moment = ((start + datetime.timedelta(days=32)).replace(day=1) if forward
+                          else start - datetime.timedelta(minutes=1))
+            elif not self._matches_day(moment):
+                start = moment.replace(hour=0, minute=0)
+                moment = start + (datetime.timedelta(days=1) if forward
+                                  else -datetime.timedelta(minutes=1))
+            elif moment.hour not in self.hours:
+                start = moment.replace(minute=0)
+                moment = start + (datetime.timedelta(hours=1) if forward
+                                  else -datetime.timedelta(minutes=1))
+            elif moment.minute not in self.minutes:
+                moment += datetime.timedelta(minutes=1 if forward else -1)
+            else:
+                return moment.timestamp()
+        return None
+
+    def next_after(self, t):
+        """The first due time after epoch second t, or None."""
+        moment = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+        moment = moment.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+        return self._search(moment, forward=True)
+
+    def latest(self, last, now):
+        """The latest due time after `last` and at or before `now`, or None."""
+        moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        found = self._search(moment.replace(second=0, microsecond=0), forward=False)
+        return found if found is not None and found > last else None
+
+
+class _Every:
+    """A fixed interval, counted from the last firing."""
+
+    def __init__(self, value):
+        if _is_number(value):
+            seconds = value
+        else:
+            found = _EVERY.fullmatch(value.strip()) if isinstance(value, str) else None
+            if found is None:
+                raise ValueError(f"{_show(value)} is not an interval; give seconds (90) "
+                                 f"or a number and a unit: 90s, 5m, 2h, 1d")
+            seconds = float(found.group(1)) * _EVERY_UNITS[found.group(2) or "s"]
+        if not 1 <= seconds <= _MAX_TIMEOUT_SECONDS:
+            raise ValueError(f"{_show(value)} is not allowed; an interval runs from 1 "
+                             f"second to a year")
+        self.seconds = seconds
+        self.text = value
+
+    def next_after(self, t):
+        return t + self.seconds
+
+    def latest(self, last, now):
+        missed = math.floor((now - last) / self.seconds)
+        return last + missed * self.seconds if missed >= 1 else None
+
+
+def _next_due(schedule, last, now):
+    """When a periodic entry that last fired at `last` should fire next: at once for
+    the latest due time it missed (once, however many it missed), else when due."""
+    missed = schedule.latest(last, now)
+    return missed if missed is not None else schedule.next_after(last)
+
+
+_PERIODIC_INPUT = ("name", "task_name", "cron", "every", "description", "metadata",
+                   "timeout", "priority", "max_retries", "retry_backoff")
+
+
+def _periodic_entries(value):
+    """The `periodic` config value as [(name, schedule, job fields)]; ConfigError names
+    the entry and field at fault. The job fields are checked when valet starts,
+    against the registered tasks."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"periodic: {_show(value)} is not allowed; expected a list of "
+                          f"entries, each with name, task_name and cron or every")
+    entries, names = [], set()
+    for i, entry in enumerate(value):
+        where = f"periodic[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: {_show(entry)} is not allowed; expected a mapping "
+                              f"with name, task_name and cron or every")
+        unknown = sorted(set(entry) - set(_PERIODIC_INPUT))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key; an entry takes "
+                              f"{', '.join(_PERIODIC_INPUT)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}.name: {_show(name)} is not allowed; expected a "
+                              f"non-empty string")
+        if name in names:
+            raise ConfigError(f"{where}.name: {name!r} is used by an earlier entry; "
+                              f"names must be unique")
+        names.add(name)
+        if ("cron" in entry) == ("every" in entry):
+            raise ConfigError(f"{where}: give cron or every (one of them)")
+        key = "cron" if "cron" in entry else "every"
+        try:
+            if key == "cron" and not isinstance(entry["cron"], str):
+                raise ValueError(f"{_show(entry['cron'])} is not a cron expression "
+                                 f"such as \"*/5 * * * *\"")
+            schedule = _Cron(entry["cron"]) if key == "cron" else _Every(entry["every"])
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{key}: {exc}") from None
+        try:
+            json.dumps(entry.get("metadata"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}.metadata: it must be plain JSON (YAML dates, "
+                              f".nan and .inf are not): {exc}") from None
+        fields = {k: v for k, v in entry.items() if k not in ("cron", "every")}
+        entries.append((name, schedule, fields))
+    return entries
 
 
 # --------------------------------------------------------------------- HTTP --
@@ -1082,13 +1910,8 @@ def _find_job(app, req):
     return job
 
 
-def _post_job(app, req):
-    job = app.submit(req.json())
-    return 202, job, {"Location": f"{req.prefix}/jobs/{job['id']}"}
-
-
-def _list_jobs(app, req):
-    args = req.args
+def _page(args):
+    """A listing's (status, limit, cursor) from its query, or HTTPError(400)."""
     status = args.get("status")
     if status is not None:
         status = status.upper()
@@ -1103,46 +1926,66 @@ def _list_jobs(app, req):
     if not _DIGITS.fullmatch(cursor):
         raise HTTPError(400, f"cursor must be a next_cursor from an earlier page, "
                              f"got {cursor!r}")
-    limit = int(limit)
-    jobs = app.store.list(status, after=int(cursor), limit=limit + 1)
+    return status, int(limit), int(cursor)
+
+
+def _post_job(app, req):
+    job = app.submit(req.json())
+    return 202, job, {"Location": f"{req.prefix}/jobs/{job['id']}"}
+
+
+def _list_jobs(app, req):
+    status, limit, cursor = _page(req.args)
+    jobs = app.store.list(status, after=cursor, limit=limit + 1)
     next_cursor = str(jobs[limit - 1]["seq"]) if len(jobs) > limit else None
-    return 200, {"jobs": [_job_json(j) for j in jobs[:limit]], "next_cursor": next_cursor}
+    return 200, {"jobs": [app.job_json(j) for j in jobs[:limit]], "next_cursor": next_cursor}
 
 
 def _get_job(app, req):
-    return 200, _job_json(_find_job(app, req))
+    return 200, app.job_json(_find_job(app, req))
 
 
-def _patch_job(app, req):
-    fields = req.json()
+def _changes(fields, what, known):
+    """The name/description changes a PATCH body asks for, or HTTPError(400)."""
     for key in fields:
-        if key not in JOB_FIELDS and key not in _JOB_INPUT:
-            raise HTTPError(400, f"unknown field {key!r}; a PATCH may change only name "
-                                 f"and description")
-        if key not in ("name", "description"):
-            raise HTTPError(400, f"field {key!r} cannot be changed; a PATCH may change "
+        if key not in known:
+            raise HTTPError(400, f"unknown field {key!r}; a PATCH of a {what} may change "
                                  f"only name and description")
+        if key not in ("name", "description"):
+            raise HTTPError(400, f"field {key!r} cannot be changed; a PATCH of a {what} "
+                                 f"may change only name and description")
     changes = {}
     if "name" in fields:
         changes["name"] = _check_text(fields, "name", required=True)
     if "description" in fields:
         changes["description"] = _check_text(fields, "description", required=False)
-    if not app.store.update(req.params["id"], changes):
+    return changes
+
+
+def _patch_job(app, req):
+    if not app.store.update(req.params["id"], _changes(req.json(), "job", (*JOB_FIELDS, *_JOB_INPUT))):
         raise HTTPError(404, f"job {req.params['id']!r} not found")
     return 204, None
 
 
 def _delete_job(app, req):
-    job_id = req.params["id"]
-    status = app.store.delete(job_id, (PENDING, *FINISHED))
+    job = _find_job(app, req)
+    if job["pipeline_id"] is not None:
+        raise HTTPError(409, f"job {job['id']!r} belongs to pipeline "
+                             f"{job['pipeline_id']!r}; delete the pipeline instead")
+    status = app.store.delete(job["id"], (SCHEDULED, PENDING, *FINISHED))
     if status is None:
-        raise HTTPError(404, f"job {job_id!r} not found")
+        raise HTTPError(404, f"job {job['id']!r} not found")
     if status == IN_PROGRESS:
-        raise HTTPError(409, f"job {job_id!r} is running; it can be deleted once it "
-                             f"has finished")
-    app.pool.discard(job_id)
-    log.info("job %s: deleted (was %s)", job_id, status)
+        raise HTTPError(409, f"job {job['id']!r} is running; cancel it, or delete it "
+                             f"once it has finished")
+    app.pool.discard(job["id"])
+    log.info("job %s: deleted (was %s)", job["id"], status)
     return 204, None
+
+
+def _cancel_job(app, req):
+    return 200, app.cancel(req.params["id"])
 
 
 def _get_result(app, req):
@@ -1151,6 +1994,9 @@ def _get_result(app, req):
         job = _find_job(app, req)
         result = app.result(job["id"])  # it may have finished since the first read
     if result is None:
+        if job["status"] == CANCELLED:
+            raise HTTPError(404, f"job {job['id']!r} was cancelled, so it has no result "
+                                 f"({job['failure_reason']})")
         if job["status"] in FINISHED:
             raise HTTPError(404, f"the result of job {job['id']!r} was deleted")
         raise HTTPError(404, f"job {job['id']!r} has not finished; its status is "
@@ -1164,6 +2010,81 @@ def _delete_result(app, req):
         raise HTTPError(404, f"job {job['id']!r} has no result to delete "
                              f"(status {job['status']})")
     return 204, None
+
+
+def _find_pipeline(app, req):
+    pipeline_id = req.params["id"]
+    pipeline = app.store.get_pipeline(pipeline_id)
+    if pipeline is None:
+        raise HTTPError(404, f"pipeline {pipeline_id!r} not found")
+    return pipeline
+
+
+def _post_pipeline(app, req):
+    pipeline = app.submit_pipeline(req.json())
+    return 202, pipeline, {"Location": f"{req.prefix}/pipelines/{pipeline['id']}"}
+
+
+def _list_pipelines(app, req):
+    status, limit, cursor = _page(req.args)
+    found, after = [], cursor
+    # A pipeline's status follows from its jobs, so a filtered page reads on until
+    # it has enough.
+    while len(found) <= limit:
+        pipelines = app.store.list_pipelines(after, limit=MAX_PAGE_SIZE)
+        for pipeline in pipelines:
+            jobs = app.store.pipeline_jobs(pipeline["id"])
+            if jobs and (status is None or _pipeline_status(jobs) == status):
+                found.append((pipeline, jobs))
+                if len(found) > limit:
+                    break
+        if len(pipelines) < MAX_PAGE_SIZE:
+            break
+        after = pipelines[-1]["seq"]
+    next_cursor = str(found[limit - 1][0]["seq"]) if len(found) > limit else None
+    return 200, {"pipelines": [app.pipeline_json(p, jobs) for p, jobs in found[:limit]],
+                 "next_cursor": next_cursor}
+
+
+def _get_pipeline(app, req):
+    pipeline = _find_pipeline(app, req)
+    return 200, app.pipeline_json(pipeline, app.store.pipeline_jobs(pipeline["id"]))
+
+
+def _patch_pipeline(app, req):
+    if not app.store.update_pipeline(req.params["id"], _changes(req.json(), "pipeline",
+                                                              (*PIPELINE_FIELDS, *_PIPELINE_INPUT))):
+        raise HTTPError(404, f"pipeline {req.params['id']!r} not found")
+    return 204, None
+
+
+def _delete_pipeline(app, req):
+    pipeline = _find_pipeline(app, req)
+    jobs = app.store.pipeline_jobs(pipeline["id"])
+    status = app.store.delete_pipeline(pipeline["id"])
+    if status is None:
+        raise HTTPError(404, f"pipeline {pipeline['id']!r} not found")
+    if status == IN_PROGRESS:
+        raise HTTPError(409, f"pipeline {pipeline['id']!r} is running; cancel it, or "
+                             f"delete it once it has finished")
+    for job in jobs:
+        app.pool.discard(job["id"])
+    log.info("pipeline %s: deleted (was %s) with its %d jobs", pipeline["id"], status,
+             len(jobs))
+    return 204, None
+
+
+def _pipeline_jobs(app, req):
+    pipeline = _find_pipeline(app, req)
+    return 200, {"jobs": [app.job_json(j) for j in app.store.pipeline_jobs(pipeline["id"])]}
+
+
+def _cancel_pipeline(app, req):
+    return 200, app.cancel_pipeline(req.params["id"])
+
+
+def _list_periodic(app, req):
+    return 200, {"periodic": app.periodic()}
 
 
 def _list_tasks(app, req):
@@ -1183,15 +2104,26 @@ def _status(app, req):
     }
 
 
+_LISTING = ("status", "limit", "cursor")
+
 # (method, path, route function, the query parameters it takes)
 ROUTES = [
     ("POST", "/jobs", _post_job, ()),
-    ("GET", "/jobs", _list_jobs, ("status", "limit", "cursor")),
+    ("GET", "/jobs", _list_jobs, _LISTING),
     ("GET", "/jobs/{id}", _get_job, ()),
     ("PATCH", "/jobs/{id}", _patch_job, ()),
     ("DELETE", "/jobs/{id}", _delete_job, ()),
+    ("POST", "/jobs/{id}/cancel", _cancel_job, ()),
     ("GET", "/jobs/{id}/results", _get_result, ()),
     ("DELETE", "/jobs/{id}/results", _delete_result, ()),
+    ("POST", "/pipelines", _post_pipeline, ()),
+    ("GET", "/pipelines", _list_pipelines, _LISTING),
+    ("GET", "/pipelines/{id}", _get_pipeline, ()),
+    ("PATCH", "/pipelines/{id}", _patch_pipeline, ()),
+    ("DELETE", "/pipelines/{id}", _delete_pipeline, ()),
+    ("GET", "/pipelines/{id}/jobs", _pipeline_jobs, ()),
+    ("POST", "/pipelines/{id}/cancel", _cancel_pipeline, ()),
+    ("GET", "/periodic", _list_periodic, ()),
     ("GET", "/tasks", _list_tasks, ()),
     ("GET", "/status", _status, ()),
 ]
@@ -1349,22 +2281,36 @@ class _Server(http.server.ThreadingHTTPServer):
 # ------------------------------------------------------------------- façade --
 
 class Valet:
-    """The whole server: store, worker pool and HTTP API, built from a config and tasks.
+    """The whole server: store, worker pool, scheduler and HTTP API, built from a config
+    and tasks.
 
     `config` is what load_config() takes (None, a YAML path or a dict) or its
     result; `tasks` maps task names to functions, and defaults to the TASKS dict
-    of the module named by `tasks_module`. Constructing opens the store (and so
-    may raise sqlite3.Error or ConfigError) but starts nothing else.
+    of the module named by `tasks_module`; `clock` is the wall clock (epoch
+    seconds) that run_at times and periodic due times follow, which tests replace.
+    Constructing opens the store (and so may raise sqlite3.Error or ConfigError)
+    but starts nothing else.
     """
 
-    def __init__(self, config=None, tasks: dict | None = None):
+    def __init__(self, config=None, tasks: dict | None = None, clock=time.time):
         self.config = load_config(config)  # validates; a loaded config passes unchanged
         self.tasks = dict(tasks if tasks is not None else _load_tasks(self.config["tasks_module"]))
+        self._periodic = _periodic_entries(self.config["periodic"])
+        for i, (_, _, fields) in enumerate(self._periodic):
+            try:
+                _new_job(fields, self.tasks, self.config["timeout_unit"], 0,
+                         where=f"periodic[{i}].")
+            except HTTPError as exc:
+                raise ConfigError(exc.message) from None
+        self._next_firing = {}  # periodic entry name -> epoch second it fires next
         self.store = _open_store(self.config)
+        self.clock = clock  # the wall clock that run_at and periodic due times follow
+        self.scheduler = _Scheduler(clock)
         self.pool = _WorkerPool(self.store, self.tasks, self.config["worker_pool.workers"],
                                 self.config["worker_pool.queue_capacity"],
-                                self.config["timeout_unit"])
+                                self.config["timeout_unit"], self.scheduler)
         self.started_at = None
+        self._recovered = False
         self.stopping = False  # set first thing in stop(): requests then get 503
         self._server = None
         self._lifecycle = threading.Lock()  # guards started_at and stopping
@@ -1379,21 +2325,69 @@ class Valet:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def recover(self):
-        """Settle what a previous run left: fail jobs it was running, queue its pending ones.
+    def _stored(self, status):
+        """Every stored job with this status, in submission order."""
+        after = 0
+        while True:
+            jobs = self.store.list(status, after, MAX_PAGE_SIZE)
+            yield from jobs
+            if len(jobs) < MAX_PAGE_SIZE:
+                return
+            after = jobs[-1]["seq"]
 
-        Called by start(); safe to call on its own (for tests and tools) before it.
+    def recover(self, now=None):
+        """Take up what a previous run left: schedule its scheduled jobs, settle the
+        jobs it was running (a failed attempt: retried if the job has retries
+        left), queue the pending jobs whose turn it is, and schedule each periodic
+        entry (at once, if it missed a due time while valet was down).
+
+        Called by start(), unless it was called before; safe to call on its own (for
+        tests and tools) before start().
         """
-        for job_id in self.store.ids(IN_PROGRESS):
-            self.pool.settle(job_id, FAILED, "the server stopped while the job was running")
-        pending = self.store.ids(PENDING)
-        for job_id in pending:
-            self.pool.enqueue(job_id, reserved=False)
-        if pending:
-            log.info("queued %d pending job(s) from the store", len(pending))
+        if self._recovered:
+            return
+        self._recovered = True
+        now = self.clock() if now is None else now
+        scheduled = list(self._stored(SCHEDULED))
+        for job in scheduled:
+            self.scheduler.at(job["run_at"], self.pool.promote, job["id"])
+        for job in list(self._stored(IN_PROGRESS)):
+            self.pool.settle(job, FAILED, "the server stopped while the job was running")
+        queued = 0
+        for job in list(self._stored(PENDING)):
+            previous = job["previous_job_id"] and self.store.get(job["previous_job_id"])
+            if not previous or previous["status"] == COMPLETED:  # its turn in a pipeline
+                self.pool.enqueue(job["id"], job["priority"], reserved=False)
+                queued += 1
+        if queued or scheduled:
+            log.info("from the store: %d pending job(s) queued, %d scheduled", queued,
+                     len(scheduled))
+        for entry in self._periodic:
+            name, schedule, _ = entry
+            due = _next_due(schedule, self.store.periodic_last(name, now), now)
+            self._plan(entry, due)
+
+    def _plan(self, entry, due):
+        self._next_firing[entry[0]] = due
+        self.scheduler.at(due, self._fire, entry, due)
+
+    def _fire(self, entry, due):
+        """Create the periodic entry's job for one due time (at most once, even across
+        restarts: the store records the firing with the job), and plan the next."""
+        name, schedule, fields = entry
+        now = self.clock()
+        try:
+            job = _new_job(fields, self.tasks, self.config["timeout_unit"], now)
+            if self.store.add(job, fired=(name, due)):
+                self.pool.enqueue(job["id"], job["priority"], reserved=False)
+                log.info("job %s: created %s by periodic entry %r (due %s)", job["id"],
+                         PENDING, name, _rfc3339(due))
+        finally:  # a firing that failed (a full disk, say) does not end the schedule
+            self._plan(entry, _next_due(schedule, due, now))
 
     def start(self) -> "Valet":
-        """Recover, listen, and start the workers. Raises OSError if it cannot listen."""
+        """Recover, listen, and start the workers and the scheduler. Raises OSError if
+        it cannot listen."""
         with self._lifecycle:
             if self.started_at is not None:
                 raise RuntimeError("valet is already started")
@@ -1401,6 +2395,7 @@ class Valet:
             self._server = _Server((self.config["server.host"], self.config["server.port"]),
                                    self)
             self.pool.start()
+            self.scheduler.start()
             # serve_forever notices shutdown() only between polls: a short interval
             # makes stop() quick at the cost of a few idle wake-ups a second.
             threading.Thread(target=self._server.serve_forever, args=(0.05,),
@@ -1412,7 +2407,8 @@ class Valet:
 
     def stop(self, grace: float | None = None):
         """Stop accepting requests, let running jobs finish for up to `grace` seconds
-        (default worker_pool.shutdown_grace), and close the store. Blocks; idempotent."""
+        (default worker_pool.shutdown_grace), and close the store. Blocks; idempotent.
+        Scheduled and pending jobs stay in the store for the next start."""
         with self._lifecycle:
             if self.stopping:
                 return
@@ -1420,6 +2416,7 @@ class Valet:
         if grace is None:
             grace = self.config["worker_pool.shutdown_grace"]
         self.pool.halt()
+        self.scheduler.stop()
         if self.started_at is not None:
             log.info("stopping: no new job starts; running jobs get up to %gs", grace)
         if self._server is not None:
@@ -1431,28 +2428,90 @@ class Valet:
         if self.started_at is not None:
             log.info("valet stopped")
 
+    # -- what the routes and an embedding program call
+
+    def job_json(self, job):
+        """A stored job record as its JSON, with its progress while it runs."""
+        progress = self.pool.progress(job["id"]) if job["status"] == IN_PROGRESS else None
+        return _job_json(job, progress)
+
+    def pipeline_json(self, pipeline, jobs):
+        return _pipeline_json(pipeline, jobs, self.job_json)
+
     def submit(self, fields: dict) -> dict:
-        """Store a job (the fields of a POST /jobs body) and queue it; return its JSON.
+        """Store a job (the fields of a POST /jobs body) and queue or schedule it;
+        return its JSON.
 
         Blocks until the job is stored (committed, on SQLite). Raises HTTPError:
         400 naming the field that is wrong, 503 when the backlog is full; in either
         case nothing is stored. Thread-safe.
         """
-        job = _new_job(fields, self.tasks, self.config["timeout_unit"], time.time())
+        job = _new_job(fields, self.tasks, self.config["timeout_unit"], self.clock())
+        self._accept(job, lambda: self.store.add(job))
+        log.info("job %s: created %s (task %s)", job["id"], job["status"], job["task_name"])
+        return _job_json(job)
+
+    def submit_pipeline(self, fields: dict) -> dict:
+        """Store a pipeline (the fields of a POST /pipelines body) and queue or schedule
+        its first job; return its JSON with its jobs. Raises HTTPError as submit() does."""
+        pipeline, jobs = _new_pipeline(fields, self.tasks, self.config["timeout_unit"],
+                                       self.clock())
+        self._accept(jobs[0], lambda: self.store.add_pipeline(pipeline, jobs))
+        log.info("pipeline %s: created with %d jobs, the first %s", pipeline["id"], len(jobs),
+                 jobs[0]["status"])
+        return _pipeline_json(pipeline, jobs)
+
+    def _accept(self, job, store):
+        """Store a new job (by calling `store`) and queue it, or schedule it if it has
+        a run_at to come; a queued job needs a place in the backlog first."""
+        if job["status"] == SCHEDULED:
+            store()
+            self.scheduler.at(job["run_at"], self.pool.promote, job["id"])
+            return
         self.pool.reserve()
         try:
-            self.store.add(job)
+            store()
         except BaseException:
             self.pool.unreserve()
             raise
-        self.pool.enqueue(job["id"])
-        log.info("job %s: created %s (task %s)", job["id"], PENDING, job["task_name"])
-        return _job_json(job)
+        self.pool.enqueue(job["id"], job["priority"])
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> dict:
+        """Cancel a job that has not finished; return its JSON. Raises HTTPError 404
+        (no such job) or 409 (it has finished). Thread-safe."""
+        job, cancelled = self.pool.cancel(job_id, reason)
+        if job is None:
+            raise HTTPError(404, f"job {job_id!r} not found")
+        if not cancelled:
+            raise HTTPError(409, f"job {job_id!r} has finished (status {job['status']}); "
+                                 f"only a job that has not finished can be cancelled")
+        log.info("job %s: cancelled", job_id)
+        return self.job_json(job)
+
+    def cancel_pipeline(self, pipeline_id: str) -> dict:
+        """Cancel what is left of a pipeline; return its JSON. Raises HTTPError 404 or
+        409 (it has finished). Thread-safe."""
+        while True:
+            pipeline = self.store.get_pipeline(pipeline_id)
+            jobs = self.store.pipeline_jobs(pipeline_id)
+            if pipeline is None or not jobs:
+                raise HTTPError(404, f"pipeline {pipeline_id!r} not found")
+            status = _pipeline_status(jobs)
+            if status in FINISHED:
+                raise HTTPError(409, f"pipeline {pipeline_id!r} has finished (status "
+                                     f"{status}); only one that has not can be cancelled")
+            current = next(job for job in jobs if job["status"] not in FINISHED)
+            _, cancelled = self.pool.cancel(current["id"], "cancelled by request: its "
+                                                           "pipeline was cancelled")
+            if cancelled:
+                log.info("pipeline %s: cancelled", pipeline_id)
+                return self.pipeline_json(pipeline, self.store.pipeline_jobs(pipeline_id))
+            # that job finished just before: cancel from the next one
 
     def job(self, job_id: str) -> dict | None:
         """The job's JSON (as GET /jobs/{id} gives it), or None. Thread-safe."""
         job = self.store.get(job_id)
-        return None if job is None else _job_json(job)
+        return None if job is None else self.job_json(job)
 
     def result(self, job_id: str) -> dict | None:
         """The finished job's {"job_id", "metadata", "error"} (as GET /jobs/{id}/results
@@ -1465,12 +2524,22 @@ class Valet:
     def wait(self, job_id: str, timeout: float | None = None) -> dict | None:
         """Block until the job has finished, or `timeout` seconds have passed; return
         its JSON then, whatever its status (None if there is no such job). Thread-safe."""
-        with self.pool.watching(job_id) as finished:
-            job = self.store.get(job_id)
-            if job is not None and job["status"] not in FINISHED:
-                finished.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.pool.watching(job_id) as changed:
                 job = self.store.get(job_id)
-        return None if job is None else _job_json(job)
+                left = None if deadline is None else deadline - time.monotonic()
+                if job is None or job["status"] in FINISHED or (left is not None and left <= 0):
+                    return None if job is None else self.job_json(job)
+                changed.wait(left)
+
+    def periodic(self) -> list:
+        """The periodic entries, with the time each fires next (GET /periodic)."""
+        return [{"name": name, "task_name": fields["task_name"],
+                 "cron": schedule.text if isinstance(schedule, _Cron) else None,
+                 "every": schedule.text if isinstance(schedule, _Every) else None,
+                 "next_run_at": _rfc3339(self._next_firing.get(name))}
+                for name, schedule, fields in self._periodic]
 
 
 # --------------------------------------------------------------------- main --
