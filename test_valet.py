@@ -1182,6 +1182,16 @@ def test_bad_priority_or_retry_fields_are_400_and_store_nothing(app, field, valu
     assert call(app, "GET", "/jobs").body["jobs"] == []
 
 
+def wait_for_retry(app, job_id, attempts):
+    """Wait until the job waits for its retry after `attempts` attempts, with its next
+    attempt in the scheduler (settle() stores the retry, then schedules it)."""
+    def waiting():
+        job = app.store.get(job_id)
+        return (job["status"] == valet.SCHEDULED and job["attempts"] == attempts
+                and app.scheduler.next_due() == job["run_at"] and app.job(job_id))
+    return wait_until(waiting, what=f"job {job_id} to wait for retry {attempts}")
+
+
 def failing_until(attempt_that_succeeds):
     def task(metadata, context):
         if context.attempt < attempt_that_succeeds:
@@ -1196,8 +1206,7 @@ def test_failed_attempt_with_retries_left_is_scheduled_again_with_growing_backof
     started = clock.now
     job = submit(app, "flaky", max_retries=3, retry_backoff=10)
     for attempt, (shortest, longest) in enumerate([(5, 10), (10, 20)], start=1):
-        waiting = wait_until(lambda: (j := app.job(job["id"]))["status"] == valet.SCHEDULED
-                             and j["attempts"] == attempt and j, what=f"retry {attempt}")
+        waiting = wait_for_retry(app, job["id"], attempt)
         assert waiting["failure_reason"] == f"RuntimeError: attempt {attempt} failed"
         assert epoch(waiting["started_at"]) == started  # the first attempt's start
         delay = app.store.get(job["id"])["run_at"] - clock.now
@@ -1319,7 +1328,7 @@ def test_cancel_a_job_waiting_for_its_retry(make_app):
     clock = FakeClock()
     app = make_app(clock=clock)
     job = submit(app, "fail", max_retries=5, retry_backoff=60)
-    wait_until(lambda: job_status(app, job["id"]) == valet.SCHEDULED, what="the retry")
+    wait_for_retry(app, job["id"], 1)
     assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
     app.scheduler.tick(clock.advance(3600))
     cancelled = app.job(job["id"])
@@ -2042,8 +2051,7 @@ def test_pipeline_waiting_for_a_retry_is_in_progress(make_app):
     pipeline = submit_pipeline(app, stage("flaky", max_retries=1, retry_backoff=10),
                                stage("echo", "after"))
     first = pipeline["jobs"][0]["id"]
-    wait_until(lambda: call(app, "GET", f"/jobs/{first}").body["attempts"] == 1
-               and job_status(app, first) == valet.SCHEDULED, what="the retry to be scheduled")
+    wait_for_retry(app, first, 1)
     waiting = get_pipeline(app, pipeline["id"])
     assert job_statuses(waiting) == [valet.SCHEDULED, valet.PENDING]
     assert waiting["status"] == valet.IN_PROGRESS
