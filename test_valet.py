@@ -1086,12 +1086,21 @@ def test_run_at_is_rfc3339_with_an_offset_or_utc_without_one(text, expected):
     assert valet._rfc3339(valet._parse_time(text)) == expected
 
 
-@pytest.mark.parametrize("run_at", ["tomorrow", 1800000000, "2026-13-01T00:00:00Z",
-                                    "2026-11-28T10:00Z", "2026-11-28T10:00:00+2"])
-def test_bad_run_at_is_400_and_stores_nothing(app, run_at):
+@pytest.mark.parametrize("run_at, message", [
+    ("tomorrow", 'run_at must be an RFC 3339 time such as "2026-11-28T09:30:00Z", got '
+                 '"tomorrow"'),
+    (1800000000, "run_at must be an RFC 3339 time"),
+    ("2026-11-28T10:00Z", "run_at must be an RFC 3339 time"),
+    ("2026-11-28T10:00:00+2", "run_at must be an RFC 3339 time"),
+    ("2026-13-01T00:00:00Z", 'run_at "2026-13-01T00:00:00Z" is not a real time: month must '
+                             'be in 1..12'),
+    ("2026-02-30T00:00:00Z", 'run_at "2026-02-30T00:00:00Z" is not a real time: day is out '
+                             'of range for month'),
+])
+def test_bad_run_at_is_400_and_stores_nothing(app, run_at, message):
     resp = call(app, "POST", "/jobs", {"name": "n", "task_name": "echo", "run_at": run_at})
     assert resp.status == 400
-    assert resp.body["message"].startswith("run_at must be an RFC 3339 time")
+    assert resp.body["message"].startswith(message), resp
     assert call(app, "GET", "/jobs").body["jobs"] == []
 
 
@@ -1502,8 +1511,8 @@ def fire(app, name, due, then):
     ([{**MINUTELY, "name": " "}], 'periodic[0].name: " " is not allowed'),
     ([MINUTELY, NIGHTLY, {**NIGHTLY, "cron": "0 4 * * *"}],
      "periodic[2].name: 'nightly' is used by an earlier entry"),
-    ([{**NIGHTLY, "every": 60}], "periodic[0]: give cron or every (one of them)"),
-    ([{"name": "n", "task_name": "echo"}], "periodic[0]: give cron or every (one of them)"),
+    ([{**NIGHTLY, "every": 60}], "periodic[0]: give cron or every, not both"),
+    ([{"name": "n", "task_name": "echo"}], "periodic[0]: give cron or every: when its jobs"),
     ([{**NIGHTLY, "cron": "0 3 * *"}], "periodic[0].cron: expected five fields"),
     ([{**NIGHTLY, "cron": "0 3 * * * *"}], "periodic[0].cron: expected five fields"),
     ([{**NIGHTLY, "cron": "60 * * * *"}],
@@ -1514,11 +1523,18 @@ def fire(app, name, due, then):
     ([{**NIGHTLY, "cron": "0 0 * 13 *"}], "periodic[0].cron: month field '13' is out of range"),
     ([{**NIGHTLY, "cron": "0 0 * * 8"}],
      "periodic[0].cron: day of week field '8' is out of range"),
-    ([{**NIGHTLY, "cron": "*/0 * * * *"}], "periodic[0].cron: minute field '*/0'"),
-    ([{**NIGHTLY, "cron": "5-1 * * * *"}], "periodic[0].cron: minute field '5-1'"),
+    ([{**NIGHTLY, "cron": "*/0 * * * *"}],
+     "periodic[0].cron: minute field '*/0' has a step outside 1 to 59"),
+    ([{**NIGHTLY, "cron": "5-1 * * * *"}],
+     "periodic[0].cron: minute field '5-1' is a range that runs backwards"),
+    ([{**NIGHTLY, "cron": "@daily"}], "periodic[0].cron: expected five fields (minute hour "
+                                      "day-of-month month day-of-week), got 1 (shortcuts "
+                                      "such as @daily are not supported)"),
     ([{**NIGHTLY, "cron": "*/x * * * *"}],
      "periodic[0].cron: minute field '*/x' is not a number, *, a range"),
-    ([{**NIGHTLY, "cron": "0 3 * * MON"}], "periodic[0].cron: day of week field 'MON'"),
+    ([{**NIGHTLY, "cron": "0 3 * * MON"}], "periodic[0].cron: day of week field 'MON' is "
+     "not a number, *, a range a-b, a step /n or a list of those (names such as MON are "
+     "not supported: use numbers)"),
     ([{**NIGHTLY, "cron": "1,,2 * * * *"}], "periodic[0].cron: minute field ''"),
     ([{**NIGHTLY, "cron": "*-5 * * * *"}], "periodic[0].cron: minute field '*-5'"),
     ([{**NIGHTLY, "cron": "0 0 30 2 *"}], "periodic[0].cron: '0 0 30 2 *' never matches a date"),
@@ -1542,14 +1558,14 @@ def test_invalid_periodic_entry_is_a_config_error_naming_entry_and_field(periodi
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"task_name": "nope"}, "periodic[1].task_name 'nope' is not a registered task; "
+    ({"task_name": "nope"}, "periodic[1]: task_name 'nope' is not a registered task; "
                             "registered tasks: echo"),
-    ({"task_name": None}, "periodic[1].task_name must be a string, got null"),
-    ({"description": 5}, "periodic[1].description must be a string or null, got 5"),
-    ({"timeout": 0}, "periodic[1].timeout must be a number greater than 0"),
-    ({"priority": "high"}, "periodic[1].priority must be an integer"),
-    ({"max_retries": 101}, "periodic[1].max_retries must be an integer from 0 to 100"),
-    ({"retry_backoff": -1}, "periodic[1].retry_backoff must be a number of seconds"),
+    ({"task_name": None}, "periodic[1]: task_name must be a string, got null"),
+    ({"description": 5}, "periodic[1]: description must be a string or null, got 5"),
+    ({"timeout": 0}, "periodic[1]: timeout must be a number greater than 0"),
+    ({"priority": "high"}, "periodic[1]: priority must be an integer"),
+    ({"max_retries": 101}, "periodic[1]: max_retries must be an integer from 0 to 100"),
+    ({"retry_backoff": -1}, "periodic[1]: retry_backoff must be a number of seconds"),
 ])
 def test_periodic_job_fields_are_checked_when_valet_is_built(change, message):
     config = valet.load_config({"storage": {"option": "memory"},
@@ -1598,7 +1614,7 @@ def test_periodic_config_accepts_every_documented_form():
 @pytest.mark.parametrize("entry, message", [
     ({**NIGHTLY, "cron": "0 3 * *"}, "valet: config error: periodic[0].cron: expected five"),
     ({**NIGHTLY, "task_name": "nope"},
-     "valet: config error: periodic[0].task_name 'nope' is not a registered task"),
+     "valet: config error: periodic[0]: task_name 'nope' is not a registered task"),
 ])
 def test_bad_periodic_entry_stops_the_process_with_exit_2_and_one_line(tmp_path, entry,
                                                                        message):
@@ -2106,7 +2122,11 @@ def _too_many_jobs():
 @pytest.mark.parametrize("body, message", [
     ({"name": "p"}, "jobs must be a list of 2 to 100 jobs, got null"),
     ({"name": "p", "jobs": {"a": stage()}}, "jobs must be a list of 2 to 100 jobs"),
-    ({"name": "p", "jobs": [stage()]}, "jobs must be a list of 2 to 100 jobs"),
+    ({"name": "p", "jobs": [stage()]},
+     "jobs must be a list of 2 to 100 jobs, got 1 job; submit a single job with POST /jobs"),
+    ({"name": "p", "jobs": [stage(), stage("echo", use_previous_results=True)]},
+     "jobs[1]: task 'echo' cannot take the previous result: with use_previous_results it "
+     "is called as fn(metadata, previous_result)"),
     ({"name": "p", "jobs": _too_many_jobs()}, "jobs must be a list of 2 to 100 jobs"),
     ({"name": "p", "jobs": [stage(), 5]}, "jobs[1]: a job must be a JSON object, got 5"),
     ({"name": "p", "jobs": [stage(), stage(priority=1)]}, "jobs[1]: unknown field 'priority'"),

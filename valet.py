@@ -378,11 +378,14 @@ def _check_run_at(fields, where=""):
     value = fields.get("run_at")
     if value is None:
         return None
+    if not (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        raise HTTPError(400, f"{where}run_at must be an RFC 3339 time such as "
+                             f"\"2026-11-28T09:30:00Z\", got {_show(value)}")
     try:
         return _parse_time(value)
-    except (ValueError, OverflowError):
-        raise HTTPError(400, f"{where}run_at must be an RFC 3339 time such as "
-                             f"\"2026-11-28T09:30:00Z\", got {_show(value)}") from None
+    except (ValueError, OverflowError) as exc:
+        raise HTTPError(400, f"{where}run_at {_show(value)} is not a real time: "
+                             f"{exc}") from None
 
 
 def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
@@ -441,9 +444,13 @@ def _new_pipeline(fields, tasks, timeout_unit, now):
     priority = _check_priority(fields)
     run_at = _check_run_at(fields)
     specs = fields.get("jobs")
-    if not (isinstance(specs, list) and 2 <= len(specs) <= _MAX_PIPELINE_JOBS):
+    if not isinstance(specs, list):
         raise HTTPError(400, f"jobs must be a list of 2 to {_MAX_PIPELINE_JOBS} jobs, got "
                              f"{_show(specs)}")
+    if not 2 <= len(specs) <= _MAX_PIPELINE_JOBS:
+        hint = "; submit a single job with POST /jobs" if len(specs) == 1 else ""
+        raise HTTPError(400, f"jobs must be a list of 2 to {_MAX_PIPELINE_JOBS} jobs, got "
+                             f"{len(specs)} job{'' if len(specs) == 1 else 's'}{hint}")
     pipeline = {"id": str(uuid.uuid4()), "name": name, "description": description,
                 "priority": priority, "run_at": run_at, "created_at": now}
     jobs = []
@@ -455,6 +462,10 @@ def _new_pipeline(fields, tasks, timeout_unit, now):
         if i == 0 and job["use_previous_results"]:
             raise HTTPError(400, f"{where}use_previous_results cannot be true for the "
                                  f"first job: it has no previous job")
+        if job["use_previous_results"] and not _takes_previous(tasks[job["task_name"]]):
+            raise HTTPError(400, f"{where}task {job['task_name']!r} cannot take the previous "
+                                 f"result: with use_previous_results it is called as "
+                                 f"fn(metadata, previous_result)")
         job.update(pipeline_id=pipeline["id"], priority=priority, status=PENDING)
         if i == 0:
             job["run_at"] = run_at
@@ -464,6 +475,17 @@ def _new_pipeline(fields, tasks, timeout_unit, now):
             jobs[-1]["next_job_id"] = job["id"]
         jobs.append(job)
     return pipeline, jobs
+
+
+def _takes_previous(fn):
+    """True if fn can be called as fn(metadata, previous_result)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # some builtins have no signature: let the call decide
+        pass
+    return True
 
 
 def _pipeline_status(jobs):
@@ -1423,9 +1445,10 @@ class _WorkerPool:
             jobs = self._store.pipeline_jobs(job["pipeline_id"])
             ids = [j["id"] for j in jobs]
             what = "failed" if status == FAILED else "was cancelled"
+            reason_later = (f"job {job['name']!r} ({job_id}) before it in the pipeline "
+                            f"{what}")
             later = [(later_id, (SCHEDULED, PENDING), CANCELLED,
-                      {"completed_at": now,
-                       "failure_reason": f"job {job_id} before it in the pipeline {what}"})
+                      {"completed_at": now, "failure_reason": reason_later})
                      for later_id in ids[ids.index(job_id) + 1:]]
         result = (value, reason) if status != CANCELLED else _NO_RESULT
         moved = self._store.transition(job_id, states, status,
@@ -1661,8 +1684,9 @@ class _Cron:
     def __init__(self, text):
         fields = text.split()
         if len(fields) != 5:
+            shortcut = " (shortcuts such as @daily are not supported)" if "@" in text else ""
             raise ValueError(f"expected five fields (minute hour day-of-month month "
-                             f"day-of-week), got {len(fields)}")
+                             f"day-of-week), got {len(fields)}{shortcut}")
         values = [self._field(f, *spec) for f, spec in zip(fields, _CRON_FIELDS)]
         self.minutes, self.hours, self.days, self.months, weekdays = values
         self.weekdays = {day % 7 for day in weekdays}  # 0 and 7 are both Sunday
@@ -1678,15 +1702,20 @@ class _Cron:
             found = _CRON_PART.fullmatch(part)
             if found is None:
                 raise ValueError(f"{name} field {part!r} is not a number, *, a range "
-                                 f"a-b, a step /n or a list of those")
+                                 f"a-b, a step /n or a list of those (names such as MON "
+                                 f"are not supported: use numbers)")
             first, last, step = found.groups()
             if first == "*" and last is not None:
                 raise ValueError(f"{name} field {part!r}: * cannot start a range")
             start = low if first == "*" else int(first)
             end = high if first == "*" or (last is None and step) else int(last or first)
-            if not (low <= start <= end <= high) or step == "0" or (step and int(step) > high):
+            if not (low <= start <= high and low <= end <= high):
                 raise ValueError(f"{name} field {part!r} is out of range: {name} runs "
                                  f"from {low} to {high}")
+            if start > end:
+                raise ValueError(f"{name} field {part!r} is a range that runs backwards")
+            if step is not None and not 1 <= int(step) <= high:
+                raise ValueError(f"{name} field {part!r} has a step outside 1 to {high}")
             values.update(range(start, end + 1, int(step or 1)))
         return values
 
@@ -1793,8 +1822,10 @@ def _periodic_entries(value):
             raise ConfigError(f"{where}.name: {name!r} is used by an earlier entry; "
                               f"names must be unique")
         names.add(name)
-        if ("cron" in entry) == ("every" in entry):
-            raise ConfigError(f"{where}: give cron or every (one of them)")
+        if "cron" in entry and "every" in entry:
+            raise ConfigError(f"{where}: give cron or every, not both")
+        if "cron" not in entry and "every" not in entry:
+            raise ConfigError(f"{where}: give cron or every: when its jobs are due")
         key = "cron" if "cron" in entry else "every"
         try:
             if key == "cron" and not isinstance(entry["cron"], str):
@@ -2299,7 +2330,7 @@ class Valet:
         for i, (_, _, fields) in enumerate(self._periodic):
             try:
                 _new_job(fields, self.tasks, self.config["timeout_unit"], 0,
-                         where=f"periodic[{i}].")
+                         where=f"periodic[{i}]: ")
             except HTTPError as exc:
                 raise ConfigError(exc.message) from None
         self._next_firing = {}  # periodic entry name -> epoch second it fires next
