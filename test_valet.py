@@ -958,6 +958,81 @@ class Flaky:
         return fail_once
 
 
+class Hooked:
+    """Wraps a store: hook(*args) runs before each call of the method named `method`
+    (returning True skips the real call and raises OSError, as a full disk would)."""
+
+    def __init__(self, store, method, hook):
+        self._store, self._method, self._hook = store, method, hook
+
+    def __getattr__(self, name):
+        method = getattr(self._store, name)
+        if name != self._method:
+            return method
+
+        def hooked(*args, **kwargs):
+            if self._hook(*args, **kwargs):
+                raise OSError("disk full")
+            return method(*args, **kwargs)
+        return hooked
+
+
+def hooked_pool(store, method, hook, tasks):
+    """An unstarted pool on a Hooked store; its fake monotonic clock is pool.clock."""
+    clock = [1000.0]
+    pool = valet._WorkerPool(Hooked(store, method, hook), tasks, workers=1, capacity=5,
+                             timeout_unit="second", scheduler=valet._Scheduler(),
+                             clock=lambda: clock[0])
+    pool.clock = clock
+    return pool
+
+
+def test_cancel_racing_a_worker_taking_the_job_means_it_never_runs(store, gate, ran):
+    def worker_takes_it_first(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.CANCELLED:  # in the window between cancel's look and write
+            assert pool.run_once(block=False) is True
+    pool = hooked_pool(store, "transition", worker_takes_it_first, make_tasks(gate, ran))
+    job_id = queue_job(pool, store, "echo")
+    job, cancelled = pool.cancel(job_id, "cancelled by request")
+    assert cancelled and job["status"] == valet.CANCELLED and job["attempts"] == 0
+    assert ran == [] and pool.stats() == {"depth": 0, "busy": 0}
+
+
+def test_one_overdue_job_that_cannot_be_written_leaves_the_others_timed_out(store, gate,
+                                                                             ran, caplog):
+    failed_once = []
+
+    def first_fail_write_breaks(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.FAILED and not failed_once:
+            failed_once.append(job_id)
+            return True
+    pool = hooked_pool(store, "transition", first_fail_write_breaks, make_tasks(gate, ran))
+    jobs = [queue_job(pool, store, "gate", timeout=5) for _ in range(2)]
+    workers = [threading.Thread(target=pool.run_once) for _ in jobs]
+    for worker in workers:
+        worker.start()
+    wait_until(lambda: len(pool._deadlines) == 2, what="both jobs to start, with deadlines")
+    assert pool.tick(pool.clock[0] + 5) == 2
+    statuses = {job_id: store.get(job_id)["status"] for job_id in jobs}
+    assert sorted(statuses.values()) == [valet.FAILED, valet.IN_PROGRESS]
+    assert statuses[failed_once[0]] == valet.IN_PROGRESS  # left for the next start
+    assert "OSError: disk full" in caplog.text
+    gate.opened.set()
+    for worker in workers:
+        worker.join(10)
+
+
+def test_a_job_whose_start_is_being_written_when_stop_ends_still_runs(store, gate, ran):
+    def stop_in_the_middle(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.IN_PROGRESS:
+            pool.stop(grace=0)
+    pool = hooked_pool(store, "transition", stop_in_the_middle, make_tasks(gate, ran))
+    job_id = queue_job(pool, store, "echo")
+    pool.run_once(block=False)
+    assert store.get(job_id)["status"] == valet.COMPLETED  # not IN_PROGRESS and never run
+    assert ran == [None]
+
+
 def test_store_error_in_a_worker_is_logged_and_the_worker_goes_on(store, gate, ran, caplog):
     store = Flaky(store, "transition")
     pool = valet._WorkerPool(store, make_tasks(gate, ran), workers=1, capacity=5,
@@ -1096,6 +1171,8 @@ def test_run_at_is_rfc3339_with_an_offset_or_utc_without_one(text, expected):
                              'be in 1..12'),
     ("2026-02-30T00:00:00Z", 'run_at "2026-02-30T00:00:00Z" is not a real time: day is out '
                              'of range for month'),
+    ("9999-12-31T23:59:59-01:00", 'run_at "9999-12-31T23:59:59-01:00" is not a real time'),
+    ("0001-01-01T00:00:00+01:00", 'run_at "0001-01-01T00:00:00+01:00" is not a real time'),
 ])
 def test_bad_run_at_is_400_and_stores_nothing(app, run_at, message):
     resp = call(app, "POST", "/jobs", {"name": "n", "task_name": "echo", "run_at": run_at})
@@ -1447,6 +1524,42 @@ def test_sqlite_file_from_valet_0_1_0_opens_and_runs_its_jobs(tmp_path, gate, ra
         assert call(app, "GET", "/jobs").body["jobs"][0]["id"] == "done"
     finally:
         app.stop()
+
+
+def test_sqlite_upgrade_that_fails_half_way_leaves_the_file_as_it_was(tmp_path,
+                                                                       monkeypatch):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT, "
+                 "name TEXT, description TEXT, task_name TEXT, metadata TEXT, timeout, "
+                 "status TEXT, failure_reason TEXT, created_at REAL, started_at REAL, "
+                 "completed_at REAL)")
+    conn.commit()
+    conn.close()
+    # A column that cannot be added, last: the ones before it must not stay added.
+    monkeypatch.setattr(valet, "_ADDED_COLUMNS",
+                        valet._ADDED_COLUMNS + (("broken", "PRIMARY KEY"),))
+    with pytest.raises(sqlite3.OperationalError):
+        valet.SqliteStore(path)
+    conn = sqlite3.connect(path)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+    conn.close()
+    assert "attempts" not in columns and "priority" not in columns
+
+
+@pytest.mark.parametrize("call_it", [
+    lambda app: app.submit({"name": "n", "task_name": "echo"}),
+    lambda app: app.submit_pipeline({"name": "p", "jobs": [{"name": "a", "task_name": "echo"},
+                                                           {"name": "b", "task_name": "echo"}]}),
+    lambda app: app.cancel("any"),
+    lambda app: app.cancel_pipeline("any"),
+])
+def test_embedded_calls_after_stop_answer_503_on_both_stores(make_app, call_it):
+    app = make_app()
+    app.stop()
+    with pytest.raises(valet.HTTPError) as caught:
+        call_it(app)
+    assert caught.value.status == 503 and caught.value.message == "valet is shutting down"
 
 
 def test_scheduled_job_survives_a_restart_and_one_due_meanwhile_runs_once(tmp_path, ran,
@@ -2229,6 +2342,36 @@ def test_unknown_pipeline_id_is_404(app, method, path):
     assert resp.status == 404
     assert resp.body == {"error": True, "code": 404,
                          "message": "pipeline 'no-such-pipeline' not found"}
+
+
+def test_pipeline_whose_jobs_vanish_between_two_reads_is_404_not_500(app):
+    class JobsGone:  # the pipeline's row is read, then its jobs are deleted
+        def __init__(self, store):
+            self._store = store
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+        def pipeline_jobs(self, pipeline_id):
+            return []
+
+    pipeline = submit_pipeline(app, stage(), stage())
+    app.store = JobsGone(app.store)
+    for path in ("/pipelines/{id}", "/pipelines/{id}/jobs"):
+        resp = call(app, "GET", path.format(id=pipeline["id"]))
+        assert resp.status == 404 and "not found" in resp.body["message"]
+
+
+def test_store_deleting_one_pipeline_job_leaves_the_others_listed(store):
+    first, second = new_record("first"), new_record("second")
+    for job in (first, second):
+        job["pipeline_id"] = "p"
+    store.add_pipeline({"id": "p", "name": "p", "description": None, "priority": 0,
+                        "run_at": None, "created_at": 1.0}, [first, second])
+    assert store.delete(first["id"], (valet.PENDING,)) == valet.PENDING
+    assert [j["id"] for j in store.pipeline_jobs("p")] == [second["id"]]
+    assert store.delete_pipeline("p") == valet.PENDING
+    assert store.pipeline_jobs("p") == [] and store.get_pipeline("p") is None
 
 
 def test_deleting_a_finished_pipeline_removes_it_its_jobs_and_their_results(app):

@@ -382,10 +382,12 @@ def _check_run_at(fields, where=""):
         raise HTTPError(400, f"{where}run_at must be an RFC 3339 time such as "
                              f"\"2026-11-28T09:30:00Z\", got {_show(value)}")
     try:
-        return _parse_time(value)
-    except (ValueError, OverflowError) as exc:
+        run_at = _parse_time(value)
+        _rfc3339(run_at)  # in UTC too, it must fall within years 1 to 9999
+    except (ValueError, OverflowError, OSError) as exc:
         raise HTTPError(400, f"{where}run_at {_show(value)} is not a real time: "
                              f"{exc}") from None
+    return run_at
 
 
 def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
@@ -657,11 +659,12 @@ class MemoryStore:
         old_seqs = self._by_status[old]
         del old_seqs[bisect.bisect_left(old_seqs, seq)]
         bisect.insort(self._by_status[to_state], seq)
-        started = record["started_at"]
+        first_start = record["started_at"]
         record.update(fields or {}, status=to_state)
         if to_state == IN_PROGRESS:
             record["attempts"] += 1
-            record["started_at"] = started if started is not None else record["started_at"]
+            if first_start is not None:  # started_at stays the first attempt's
+                record["started_at"] = first_start
         return record
 
     def delete(self, job_id, states):
@@ -675,6 +678,8 @@ class MemoryStore:
 
     def _remove(self, record):
         seq, job_id = record["seq"], record["id"]
+        if record["pipeline_id"] in self._pipeline_jobs:
+            self._pipeline_jobs[record["pipeline_id"]].remove(job_id)
         del self._jobs[job_id], self._ids[seq]
         del self._seqs[bisect.bisect_left(self._seqs, seq)]
         by_status = self._by_status[record["status"]]
@@ -695,10 +700,10 @@ class MemoryStore:
     def add_pipeline(self, pipeline, jobs):
         records = [dict(job, metadata=json.dumps(job["metadata"])) for job in jobs]
         with self._lock:
-            record = dict(pipeline, seq=next(self._next_pipeline_seq))
-            self._pipelines[pipeline["id"]] = record
-            self._pipeline_seqs.append(record["seq"])
-            self._pipeline_ids[record["seq"]] = pipeline["id"]
+            seq = next(self._next_pipeline_seq)
+            self._pipelines[pipeline["id"]] = dict(pipeline, seq=seq)
+            self._pipeline_seqs.append(seq)
+            self._pipeline_ids[seq] = pipeline["id"]
             self._pipeline_jobs[pipeline["id"]] = [job["id"] for job in jobs]
             for record in records:
                 self._insert(record)
@@ -752,8 +757,8 @@ class MemoryStore:
         pass
 
 
-# The tables as valet 0.1.0 made them. Columns added since are in
-# _ADDED_COLUMNS, which every open adds where they are missing: a new file and
+# The tables. jobs is as valet 0.1.0 made it: the columns added since are in
+# _ADDED_COLUMNS, which every open adds where they are missing, so a new file and
 # an old one go through the same steps.
 _SQL_TABLES = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -811,6 +816,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_pipeline ON jobs (pipeline_id, seq)
 _JOB_COLUMNS = ("seq", "id", "name", "description", "task_name", "metadata", "timeout",
                 "status", "failure_reason", "created_at", "started_at", "completed_at",
                 *(column for column, _ in _ADDED_COLUMNS))
+_JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS[1:])}) "  # all but seq
+               f"VALUES ({', '.join('?' * (len(_JOB_COLUMNS) - 1))})")
 _PIPELINE_COLUMNS = ("id", "name", "description", "priority", "run_at", "created_at")
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
@@ -858,13 +865,18 @@ class SqliteStore:
         return conn
 
     def _add_columns(self):
-        """Bring a jobs table made by an older valet up to date."""
+        """Bring a jobs table made by an older valet up to date, in one transaction
+        (a crash half way leaves it as it was)."""
         have = {row["name"] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        if all(column in have for column, _ in _ADDED_COLUMNS):
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
         for column, declaration in _ADDED_COLUMNS:
             if column not in have:
                 self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
         if "attempts" not in have:  # every job that started made one attempt
             self._conn.execute("UPDATE jobs SET attempts = 1 WHERE started_at IS NOT NULL")
+        self._conn.execute("COMMIT")
 
     # -- the writer
 
@@ -948,11 +960,12 @@ class SqliteStore:
 
     # -- the interface
 
+    @staticmethod
+    def _job_row(job):
+        return [json.dumps(job[c]) if c == "metadata" else job[c] for c in _JOB_COLUMNS[1:]]
+
     def add(self, job, fired=None):
-        columns = [c for c in _JOB_COLUMNS if c != "seq"]
-        sql = (f"INSERT INTO jobs ({', '.join(columns)}) "
-               f"VALUES ({', '.join('?' * len(columns))})")
-        values = [json.dumps(job[c]) if c == "metadata" else job[c] for c in columns]
+        values = self._job_row(job)
 
         def insert(conn):
             if fired is not None and conn.execute(
@@ -960,7 +973,7 @@ class SqliteStore:
                     "SET last_due = excluded.last_due WHERE last_due < excluded.last_due",
                     fired).rowcount == 0:
                 return False
-            conn.execute(sql, values)
+            conn.execute(_JOB_INSERT, values)
             return True
 
         return self._write(insert)
@@ -1040,17 +1053,13 @@ class SqliteStore:
             "DELETE FROM results WHERE job_id = ?", (job_id,)).rowcount == 1)
 
     def add_pipeline(self, pipeline, jobs):
-        columns = [c for c in _JOB_COLUMNS if c != "seq"]
-        job_sql = (f"INSERT INTO jobs ({', '.join(columns)}) "
-                   f"VALUES ({', '.join('?' * len(columns))})")
-        job_rows = [[json.dumps(job[c]) if c == "metadata" else job[c] for c in columns]
-                    for job in jobs]
+        job_rows = [self._job_row(job) for job in jobs]
         sql = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
                f"VALUES ({', '.join('?' * len(_PIPELINE_COLUMNS))})")
 
         def insert(conn):
             conn.execute(sql, [pipeline[c] for c in _PIPELINE_COLUMNS])
-            conn.executemany(job_sql, job_rows)
+            conn.executemany(_JOB_INSERT, job_rows)
 
         self._write(insert)
 
@@ -1470,22 +1479,42 @@ class _WorkerPool:
         its task is told (context.cancelled) and its late result discarded.
         Returns (the job's record or None if there is none, whether this call
         cancelled it): a job that finished first keeps its status."""
-        job = self._store.get(job_id)
-        if job is None or job["status"] in FINISHED:
-            return job, False
-        with self._lock:
-            claim = self._running.pop(job_id, None)
-            if claim is not None:
-                self._abandon(claim)
-        if claim is not None:
-            claim.cancelled.set()
-            self._replace()
-            job = claim.job or job
-        moved = self.settle(job, CANCELLED, reason, states=UNFINISHED)
-        if moved is None:  # it finished, or was deleted, just now
-            return self._store.get(job_id), False
-        self.discard(job_id)
-        return moved, True
+        for attempt in itertools.count():
+            job = self._store.get(job_id)
+            if job is None or job["status"] in FINISHED:
+                return job, False
+            with self._lock:
+                claim = self._running.pop(job_id, None)
+                if claim is not None:
+                    self._abandon(claim)
+                    if claim.job is not None and claim.job["timeout"] is not None:
+                        self._forget_deadline()
+                else:  # no worker may take it from the queue from now on
+                    self._waiting.discard(job_id)
+            if claim is not None:  # this call owns it now
+                claim.cancelled.set()
+                self._replace()
+                moved = self.settle(claim.job or job, CANCELLED, reason, states=UNFINISHED)
+            else:
+                # Without its claim, a running job is the settling thread's (a worker
+                # whose task returned, the deadline watcher); or nobody's, after an
+                # error, and then, after a few rounds, this call's.
+                states = (SCHEDULED, PENDING) if attempt < 3 else UNFINISHED
+                moved = self.settle(job, CANCELLED, reason, states=states)
+            if moved is not None:
+                self._wake(job_id)
+                return moved, True
+            if claim is None:
+                self._wait_for_owner(job_id)
+
+    def _wait_for_owner(self, job_id):
+        """Wait up to a second for a running job that no claim holds to be settled."""
+        with self.watching(job_id) as changed:
+            job = self._store.get(job_id)
+            with self._lock:
+                unclaimed = job_id not in self._running
+            if job is not None and job["status"] == IN_PROGRESS and unclaimed:
+                changed.wait(1)
 
     # -- the deadline watcher's single step
 
@@ -1508,10 +1537,11 @@ class _WorkerPool:
                 del self._running[job_id]
                 self._abandon(claim)
                 overdue.append((claim, reason))
-        for claim, reason in overdue:
+        for claim, _ in overdue:
             claim.cancelled.set()
             self._replace()
-            self.settle(claim.job, FAILED, reason)
+        for claim, reason in overdue:  # one that cannot be written leaves the rest be
+            _guarded(self.settle, claim.job, FAILED, reason)
         return len(overdue)
 
     def _watch(self):
@@ -1585,15 +1615,18 @@ class _WorkerPool:
         with self._lock:
             # Threads leave the pool when they exit, or when their job is taken.
             self._threads_changed.wait_for(lambda: not self._threads, grace)
-            unfinished = list(self._running.values())
-            self._running.clear()
+            # A claim without a job is a start still being written: its worker goes
+            # on with it, as with a job that had started.
+            unfinished = [claim for claim in self._running.values() if claim.job]
+            for claim in unfinished:
+                del self._running[claim.job["id"]]
             self._watching = False
             self._deadline_added.notify_all()
         for claim in unfinished:
             claim.cancelled.set()
-            if claim.job is not None:  # else it never started: it stays PENDING
-                self.settle(claim.job, FAILED, f"the server stopped before the job "
-                                               f"finished (shutdown grace period: {grace:g}s)")
+            _guarded(self.settle, claim.job, FAILED, f"the server stopped before the job "
+                                                    f"finished (shutdown grace period: "
+                                                    f"{grace:g}s)")
         if self._watcher is not None:
             self._watcher.join(10)
 
@@ -1994,7 +2027,8 @@ def _changes(fields, what, known):
 
 
 def _patch_job(app, req):
-    if not app.store.update(req.params["id"], _changes(req.json(), "job", (*JOB_FIELDS, *_JOB_INPUT))):
+    changes = _changes(req.json(), "job", (*JOB_FIELDS, *_JOB_INPUT))
+    if not app.store.update(req.params["id"], changes):
         raise HTTPError(404, f"job {req.params['id']!r} not found")
     return 204, None
 
@@ -2044,11 +2078,13 @@ def _delete_result(app, req):
 
 
 def _find_pipeline(app, req):
+    """The pipeline and its jobs, or HTTPError(404)."""
     pipeline_id = req.params["id"]
     pipeline = app.store.get_pipeline(pipeline_id)
-    if pipeline is None:
+    jobs = app.store.pipeline_jobs(pipeline_id) if pipeline is not None else []
+    if not jobs:  # none, or deleted between the two reads
         raise HTTPError(404, f"pipeline {pipeline_id!r} not found")
-    return pipeline
+    return pipeline, jobs
 
 
 def _post_pipeline(app, req):
@@ -2078,20 +2114,18 @@ def _list_pipelines(app, req):
 
 
 def _get_pipeline(app, req):
-    pipeline = _find_pipeline(app, req)
-    return 200, app.pipeline_json(pipeline, app.store.pipeline_jobs(pipeline["id"]))
+    return 200, app.pipeline_json(*_find_pipeline(app, req))
 
 
 def _patch_pipeline(app, req):
-    if not app.store.update_pipeline(req.params["id"], _changes(req.json(), "pipeline",
-                                                              (*PIPELINE_FIELDS, *_PIPELINE_INPUT))):
+    changes = _changes(req.json(), "pipeline", (*PIPELINE_FIELDS, *_PIPELINE_INPUT))
+    if not app.store.update_pipeline(req.params["id"], changes):
         raise HTTPError(404, f"pipeline {req.params['id']!r} not found")
     return 204, None
 
 
 def _delete_pipeline(app, req):
-    pipeline = _find_pipeline(app, req)
-    jobs = app.store.pipeline_jobs(pipeline["id"])
+    pipeline, jobs = _find_pipeline(app, req)
     status = app.store.delete_pipeline(pipeline["id"])
     if status is None:
         raise HTTPError(404, f"pipeline {pipeline['id']!r} not found")
@@ -2106,8 +2140,8 @@ def _delete_pipeline(app, req):
 
 
 def _pipeline_jobs(app, req):
-    pipeline = _find_pipeline(app, req)
-    return 200, {"jobs": [app.job_json(j) for j in app.store.pipeline_jobs(pipeline["id"])]}
+    _, jobs = _find_pipeline(app, req)
+    return 200, {"jobs": [app.job_json(job) for job in jobs]}
 
 
 def _cancel_pipeline(app, req):
@@ -2232,9 +2266,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except HTTPError as exc:
             status, headers, data = exc.status, exc.headers, _encode(exc.body())
         except Exception:
-            log.exception("%s %s: internal error", self.command, self.path)
-            status, headers = 500, {}
-            data = _encode(HTTPError(500, "internal server error").body())
+            if app.stopping:  # the store closed under the request
+                status, headers = 503, {"Retry-After": "1"}
+                data = _encode(HTTPError(503, "valet is shutting down").body())
+            else:
+                log.exception("%s %s: internal error", self.command, self.path)
+                status, headers = 500, {}
+                data = _encode(HTTPError(500, "internal server error").body())
         self._send(status, data, headers)
         log.info("%s %s %d %.2fms", self.command, self.path, status,
                  (time.perf_counter() - started) * 1000)
@@ -2474,8 +2512,8 @@ class Valet:
         return its JSON.
 
         Blocks until the job is stored (committed, on SQLite). Raises HTTPError:
-        400 naming the field that is wrong, 503 when the backlog is full; in either
-        case nothing is stored. Thread-safe.
+        400 naming the field that is wrong, 503 when the backlog is full or valet
+        is stopping; in any case nothing is stored. Thread-safe.
         """
         job = _new_job(fields, self.tasks, self.config["timeout_unit"], self.clock())
         self._accept(job, lambda: self.store.add(job))
@@ -2495,6 +2533,7 @@ class Valet:
     def _accept(self, job, store):
         """Store a new job (by calling `store`) and queue it, or schedule it if it has
         a run_at to come; a queued job needs a place in the backlog first."""
+        self._refuse_when_stopping()
         if job["status"] == SCHEDULED:
             store()
             self.scheduler.at(job["run_at"], self.pool.promote, job["id"])
@@ -2507,9 +2546,14 @@ class Valet:
             raise
         self.pool.enqueue(job["id"], job["priority"])
 
+    def _refuse_when_stopping(self):
+        if self.stopping:
+            raise HTTPError(503, "valet is shutting down", {"Retry-After": "1"})
+
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> dict:
         """Cancel a job that has not finished; return its JSON. Raises HTTPError 404
         (no such job) or 409 (it has finished). Thread-safe."""
+        self._refuse_when_stopping()
         job, cancelled = self.pool.cancel(job_id, reason)
         if job is None:
             raise HTTPError(404, f"job {job_id!r} not found")
@@ -2522,6 +2566,7 @@ class Valet:
     def cancel_pipeline(self, pipeline_id: str) -> dict:
         """Cancel what is left of a pipeline; return its JSON. Raises HTTPError 404 or
         409 (it has finished). Thread-safe."""
+        self._refuse_when_stopping()
         while True:
             pipeline = self.store.get_pipeline(pipeline_id)
             jobs = self.store.pipeline_jobs(pipeline_id)
