@@ -378,7 +378,7 @@ def test_run_once_runs_the_next_job_and_records_result(pool, store):
     assert job["status"] == valet.COMPLETED
     assert job["started_at"] <= job["completed_at"]
     assert store.result(job_id) == {"value": None, "error": None}
-    assert pool.stats() == {"depth": 0, "busy": 0}
+    assert pool.stats() == {"depth": 0, "busy": 0, "abandoned": 0}
 
 
 @pytest.mark.parametrize("timeout, reason", [(5, "timed out after 5 seconds"),
@@ -724,7 +724,7 @@ def test_status_reports_version_storage_queue_and_workers(app, storage, gate):
     assert body["version"] == valet.__version__
     assert body["storage"] == {"option": storage["storage"]["option"], "ok": True}
     assert body["queue"] == {"depth": 0, "capacity": 20, "accepting": True}
-    assert body["workers"] == {"busy": 1, "total": 2}
+    assert body["workers"] == {"busy": 1, "total": 2, "abandoned": 0}
     assert body["time"].endswith("Z")
     assert 0 < body["uptime"] < 60
 
@@ -891,10 +891,12 @@ def test_timeout_fails_at_the_deadline_and_the_pool_keeps_its_workers(make_app, 
     # The only worker is stuck in the gate, yet a new job runs: a replacement took over.
     quick = submit(app, "echo", "quick")
     wait_for_status(app, quick["id"], valet.COMPLETED)
-    assert call(app, "GET", "/status").body["workers"] == {"busy": 0, "total": 1}
+    assert call(app, "GET", "/status").body["workers"] == {"busy": 0, "total": 1,
+                                                           "abandoned": 1}
     gate.opened.set()
     stuck = gate.thread
     wait_until(lambda: not stuck.is_alive(), what="the abandoned worker to exit")
+    assert call(app, "GET", "/status").body["workers"]["abandoned"] == 0
     after = call(app, "GET", f"/jobs/{slow['id']}").body
     assert after["status"] == valet.FAILED and after["completed_at"] == failed["completed_at"]
     assert call(app, "GET", f"/jobs/{slow['id']}/results").body["metadata"] is None
@@ -995,7 +997,7 @@ def test_cancel_racing_a_worker_taking_the_job_means_it_never_runs(store, gate, 
     job_id = queue_job(pool, store, "echo")
     job, cancelled = pool.cancel(job_id, "cancelled by request")
     assert cancelled and job["status"] == valet.CANCELLED and job["attempts"] == 0
-    assert ran == [] and pool.stats() == {"depth": 0, "busy": 0}
+    assert ran == [] and pool.stats() == {"depth": 0, "busy": 0, "abandoned": 0}
 
 
 def test_one_overdue_job_that_cannot_be_written_leaves_the_others_timed_out(store, gate,
@@ -1382,12 +1384,14 @@ def test_cancel_running_job_tells_its_task_and_discards_its_late_result(make_app
     resp = call(app, "POST", f"/jobs/{job['id']}/cancel")
     assert resp.status == 200 and resp.body["status"] == valet.CANCELLED
     assert told.wait(10)
+    assert call(app, "GET", "/status").body["workers"]["abandoned"] == 1
     # the pool keeps its one free worker while the cancelled task winds down
     other = submit(app, "echo", "next")
     assert app.wait(other["id"], 10)["status"] == valet.COMPLETED
     finish.set()
     threads[0].join(10)  # the task returned, and its thread left
     assert not threads[0].is_alive()
+    assert call(app, "GET", "/status").body["workers"]["abandoned"] == 0
     assert app.job(job["id"])["status"] == valet.CANCELLED
     assert app.result(job["id"]) is None
 
@@ -2296,7 +2300,8 @@ def test_cancelling_a_running_pipeline_cancels_every_job_and_discards_the_late_r
     resp = call(app, "GET", f"/jobs/{running}/results")
     assert resp.status == 404 and "was cancelled" in resp.body["message"]
     assert ran == []
-    assert call(app, "GET", "/status").body["workers"] == {"busy": 0, "total": 2}
+    assert call(app, "GET", "/status").body["workers"] == {"busy": 0, "total": 2,
+                                                           "abandoned": 0}
     listed = call(app, "GET", "/pipelines?status=cancelled").body["pipelines"]
     assert [p["id"] for p in listed] == [pipeline["id"]]
     again = call(app, "POST", f"/pipelines/{pipeline['id']}/cancel")

@@ -1175,13 +1175,14 @@ class _Claim:
     """A job taken by a worker thread: whoever pops it from the pool's `_running`
     (the worker, the deadline watcher, a cancel, stop) settles the job."""
 
-    __slots__ = ("thread", "job", "cancelled", "progress")
+    __slots__ = ("thread", "job", "cancelled", "progress", "abandoned")
 
     def __init__(self, thread):
         self.thread = thread
         self.job = None        # its record, once it is IN_PROGRESS
         self.cancelled = threading.Event()
         self.progress = None
+        self.abandoned = False  # taken from its thread, which left the pool
 
 
 def _takes_context(fn):
@@ -1253,6 +1254,7 @@ class _WorkerPool:
         self._deadlines = []   # heap of (monotonic deadline, order, claim, timeout reason)
         self._settled_early = 0  # entries in _deadlines whose job finished in time
         self._threads = set()  # the pool's worker threads (an abandoned one leaves it)
+        self._abandoned = 0    # abandoned threads whose task has not returned yet
         self._watchers = {}    # job id -> Events of callers waiting for it to change
         self._stopping = False  # set by halt(): start no more jobs or workers
         self._watching = True  # the watcher runs until stop() has waited for the workers
@@ -1322,7 +1324,8 @@ class _WorkerPool:
 
     def stats(self):
         with self._lock:
-            return {"depth": len(self._waiting) + self._reserved, "busy": len(self._running)}
+            return {"depth": len(self._waiting) + self._reserved, "busy": len(self._running),
+                    "abandoned": self._abandoned}
 
     def progress(self, job_id):
         """What the running job's task last reported, or None."""
@@ -1350,10 +1353,12 @@ class _WorkerPool:
             claim = self._running[job_id] = _Claim(threading.current_thread())
         try:
             return self._run(job_id, claim)
-        finally:  # on an error (the store's, say), the job is left for the next start
+        finally:
             with self._lock:
-                if self._running.get(job_id) is claim:
-                    del self._running[job_id]
+                if self._running.get(job_id) is claim:  # an error (the store's, say):
+                    del self._running[job_id]           # the job waits for the next start
+                if claim.abandoned:
+                    self._abandoned -= 1
 
     def _run(self, job_id, claim):
         job = self._store.transition(job_id, (PENDING,), IN_PROGRESS,
@@ -1564,6 +1569,8 @@ class _WorkerPool:
 
     def _abandon(self, claim):
         """The claim's thread leaves the pool (call with the lock held)."""
+        claim.abandoned = True
+        self._abandoned += 1
         self._threads.discard(claim.thread)
         self._threads_changed.notify_all()
 
@@ -2165,7 +2172,8 @@ def _status(app, req):
         "storage": {"option": app.store.option, "ok": app.store.ping()},
         "queue": {"depth": pool["depth"], "capacity": app.pool.capacity,
                   "accepting": pool["depth"] < app.pool.capacity},
-        "workers": {"busy": pool["busy"], "total": app.pool.size},
+        "workers": {"busy": pool["busy"], "total": app.pool.size,
+                    "abandoned": pool["abandoned"]},
     }
 
 
