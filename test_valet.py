@@ -2280,6 +2280,19 @@ def test_scheduled_pipeline_starts_when_its_run_at_comes_and_a_cancelled_one_nev
     assert get_pipeline(app, doomed["id"])["status"] == valet.CANCELLED
 
 
+def test_pipeline_job_task_may_take_the_previous_result_and_a_context(make_app):
+    def both(metadata, previous_result, context):
+        return {"previous": previous_result, "attempt": context.attempt}
+
+    app = make_app(tasks={"both": both})
+    pipeline = submit_pipeline(app, stage("echo", "first"),
+                               stage("both", use_previous_results=True))
+    done = wait_for_pipeline(app, pipeline["id"], valet.COMPLETED, valet.FAILED)
+    assert done["status"] == valet.COMPLETED
+    assert app.result(done["jobs"][1]["id"])["metadata"] == {"previous": "first",
+                                                              "attempt": 1}
+
+
 def test_pipeline_next_job_is_queued_at_the_pipeline_priority(make_app, gate, ran):
     app = make_app(**{"worker_pool.workers": 1})
     pipeline = submit_pipeline(app, stage("gate"), stage("echo", "second"), priority=5)

@@ -480,9 +480,11 @@ def _new_pipeline(fields, tasks, timeout_unit, now):
 
 
 def _takes_previous(fn):
-    """True if fn can be called as fn(metadata, previous_result)."""
+    """True if fn can be called as fn(metadata, previous_result) (with context=, if it
+    takes that)."""
     try:
-        inspect.signature(fn).bind(None, None)
+        inspect.signature(fn).bind(None, None, **({"context": None}
+                                                 if _takes_context(fn) else {}))
     except TypeError:
         return False
     except ValueError:  # some builtins have no signature: let the call decide
