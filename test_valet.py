@@ -6,6 +6,7 @@ Nothing waits a fixed time: tests wait on events set by their tasks or poll a
 condition with a deadline (wait_until).
 """
 
+import dataclasses
 import datetime
 import http.client
 import json
@@ -1024,15 +1025,70 @@ def test_one_overdue_job_that_cannot_be_written_leaves_the_others_timed_out(stor
         worker.join(10)
 
 
-def test_a_job_whose_start_is_being_written_when_stop_ends_still_runs(store, gate, ran):
-    def stop_in_the_middle(job_id, from_states, to_state, *args, **kwargs):
+def test_a_start_being_written_when_stop_ends_is_settled_not_left_to_run(store, gate, ran):
+    writing, written = threading.Event(), threading.Event()
+
+    def slow_start(job_id, from_states, to_state, *args, **kwargs):
         if to_state == valet.IN_PROGRESS:
-            pool.stop(grace=0)
-    pool = hooked_pool(store, "transition", stop_in_the_middle, make_tasks(gate, ran))
-    job_id = queue_job(pool, store, "echo")
-    pool.run_once(block=False)
-    assert store.get(job_id)["status"] == valet.COMPLETED  # not IN_PROGRESS and never run
-    assert ran == [None]
+            writing.set()
+            assert written.wait(10)
+    pool = hooked_pool(store, "transition", slow_start, make_tasks(gate, ran))
+    job_id = queue_job(pool, store, "gate")
+    worker = threading.Thread(target=pool.run_once)
+    worker.start()
+    assert writing.wait(10)
+    stopper = threading.Thread(target=pool.stop, args=(0,))
+    stopper.start()
+    wait_until(lambda: pool._stopping, what="stop to begin")
+    written.set()  # stop waits for the start, whether this comes before or after it waits
+    stopper.join(10)
+    assert not stopper.is_alive()
+    stopped = store.get(job_id)  # settled by stop, not left IN_PROGRESS to run on
+    assert stopped["status"] == valet.FAILED and stopped["attempts"] == 1
+    assert stopped["failure_reason"].startswith("the server stopped before the job finished")
+    gate.opened.set()
+    worker.join(10)
+    assert not worker.is_alive() and store.get(job_id)["status"] == valet.FAILED
+
+
+def test_an_abandoned_worker_whose_start_fails_leaves_the_pool(store, gate, ran, caplog):
+    threads = []
+
+    def cancelled_then_broken(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.IN_PROGRESS and not threads:
+            threads.append(threading.current_thread())
+            canceller = threading.Thread(target=pool.cancel, args=(job_id, "by request"))
+            canceller.start()
+            canceller.join(10)
+            return True  # the start's write fails after the cancel took the job
+    pool = hooked_pool(store, "transition", cancelled_then_broken, make_tasks(gate, ran))
+    pool.start()
+    try:
+        job_id = queue_job(pool, store, "echo")
+        wait_until(lambda: threads, what="the worker to take the job")
+        threads[0].join(10)
+        assert not threads[0].is_alive()  # it left, rather than work on untracked
+        assert store.get(job_id)["status"] == valet.CANCELLED
+        after = queue_job(pool, store, "echo")  # the replacement runs the next job
+        wait_until(lambda: store.get(after)["status"] == valet.COMPLETED, what="the next job")
+        assert "OSError: disk full" in caplog.text
+        assert pool.stats()["abandoned"] == 0
+    finally:
+        pool.stop(5)
+
+
+def test_a_task_that_cannot_be_hashed_runs(make_app):
+    @dataclasses.dataclass
+    class Multiply:  # eq=True makes instances unhashable
+        factor: int
+
+        def __call__(self, metadata):
+            return metadata * self.factor
+
+    app = make_app(tasks={"triple": Multiply(3)})
+    job = submit(app, "triple", 2)
+    assert app.wait(job["id"], 10)["status"] == valet.COMPLETED
+    assert app.result(job["id"])["metadata"] == 6
 
 
 def test_store_error_in_a_worker_is_logged_and_the_worker_goes_on(store, gate, ran, caplog):

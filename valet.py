@@ -283,8 +283,8 @@ def _rfc3339(t):
 
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))?")
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]{1,9}))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?")
 
 
 def _parse_time(text):
@@ -483,12 +483,13 @@ def _takes_previous(fn):
     """True if fn can be called as fn(metadata, previous_result) (with context=, if it
     takes that)."""
     try:
-        inspect.signature(fn).bind(None, None, **({"context": None}
-                                                 if _takes_context(fn) else {}))
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some callables have none: let the call decide
+        return True
+    try:
+        signature.bind(None, None, **({"context": None} if _takes_context(fn) else {}))
     except TypeError:
         return False
-    except ValueError:  # some builtins have no signature: let the call decide
-        pass
     return True
 
 
@@ -869,16 +870,23 @@ class SqliteStore:
     def _add_columns(self):
         """Bring a jobs table made by an older valet up to date, in one transaction
         (a crash half way leaves it as it was)."""
-        have = {row["name"] for row in self._conn.execute("PRAGMA table_info(jobs)")}
-        if all(column in have for column, _ in _ADDED_COLUMNS):
+        def columns():
+            return {row["name"] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+
+        if all(column in columns() for column, _ in _ADDED_COLUMNS):
             return
         self._conn.execute("BEGIN IMMEDIATE")
-        for column, declaration in _ADDED_COLUMNS:
-            if column not in have:
-                self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
-        if "attempts" not in have:  # every job that started made one attempt
-            self._conn.execute("UPDATE jobs SET attempts = 1 WHERE started_at IS NOT NULL")
-        self._conn.execute("COMMIT")
+        try:
+            have = columns()  # again: another process may have just done it
+            for column, declaration in _ADDED_COLUMNS:
+                if column not in have:
+                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+            if "attempts" not in have:  # every job that started made one attempt
+                self._conn.execute("UPDATE jobs SET attempts = 1 WHERE started_at IS NOT NULL")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
 
     # -- the writer
 
@@ -1245,7 +1253,7 @@ class _WorkerPool:
         self._ready = queue.PriorityQueue()
         self._order = itertools.count()
         self._names = itertools.count(1)
-        self._context = {}  # task function -> whether it takes a context argument
+        self._context = {}  # task name -> whether its function takes a context argument
         self._watcher = None
         self._lock = threading.Lock()  # guards every attribute below
         self._deadline_added = threading.Condition(self._lock)
@@ -1370,8 +1378,10 @@ class _WorkerPool:
             if job is None or not owned:  # cancelled or deleted before it started
                 if owned:
                     del self._running[job_id]
+                    self._threads_changed.notify_all()
                 return owned  # if not, the canceller started a replacement
             claim.job = job
+            self._threads_changed.notify_all()  # stop() may wait for this start
             deadline = None
             if job["timeout"] is not None:
                 seconds = job["timeout"] / (1000 if self._unit == "millisecond" else 1)
@@ -1416,14 +1426,14 @@ class _WorkerPool:
         fn = self._tasks.get(job["task_name"])
         if fn is None:
             return FAILED, None, f"task {job['task_name']!r} is not registered"
-        if fn not in self._context:
-            self._context[fn] = _takes_context(fn)
+        if job["task_name"] not in self._context:  # by name: a task need not be hashable
+            self._context[job["task_name"]] = _takes_context(fn)
         args = [job["metadata"]]
         try:
             if job["use_previous_results"]:
                 previous = self._store.result(job["previous_job_id"])
                 args.append(None if previous is None else previous["value"])
-            kwargs = {"context": context} if self._context[fn] else {}
+            kwargs = {"context": context} if self._context[job["task_name"]] else {}
             value = fn(*args, **kwargs)
         except BaseException as exc:  # a task's failure must never end the worker
             log.warning("job %s: task %s raised", job["id"], job["task_name"], exc_info=True)
@@ -1569,6 +1579,10 @@ class _WorkerPool:
 
     # -- threads
 
+    def _in_pool(self, thread):
+        with self._lock:
+            return thread in self._threads
+
     def _abandon(self, claim):
         """The claim's thread leaves the pool (call with the lock held)."""
         claim.abandoned = True
@@ -1591,7 +1605,9 @@ class _WorkerPool:
         thread.start()
 
     def _work(self):
-        while _guarded(self.run_once):
+        # A thread stops when run_once says so, and also when it left the pool while
+        # an error cut its job short (a cancel took the job, then the start failed).
+        while _guarded(self.run_once) and self._in_pool(threading.current_thread()):
             pass
         with self._lock:
             self._threads.discard(threading.current_thread())
@@ -1624,8 +1640,10 @@ class _WorkerPool:
         with self._lock:
             # Threads leave the pool when they exit, or when their job is taken.
             self._threads_changed.wait_for(lambda: not self._threads, grace)
-            # A claim without a job is a start still being written: its worker goes
-            # on with it, as with a job that had started.
+            # A claim without a job is a start still being written: wait for it, so
+            # that it is settled with the rest rather than run after stop returns.
+            self._threads_changed.wait_for(
+                lambda: all(claim.job for claim in self._running.values()), 10)
             unfinished = [claim for claim in self._running.values() if claim.job]
             for claim in unfinished:
                 del self._running[claim.job["id"]]
@@ -2276,7 +2294,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except HTTPError as exc:
             status, headers, data = exc.status, exc.headers, _encode(exc.body())
         except Exception:
-            if app.stopping:  # the store closed under the request
+            if app.stopping:  # the store closed under the request, most likely
+                log.warning("%s %s: error while stopping", self.command, self.path,
+                            exc_info=True)
                 status, headers = 503, {"Retry-After": "1"}
                 data = _encode(HTTPError(503, "valet is shutting down").body())
             else:
