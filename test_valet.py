@@ -522,6 +522,7 @@ def test_rejected_post_names_the_problem_and_stores_nothing(app, raw, message):
 @pytest.mark.parametrize("method, path", [
     ("GET", "/jobs/{id}"), ("PATCH", "/jobs/{id}"), ("DELETE", "/jobs/{id}"),
     ("GET", "/jobs/{id}/results"), ("DELETE", "/jobs/{id}/results"),
+    ("POST", "/jobs/{id}/cancel"),
 ])
 def test_unknown_job_id_is_404(app, method, path):
     resp = call(app, method, path.format(id="no-such-job"), body={"name": "x"})
@@ -1556,28 +1557,22 @@ def test_stop_sets_the_cancelled_flag_of_tasks_still_running(make_app):
 def test_cancel_while_the_worker_writes_the_finish_leaves_the_job_to_the_worker(make_app):
     """The task has returned and its claim is gone, but COMPLETED is not written yet:
     the cancel must wait for that write, not overwrite it."""
-    class HeldFinish:
-        def __init__(self, store):
-            self._store, self.entered, self.release = store, threading.Event(), threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
-        def __getattr__(self, name):
-            return getattr(self._store, name)
-
-        def transition(self, job_id, from_states, to_state, *args, **kwargs):
-            if to_state == valet.COMPLETED:
-                self.entered.set()
-                assert self.release.wait(10)
-            return self._store.transition(job_id, from_states, to_state, *args, **kwargs)
+    def hold_the_finish(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.COMPLETED:
+            entered.set()
+            assert release.wait(10)
 
     app = make_app(start=False)
-    app.store = app.pool._store = held = HeldFinish(app.store)
+    app.store = app.pool._store = Hooked(app.store, "transition", hold_the_finish)
     app.start()
     job = submit(app, "echo", "x")
-    assert held.entered.wait(10)
+    assert entered.wait(10)
 
     def release_once_cancel_waits():
         wait_until(lambda: job["id"] in app.pool._watchers, what="the cancel to wait")
-        held.release.set()
+        release.set()
     threading.Thread(target=release_once_cancel_waits).start()
     resp = call(app, "POST", f"/jobs/{job['id']}/cancel")
     assert resp.status == 409, resp

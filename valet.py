@@ -390,6 +390,11 @@ def _check_run_at(fields, where=""):
     return run_at
 
 
+def _first_status(run_at, now):
+    """A new job waits for its run_at if that is to come; else it is ready at once."""
+    return SCHEDULED if run_at is not None and run_at > now else PENDING
+
+
 def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
     """Validate a submitted job body and build its record; HTTPError(400) names the field.
 
@@ -430,7 +435,7 @@ def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
         "id": str(uuid.uuid4()), "name": name, "description": description,
         "task_name": task_name, "metadata": fields.get("metadata", fields.get("task_params")),
         "timeout": timeout, "priority": _check_priority(fields, where),
-        "status": SCHEDULED if run_at is not None and run_at > now else PENDING,
+        "status": _first_status(run_at, now),
         "failure_reason": None, "attempts": 0, "max_retries": max_retries,
         "retry_backoff": retry_backoff, "run_at": run_at, "created_at": now,
         "started_at": None, "completed_at": None, "pipeline_id": None,
@@ -468,10 +473,9 @@ def _new_pipeline(fields, tasks, timeout_unit, now):
             raise HTTPError(400, f"{where}task {job['task_name']!r} cannot take the previous "
                                  f"result: with use_previous_results it is called as "
                                  f"fn(metadata, previous_result)")
-        job.update(pipeline_id=pipeline["id"], priority=priority, status=PENDING)
+        job.update(pipeline_id=pipeline["id"], priority=priority)  # run_at not taken
         if i == 0:
-            job["run_at"] = run_at
-            job["status"] = SCHEDULED if run_at is not None and run_at > now else PENDING
+            job.update(run_at=run_at, status=_first_status(run_at, now))
         else:
             job["previous_job_id"] = jobs[-1]["id"]
             jobs[-1]["next_job_id"] = job["id"]
@@ -1518,8 +1522,7 @@ class _WorkerPool:
                 # error, and then, after a few rounds, this call's.
                 states = (SCHEDULED, PENDING) if attempt < 3 else UNFINISHED
                 moved = self.settle(job, CANCELLED, reason, states=states)
-            if moved is not None:
-                self._wake(job_id)
+            if moved is not None:  # settle() has woken its waiters
                 return moved, True
             if claim is None:
                 self._wait_for_owner(job_id)
@@ -1819,7 +1822,7 @@ class _Cron:
 
 
 class _Every:
-    """A fixed interval, counted from the last firing."""
+    """A fixed interval, counted from the last due time."""
 
     def __init__(self, value):
         if _is_number(value):
