@@ -699,12 +699,15 @@ def test_list_rejects_bad_query_parameters(app, query, message):
     assert resp.status == 400 and message in resp.body["message"]
 
 
-@pytest.mark.parametrize("path", ["/jobs/{id}", "/jobs/{id}/results", "/tasks", "/status"])
-def test_routes_without_query_parameters_reject_them(app, path):
+@pytest.mark.parametrize("path, takes", [("/jobs/{id}", "it takes wait"),
+                                         ("/jobs/{id}/results", "it takes none"),
+                                         ("/tasks", "it takes none"),
+                                         ("/status", "it takes none")])
+def test_routes_reject_query_parameters_they_do_not_take(app, path, takes):
     job = submit(app, "echo")
     resp = call(app, "GET", path.format(id=job["id"]) + "?verbose=1")
     assert resp.status == 400
-    assert resp.body["message"] == "unknown query parameter 'verbose'; it takes none"
+    assert resp.body["message"] == f"unknown query parameter 'verbose'; {takes}"
 
 
 def test_list_treats_empty_query_values_as_not_given(app):
@@ -1200,6 +1203,72 @@ def test_wait_gives_up_after_its_timeout_and_wakes_when_the_job_is_deleted(make_
     assert call(app, "DELETE", f"/jobs/{queued['id']}").status == 204
     waiter.join(10)
     assert not waiter.is_alive() and outcome == [None]
+
+
+def long_poll(app, job_id, seconds):
+    """GET /jobs/{id}?wait=seconds on a thread; returns (thread, [Response])."""
+    answer = []
+    poller = threading.Thread(target=lambda: answer.append(
+        call(app, "GET", f"/jobs/{job_id}?wait={seconds}")))
+    poller.start()
+    wait_until(lambda: job_id in app.pool._watchers, what="the request to wait")
+    return poller, answer
+
+
+def test_get_with_wait_answers_as_soon_as_the_job_finishes(app, gate):
+    job = submit(app, "gate")
+    assert gate.entered.wait(10)
+    poller, answer = long_poll(app, job["id"], 30)
+    assert not answer  # still waiting while the job runs
+    gate.opened.set()
+    poller.join(10)  # long before its 30 s run out
+    assert not poller.is_alive()
+    assert answer[0].status == 200 and answer[0].body["status"] == valet.COMPLETED
+    assert answer[0].body == call(app, "GET", f"/jobs/{job['id']}").body
+
+
+def test_get_with_wait_answers_with_the_current_state_when_the_wait_runs_out(app, gate):
+    job = submit(app, "gate")
+    assert gate.entered.wait(10)
+    started = time.monotonic()
+    resp = call(app, "GET", f"/jobs/{job['id']}?wait=0.2")
+    assert time.monotonic() - started >= 0.2
+    assert resp.status == 200 and resp.body["status"] == valet.IN_PROGRESS
+
+
+def test_get_with_wait_of_a_finished_or_unknown_job_answers_at_once(app):
+    job = submit(app, "echo", [1])
+    wait_for_status(app, job["id"], valet.COMPLETED)
+    started = time.monotonic()
+    assert call(app, "GET", f"/jobs/{job['id']}?wait=60").body["status"] == valet.COMPLETED
+    resp = call(app, "GET", "/jobs/nope?wait=60")
+    assert time.monotonic() - started < 5
+    assert resp.status == 404 and resp.body["message"] == "job 'nope' not found"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "61", "60.5", "1e3", "nan", "1.", ".5",
+                                   "0x10", "1234567"])
+def test_get_with_a_bad_wait_is_refused_naming_it(app, value):
+    job = submit(app, "echo")
+    resp = call(app, "GET", f"/jobs/{job['id']}?wait={value}")
+    assert resp.status == 400
+    assert resp.body["message"] == (f"wait must be a number of seconds from 0 to 60, "
+                                    f"got {value!r}")
+
+
+def test_stop_answers_a_waiting_request_with_the_current_state(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1})
+    job = submit(app, "gate")
+    assert gate.entered.wait(10)
+    poller, answer = long_poll(app, job["id"], 60)
+    stopper = threading.Thread(target=app.stop)  # waits for the gate job: its grace
+    stopper.start()
+    poller.join(10)  # answered while stop() still waits for the running job
+    assert not poller.is_alive() and stopper.is_alive()
+    assert answer[0].status == 200 and answer[0].body["status"] == valet.IN_PROGRESS
+    gate.opened.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
 
 
 # ------------------------------------------------------------ time and flow --

@@ -118,6 +118,7 @@ _MAX_BACKOFF = 3600.0      # seconds: the longest wait before a retry, jitter in
 _DEFAULT_BACKOFF = 1.0     # seconds before the first retry, doubling after each
 _MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
 _MAX_PIPELINE_JOBS = 100
+MAX_WAIT = 60  # seconds: the longest GET /jobs/{id}?wait= may hold a request
 
 
 # ------------------------------------------------------------------- errors --
@@ -1624,10 +1625,15 @@ class _WorkerPool:
             self._spawn()
 
     def halt(self):
-        """Start no more jobs: those still queued stay PENDING in the store."""
+        """Start no more jobs: those still queued stay PENDING in the store. Wakes
+        every caller waiting for a job, so that it can answer before valet stops."""
         with self._lock:
             self._stopping = True
             self._waiting.clear()
+            watchers, self._watchers = self._watchers, {}
+        for events in watchers.values():
+            for event in events:
+                event.set()
 
     def stop(self, grace):
         """halt(), then wait up to `grace` seconds for running jobs, then fail them
@@ -1952,6 +1958,7 @@ def _json_type(value):
 
 
 _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
+_SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")  # 2, 0.5: a plain, short decimal
 
 
 class _Request:
@@ -2036,7 +2043,16 @@ def _list_jobs(app, req):
 
 
 def _get_job(app, req):
-    return 200, app.job_json(_find_job(app, req))
+    if "wait" not in req.args:
+        return 200, app.job_json(_find_job(app, req))
+    seconds = req.args["wait"]
+    if not (_SECONDS.fullmatch(seconds) and float(seconds) <= MAX_WAIT):
+        raise HTTPError(400, f"wait must be a number of seconds from 0 to {MAX_WAIT}, "
+                             f"got {seconds!r}")
+    job = app.wait(req.params["id"], float(seconds))
+    if job is None:
+        raise HTTPError(404, f"job {req.params['id']!r} not found")
+    return 200, job
 
 
 def _changes(fields, what, known):
@@ -2206,7 +2222,7 @@ _LISTING = ("status", "limit", "cursor")
 ROUTES = [
     ("POST", "/jobs", _post_job, ()),
     ("GET", "/jobs", _list_jobs, _LISTING),
-    ("GET", "/jobs/{id}", _get_job, ()),
+    ("GET", "/jobs/{id}", _get_job, ("wait",)),
     ("PATCH", "/jobs/{id}", _patch_job, ()),
     ("DELETE", "/jobs/{id}", _delete_job, ()),
     ("POST", "/jobs/{id}/cancel", _cancel_job, ()),
@@ -2631,14 +2647,16 @@ class Valet:
         return {"job_id": job_id, "metadata": result["value"], "error": result["error"]}
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict | None:
-        """Block until the job has finished, or `timeout` seconds have passed; return
-        its JSON then, whatever its status (None if there is no such job). Thread-safe."""
+        """Block until the job has finished, `timeout` seconds have passed, or valet is
+        stopping; return its JSON then, whatever its status (None if there is no such
+        job). Thread-safe."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self.pool.watching(job_id) as changed:
                 job = self.store.get(job_id)
                 left = None if deadline is None else deadline - time.monotonic()
-                if job is None or job["status"] in FINISHED or (left is not None and left <= 0):
+                if (job is None or job["status"] in FINISHED or self.stopping
+                        or (left is not None and left <= 0)):
                     return None if job is None else self.job_json(job)
                 changed.wait(left)
 
