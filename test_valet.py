@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import http.client
 import json
+import logging
 import os
 import re
 import signal
@@ -1203,6 +1204,28 @@ def test_wait_gives_up_after_its_timeout_and_wakes_when_the_job_is_deleted(make_
     assert call(app, "DELETE", f"/jobs/{queued['id']}").status == 204
     waiter.join(10)
     assert not waiter.is_alive() and outcome == [None]
+
+
+def test_info_logs_failures_and_refused_requests_not_each_success(app, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    ok, bad = submit(app, "echo"), submit(app, "fail")
+    wait_for_status(app, ok["id"], valet.COMPLETED)
+    wait_for_status(app, bad["id"], valet.FAILED)
+    assert call(app, "POST", "/jobs", {"name": "x"}).status == 400
+    assert f"job {bad['id']}: IN_PROGRESS -> FAILED (ValueError: boom)" in caplog.text
+    wait_until(lambda: "POST /jobs 400" in caplog.text, what="the 400 to be logged")
+    assert ok["id"] not in caplog.text and "POST /jobs 202" not in caplog.text
+
+
+def test_debug_logs_every_request_and_transition(app, caplog):
+    caplog.set_level(logging.DEBUG, logger="valet")
+    ok = submit(app, "echo")
+    wait_for_status(app, ok["id"], valet.COMPLETED)
+    lines = (f"job {ok['id']}: created PENDING (task echo)", "POST /jobs 202",
+             f"job {ok['id']}: PENDING -> IN_PROGRESS (attempt 1)",
+             f"job {ok['id']}: IN_PROGRESS -> COMPLETED", f"GET /jobs/{ok['id']} 200")
+    wait_until(lambda: all(line in caplog.text for line in lines),  # written after answering
+               what="every line")
 
 
 def long_poll(app, job_id, seconds):

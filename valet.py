@@ -1310,7 +1310,7 @@ class _WorkerPool:
         """A scheduled job has come due: make it PENDING and queue it."""
         job = self._store.transition(job_id, (SCHEDULED,), PENDING)
         if job is not None:
-            log.info("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
+            log.debug("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
             self.enqueue(job_id, job["priority"], reserved=False)
 
     @contextlib.contextmanager
@@ -1396,7 +1396,7 @@ class _WorkerPool:
                 heapq.heappush(self._deadlines,
                                (self._clock() + seconds, next(self._order), claim, reason))
                 self._deadline_added.notify()
-        log.info("job %s: %s -> %s (attempt %d)", job_id, PENDING, IN_PROGRESS,
+        log.debug("job %s: %s -> %s (attempt %d)", job_id, PENDING, IN_PROGRESS,
                  job["attempts"])
 
         context = Context(job_id, job["attempts"], deadline, claim, self._now)
@@ -1487,8 +1487,8 @@ class _WorkerPool:
                                        result=result, then=later)
         if moved is None:
             return None
-        log.info("job %s: %s -> %s%s", job_id, job["status"], status,
-                 f" ({reason})" if reason else "")
+        log.log(logging.DEBUG if status == COMPLETED else logging.INFO, "job %s: %s -> %s%s",
+                job_id, job["status"], status, f" ({reason})" if reason else "")
         for later_id, *_ in later:
             self.discard(later_id)
         self._wake(job_id)
@@ -2323,8 +2323,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 status, headers = 500, {}
                 data = _encode(HTTPError(500, "internal server error").body())
         self._send(status, data, headers)
-        log.info("%s %s %d %.2fms", self.command, self.path, status,
-                 (time.perf_counter() - started) * 1000)
+        log.log(logging.INFO if status >= 400 else logging.DEBUG, "%s %s %d %.2fms",
+                self.command, self.path, status, (time.perf_counter() - started) * 1000)
 
     def _content_length(self):
         """The declared body length, or HTTPError (closing the connection, whose
@@ -2566,7 +2566,7 @@ class Valet:
         """
         job = _new_job(fields, self.tasks, self.config["timeout_unit"], self.clock())
         self._accept(job, lambda: self.store.add(job))
-        log.info("job %s: created %s (task %s)", job["id"], job["status"], job["task_name"])
+        log.debug("job %s: created %s (task %s)", job["id"], job["status"], job["task_name"])
         return _job_json(job)
 
     def submit_pipeline(self, fields: dict) -> dict:
