@@ -1149,24 +1149,26 @@ def test_sqlite_writer_isolates_a_failing_write_from_its_batch(tmp_path):
     store = valet.SqliteStore(tmp_path / "valet.db")
     try:
         good, other = new_record("good"), new_record("other")
-        futures = [valet.concurrent.futures.Future() for _ in range(3)]
 
         def insert(job):
             values = dict(job, metadata=json.dumps(job["metadata"]))
             columns = [c for c in valet._JOB_COLUMNS if c != "seq"]
             return lambda conn: conn.execute(
                 f"INSERT INTO jobs ({', '.join(columns)}) VALUES "
-                f"({', '.join('?' * len(columns))})", [values[c] for c in columns])
+                f"({', '.join('?' * len(columns))})", [values[c] for c in columns]).rowcount
 
         def broken(conn):
             conn.execute("DELETE FROM jobs")
             raise RuntimeError("a bug in one write")
 
-        store._apply([(insert(good), futures[0]), (broken, futures[1]),
-                      (insert(other), futures[2])])
-        assert isinstance(futures[1].exception(0), RuntimeError)
-        futures[0].result(0), futures[2].result(0)
+        writes = [valet._Write(insert(good)), valet._Write(broken), valet._Write(insert(other))]
+        commits = store.commits
+        store._apply(writes)
+        assert all(write.done.acquire(blocking=False) for write in writes)  # all answered
+        assert isinstance(writes[1].error, RuntimeError) and writes[1].value is None
+        assert [(w.value, w.error) for w in (writes[0], writes[2])] == [(1, None), (1, None)]
         assert [j["name"] for j in store.list(None, 0, 10)] == ["good", "other"]
+        assert store.commits == commits + 1  # the batch still shares one commit
     finally:
         store.close()
 

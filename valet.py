@@ -46,7 +46,6 @@ __all__ = [
 
 import argparse
 import bisect
-import concurrent.futures
 import contextlib
 import datetime
 import heapq
@@ -835,15 +834,28 @@ def _dict_row(cursor, row):
     return {column[0]: value for column, value in zip(cursor.description, row)}
 
 
+class _Write:
+    """A write waiting for the SQLite writer: fn(connection), then its outcome."""
+
+    __slots__ = ("fn", "done", "value", "error")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = threading.Lock()  # held until the outcome is set: the cheapest signal
+        self.done.acquire()
+        self.value = self.error = None
+
+
 class SqliteStore:
     """Jobs in one SQLite file (WAL). Durable: every write has committed when it returns.
 
     One writer thread owns the write connection. Each write is a function put on
     its queue; the writer takes every write that is waiting, applies them in one
-    transaction (each in its own savepoint, so one failing write cannot undo the
-    others) and commits once. Concurrent submissions thus share one fsync, and a
-    caller is answered only after its write has committed. Reads use a pool of
-    their own connections, which WAL lets run while the writer writes.
+    transaction and commits once. Concurrent submissions thus share one fsync, and
+    a caller is answered only after its write has committed. If a write fails, the
+    batch is applied again with each write in its own savepoint, so that one
+    failing write cannot undo the others. Reads use a pool of their own
+    connections, which WAL lets run while the writer writes.
     """
 
     option = "sqlite"
@@ -856,7 +868,7 @@ class SqliteStore:
         self._conn.executescript(_SQL_TABLES)
         self._add_columns()
         self._conn.executescript(_SQL_INDEXES)
-        self._writes = queue.SimpleQueue()  # (write function, Future) or None to stop
+        self._writes = queue.SimpleQueue()  # _Write, or None to stop
         self._readers = queue.SimpleQueue()  # idle read connections
         self._closing = threading.Lock()  # guards _closed
         self._closed = False
@@ -897,12 +909,15 @@ class SqliteStore:
 
     def _write(self, fn):
         """Run fn(connection) in the writer's next transaction; block until it commits."""
-        future = concurrent.futures.Future()
+        write = _Write(fn)
         with self._closing:
             if self._closed:
                 raise RuntimeError("the store is closed")
-            self._writes.put((fn, future))
-        return future.result()
+            self._writes.put(write)
+        write.done.acquire()
+        if write.error is not None:
+            raise write.error
+        return write.value
 
     def _write_loop(self):
         while True:
@@ -921,32 +936,44 @@ class SqliteStore:
 
     def _apply(self, writes):
         """Apply a batch in one transaction; answer every caller, whatever happens."""
-        conn = self._conn
-        outcomes = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, future in writes:
-                conn.execute("SAVEPOINT one")
-                try:
-                    outcomes.append((future, fn(conn), None))
-                    conn.execute("RELEASE one")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO one")
-                    conn.execute("RELEASE one")
-                    outcomes.append((future, None, exc))
-            conn.execute("COMMIT")
-            self.commits += 1
-        except Exception as exc:  # the transaction itself failed: nothing was written
-            log.exception("sqlite: a write transaction failed")
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            outcomes = [(future, None, exc) for _, future in writes]
-        for future, value, exc in outcomes:
-            if exc is None:
-                future.set_result(value)
-            else:
-                future.set_exception(exc)
+            self._transaction(writes, savepoints=False)  # the common case: all succeed
+        except Exception:
+            self._rollback()
+            try:  # again, so that the writes that can succeed do
+                self._transaction(writes, savepoints=True)
+            except Exception as exc:  # the transaction itself failed: nothing was written
+                log.exception("sqlite: a write transaction failed")
+                self._rollback()
+                for write in writes:
+                    write.value, write.error = None, exc
+        for write in writes:
+            write.done.release()
+
+    def _transaction(self, writes, savepoints):
+        """Apply the writes and commit, setting each one's outcome. Without savepoints,
+        a write that fails raises; with them, it is undone and its error kept."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        for write in writes:
+            if not savepoints:
+                write.value, write.error = write.fn(conn), None
+                continue
+            conn.execute("SAVEPOINT one")
+            try:
+                write.value, write.error = write.fn(conn), None
+                conn.execute("RELEASE one")
+            except Exception as exc:
+                conn.execute("ROLLBACK TO one")
+                conn.execute("RELEASE one")
+                write.value, write.error = None, exc
+        conn.execute("COMMIT")
+        self.commits += 1
+
+    def _rollback(self):
+        with contextlib.suppress(sqlite3.Error):
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def _reading(self):
@@ -1916,7 +1943,10 @@ def _periodic_entries(value):
 # --------------------------------------------------------------------- HTTP --
 
 def _encode(payload):
-    return json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(payload).encode()
+
+
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))  # made once: reused
 
 
 # Parse hooks: what Python's json accepts but other parsers would not (or could
@@ -1946,6 +1976,10 @@ def _unique_keys(pairs):
         duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"the key {duplicate!r} appears twice in one object")
     return obj
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                            parse_int=_bounded_int, object_pairs_hook=_unique_keys)
 
 
 def _json_type(value):
@@ -1982,9 +2016,7 @@ class _Request:
         if not text.strip():
             raise HTTPError(400, "body is empty; expected a JSON object")
         try:
-            value = json.loads(text, parse_constant=_reject_constant,
-                               parse_float=_finite_float, parse_int=_bounded_int,
-                               object_pairs_hook=_unique_keys)
+            value = _DECODER.decode(text)
         except json.JSONDecodeError as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc.msg} at line "
                                  f"{exc.lineno} column {exc.colno}") from None
@@ -2266,6 +2298,8 @@ def _match(method, path):
 def _parse_query(query, allowed):
     """The query parameters that have a value (an empty one counts as not given), or
     HTTPError(400) for one the route does not take or one given twice."""
+    if not query:
+        return {}
     args = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if name not in allowed:
@@ -2366,7 +2400,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Write the whole response in one send: status line, headers and body."""
         phrase = self.responses.get(status, ("",))[0]
         lines = [f"HTTP/1.1 {status} {phrase}", f"Server: {self.server_version}",
-                 f"Date: {self.date_time_string()}"]
+                 f"Date: {self._date()}"]
         if status != 204:
             lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
@@ -2375,6 +2409,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD":
             data = b""
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+
+    _last_date = (0, "")  # (epoch second, its Date header), shared by every connection
+
+    def _date(self):
+        """The Date header, formatted once a second rather than once a response."""
+        second = int(time.time())
+        if _Handler._last_date[0] != second:
+            _Handler._last_date = (second, self.date_time_string(second))
+        return _Handler._last_date[1]
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a bad request line, an unknown method), as JSON."""
