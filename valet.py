@@ -835,27 +835,30 @@ def _dict_row(cursor, row):
 
 
 class _Write:
-    """A write waiting for the SQLite writer: fn(connection), then its outcome."""
+    """A write waiting to be committed: fn(connection), then its outcome."""
 
-    __slots__ = ("fn", "done", "value", "error")
+    __slots__ = ("fn", "done", "leads", "value", "error")
 
     def __init__(self, fn):
         self.fn = fn
-        self.done = threading.Lock()  # held until the outcome is set: the cheapest signal
+        self.done = threading.Lock()  # held until it is answered: the cheapest signal
         self.done.acquire()
-        self.value = self.error = None
+        self.leads = False  # its caller is to commit the next batch
+        self.value, self.error = None, RuntimeError("the write was not committed")
 
 
 class SqliteStore:
     """Jobs in one SQLite file (WAL). Durable: every write has committed when it returns.
 
-    One writer thread owns the write connection. Each write is a function put on
-    its queue; the writer takes every write that is waiting, applies them in one
-    transaction and commits once. Concurrent submissions thus share one fsync, and
-    a caller is answered only after its write has committed. If a write fails, the
-    batch is applied again with each write in its own savepoint, so that one
-    failing write cannot undo the others. Reads use a pool of their own
-    connections, which WAL lets run while the writer writes.
+    Writes that arrive together share one transaction and one commit (one fsync),
+    without a writer thread: the caller of a write that finds no commit under way
+    leads. It takes every write queued (its own first) into one transaction,
+    commits, answers each caller, and hands the lead to the caller of the oldest
+    write still queued, if any; the others wait for their answer. A write on an
+    idle store thus costs no switch between threads, and under load one commit
+    serves many callers. If a write fails, the batch is applied again with each
+    write in its own savepoint, so that one failing write cannot undo the others.
+    Reads use a pool of their own connections, which WAL lets run during a write.
     """
 
     option = "sqlite"
@@ -868,14 +871,13 @@ class SqliteStore:
         self._conn.executescript(_SQL_TABLES)
         self._add_columns()
         self._conn.executescript(_SQL_INDEXES)
-        self._writes = queue.SimpleQueue()  # _Write, or None to stop
         self._readers = queue.SimpleQueue()  # idle read connections
-        self._closing = threading.Lock()  # guards _closed
+        self._queue_lock = threading.Lock()  # guards the three attributes below
+        self._queued = []       # _Writes waiting for a commit, oldest first
+        self._leading = False   # a caller is committing (and will pass the lead on)
         self._closed = False
-        self.commits = 0  # transactions committed (written by the writer thread only)
-        self._writer = threading.Thread(target=self._write_loop,
-                                        name="valet-sqlite-writer", daemon=True)
-        self._writer.start()
+        self._idle = threading.Condition(self._queue_lock)  # notified when none leads
+        self.commits = 0  # transactions committed (counted by the leader of each)
 
     def _connect(self):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -905,70 +907,83 @@ class SqliteStore:
             self._conn.execute("ROLLBACK")
             raise
 
-    # -- the writer
+    # -- writing
 
     def _write(self, fn):
-        """Run fn(connection) in the writer's next transaction; block until it commits."""
+        """Run fn(connection) in a transaction; block until it has committed."""
         write = _Write(fn)
-        with self._closing:
+        with self._queue_lock:
             if self._closed:
                 raise RuntimeError("the store is closed")
-            self._writes.put(write)
-        write.done.acquire()
+            self._queued.append(write)
+            write.leads, self._leading = not self._leading, True
+        if not write.leads:
+            write.done.acquire()  # answered by a leader, or handed the lead
+        if write.leads:
+            self._lead()
         if write.error is not None:
             raise write.error
         return write.value
 
-    def _write_loop(self):
-        while True:
-            batch = [self._writes.get()]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    batch.append(self._writes.get_nowait())
-                except queue.Empty:
-                    break
-            writes = [w for w in batch if w is not None]
-            if writes:
-                self._apply(writes)
-            if len(writes) < len(batch):
-                self._conn.close()
-                return
+    def _lead(self):
+        """Commit the writes queued (the leader's own first), then pass the lead on."""
+        try:
+            with self._queue_lock:
+                batch = self._queued[:_MAX_BATCH]
+                del self._queued[:_MAX_BATCH]
+            self._apply(batch)
+        finally:
+            with self._queue_lock:
+                if self._queued:
+                    successor = self._queued[0]
+                    successor.leads = True
+                    successor.done.release()
+                else:
+                    self._leading = False
+                    self._idle.notify_all()
 
     def _apply(self, writes):
-        """Apply a batch in one transaction; answer every caller, whatever happens."""
+        """Apply a batch in one transaction and answer every caller, whatever happens
+        (a write whose outcome was not set is answered with an error)."""
         try:
-            self._transaction(writes, savepoints=False)  # the common case: all succeed
-        except Exception:
-            self._rollback()
-            try:  # again, so that the writes that can succeed do
-                self._transaction(writes, savepoints=True)
-            except Exception as exc:  # the transaction itself failed: nothing was written
-                log.exception("sqlite: a write transaction failed")
+            try:
+                outcomes = self._transaction(writes, savepoints=False)  # the common case
+            except Exception:
                 self._rollback()
-                for write in writes:
-                    write.value, write.error = None, exc
-        for write in writes:
-            write.done.release()
+                try:  # again, so that the writes that can succeed do
+                    outcomes = self._transaction(writes, savepoints=True)
+                except Exception as exc:  # the transaction failed: nothing was written
+                    log.exception("sqlite: a write transaction failed")
+                    self._rollback()
+                    outcomes = [(None, exc)] * len(writes)
+            for write, (value, error) in zip(writes, outcomes):
+                write.value, write.error = value, error
+        finally:
+            for write in writes:
+                write.done.release()
 
     def _transaction(self, writes, savepoints):
-        """Apply the writes and commit, setting each one's outcome. Without savepoints,
-        a write that fails raises; with them, it is undone and its error kept."""
+        """Apply the writes and commit; return each one's (value, error). Without
+        savepoints, a write that fails raises; with them, it is undone and its
+        error kept."""
         conn = self._conn
+        outcomes = []
         conn.execute("BEGIN IMMEDIATE")
         for write in writes:
             if not savepoints:
-                write.value, write.error = write.fn(conn), None
+                outcomes.append((write.fn(conn), None))
                 continue
             conn.execute("SAVEPOINT one")
             try:
-                write.value, write.error = write.fn(conn), None
+                outcomes.append((write.fn(conn), None))
                 conn.execute("RELEASE one")
             except Exception as exc:
                 conn.execute("ROLLBACK TO one")
                 conn.execute("RELEASE one")
-                write.value, write.error = None, exc
+                outcomes.append((None, exc))
         conn.execute("COMMIT")
         self.commits += 1
+        return outcomes
 
     def _rollback(self):
         with contextlib.suppress(sqlite3.Error):
@@ -1151,16 +1166,18 @@ class SqliteStore:
                 conn.execute("SELECT 1").fetchone()
         except sqlite3.Error:
             return False
-        return self._writer.is_alive()
+        return not self._closed
 
     def close(self):
-        """Apply the writes already queued, then close every connection. Idempotent."""
-        with self._closing:
+        """Let the writes already queued commit, then close every connection.
+        Idempotent."""
+        with self._queue_lock:
             if self._closed:
                 return
             self._closed = True
-            self._writes.put(None)
-        self._writer.join()
+            while self._leading:
+                self._idle.wait()
+        self._conn.close()
         while True:
             try:
                 self._readers.get_nowait().close()
