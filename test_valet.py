@@ -450,7 +450,7 @@ def test_post_job_answers_202_with_every_field_and_location(app):
     assert job["name"] == "n" and job["description"] == "d" and job["timeout"] == 30
     assert job["metadata"] == {"a": [1, 2]}
     assert job["status"] == valet.PENDING
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", job["created_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", job["created_at"])
     assert job["started_at"] is job["completed_at"] is job["duration"] is None
     assert call(app, "GET", f"/jobs/{job['id']}").body["name"] == "n"
 
@@ -468,7 +468,7 @@ def test_job_runs_and_its_result_is_readable(app):
 def test_duration_is_milliseconds_from_start_to_end():
     job = dict(new_record(), started_at=1.0, completed_at=3.5)
     assert valet._job_json(job)["duration"] == 2500
-    assert valet._job_json(job)["started_at"] == "1970-01-01T00:00:01.000Z"
+    assert valet._job_json(job)["started_at"] == "1970-01-01T00:00:01.000000Z"
 
 
 def test_metadata_defaults_to_null_and_task_params_is_its_old_name(app, ran):
@@ -1304,11 +1304,11 @@ def at(clock, seconds=0):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("2026-11-28T10:00:00Z", "2026-11-28T10:00:00.000Z"),
-    ("2026-11-28T10:00:00", "2026-11-28T10:00:00.000Z"),  # no offset: UTC
-    ("2026-11-28T12:00:00+02:00", "2026-11-28T10:00:00.000Z"),
-    ("2026-11-28t05:30:00.250-04:30", "2026-11-28T10:00:00.250Z"),
-    ("2026-11-28 10:00:00.123456789z", "2026-11-28T10:00:00.123Z"),
+    ("2026-11-28T10:00:00Z", "2026-11-28T10:00:00.000000Z"),
+    ("2026-11-28T10:00:00", "2026-11-28T10:00:00.000000Z"),  # no offset: UTC
+    ("2026-11-28T12:00:00+02:00", "2026-11-28T10:00:00.000000Z"),
+    ("2026-11-28t05:30:00.250-04:30", "2026-11-28T10:00:00.250000Z"),
+    ("2026-11-28 10:00:00.123456789z", "2026-11-28T10:00:00.123457Z"),
 ])
 def test_run_at_is_rfc3339_with_an_offset_or_utc_without_one(text, expected):
     assert valet._rfc3339(valet._parse_time(text)) == expected
@@ -1350,7 +1350,7 @@ def test_job_with_future_run_at_is_scheduled_until_due_then_runs(make_app, ran):
 
 def test_run_at_in_the_past_means_now(app):
     job = submit(app, "echo", run_at="2000-01-01T00:00:00Z")
-    assert job["status"] == valet.PENDING and job["run_at"] == "2000-01-01T00:00:00.000Z"
+    assert job["status"] == valet.PENDING and job["run_at"] == "2000-01-01T00:00:00.000000Z"
     assert app.wait(job["id"], 10)["status"] == valet.COMPLETED
 
 
@@ -2084,18 +2084,18 @@ def test_get_periodic_lists_entries_with_their_next_run_time(make_app):
     app = make_app(clock=clock, periodic=[MINUTELY, {**NIGHTLY, "cron": "30 2 * * *"}])
     assert call(app, "GET", "/periodic").body == {"periodic": [
         {"name": "minutely", "task_name": "echo", "cron": None, "every": 60,
-         "next_run_at": "2027-01-15T08:01:00.000Z"},
+         "next_run_at": "2027-01-15T08:01:00.000000Z"},
         {"name": "nightly", "task_name": "echo", "cron": "30 2 * * *", "every": None,
-         "next_run_at": "2027-01-16T02:30:00.000Z"}]}
+         "next_run_at": "2027-01-16T02:30:00.000000Z"}]}
     fire(app, "minutely", clock.advance(60), then=utc(2027, 1, 15, 8, 2))
-    assert next_run(app, "minutely") == "2027-01-15T08:02:00.000Z"
-    assert next_run(app, "nightly") == "2027-01-16T02:30:00.000Z"
+    assert next_run(app, "minutely") == "2027-01-15T08:02:00.000000Z"
+    assert next_run(app, "nightly") == "2027-01-16T02:30:00.000000Z"
 
 
 def test_cron_entry_fires_on_its_minutes_through_the_app(make_app):
     clock = FakeClock(utc(2027, 3, 10, 12, 3, 30))
     app = make_app(clock=clock, periodic=[{**NIGHTLY, "name": "five", "cron": "*/5 * * * *"}])
-    assert next_run(app, "five") == "2027-03-10T12:05:00.000Z"
+    assert next_run(app, "five") == "2027-03-10T12:05:00.000000Z"
     clock.now = utc(2027, 3, 10, 12, 5)
     fire(app, "five", clock.now, then=utc(2027, 3, 10, 12, 10))
     [job] = listed_jobs(app)

@@ -279,7 +279,7 @@ def _rfc3339(t):
     if t is None:
         return None
     moment = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 _RFC3339 = re.compile(
