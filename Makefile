@@ -1,11 +1,13 @@
 # make run: start valet with config.yaml.  make test: run the test suite.
-# Both first create a local virtual environment (.venv) holding PyYAML and pytest.
+# make bench: the benchmark (bench/bench_valet.py, about 6 minutes; make bench-quick:
+# about 2; extra options in ARGS, e.g. make bench ARGS="--only submit").
+# All first create a local virtual environment (.venv) holding PyYAML and pytest.
 
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test bench bench-quick clean
 
 $(STAMP): Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q test_valet.py
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/bench_valet.py $(ARGS)
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/python bench/bench_valet.py --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ valet.db valet.db-wal valet.db-shm
