@@ -1179,6 +1179,77 @@ def test_sqlite_checkpointer_copies_the_wal_every_hundred_commits(tmp_path, monk
     assert not (tmp_path / "valet.db-wal").exists()  # close() checkpointed the rest
 
 
+def test_sqlite_wal_starts_over_past_the_backstop_without_the_checkpointer(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(valet, "_CHECKPOINT_INTERVAL", 3600)  # the checkpointer sleeps
+    monkeypatch.setattr(valet, "_CHECKPOINT_BACKSTOP", 100)   # pages
+    path, wal = tmp_path / "valet.db", tmp_path / "valet.db-wal"
+    store = valet.SqliteStore(path)
+    try:
+        for i in range(90):  # about 13 pages each: 1,200 pages in all
+            job = new_record(f"job {i}")
+            job["metadata"] = {"text": "x" * 50_000}
+            store.add(job)
+        assert wal.stat().st_size < 200 * 4096  # started over: the backstop, plus a write
+        assert len(store.list(None, 0, 100)) == 90
+    finally:
+        store.close()
+
+
+class InterruptedWait:
+    """A write's done-signal whose wait is interrupted (as by Ctrl-C) once `ready()`
+    returns true."""
+
+    def __init__(self, ready):
+        self.ready = ready
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def acquire(self, blocking=True):
+        if not blocking:
+            return self.lock.acquire(blocking=False)
+        wait_until(self.ready, what="the moment to interrupt")
+        raise KeyboardInterrupt  # before the lock is taken, even if it was released
+
+    def release(self):
+        self.lock.release()
+
+
+@pytest.mark.parametrize("handed_the_lead", [False, True])
+def test_sqlite_interrupted_write_does_not_strand_the_lead(tmp_path, monkeypatch,
+                                                            handed_the_lead):
+    """A caller interrupted while its write waits (for the leader's commit, or after
+    being handed the lead) must not take the lead away with it: every later write
+    would wait forever."""
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    entered, go_on = threading.Event(), threading.Event()
+
+    def slow(conn):
+        entered.set()
+        assert go_on.wait(10)
+
+    leader = threading.Thread(target=store._write, args=(slow,))
+    leader.start()
+    assert entered.wait(10)  # the leader is inside its batch: the next write queues
+    waiting = valet._Write(lambda conn: "written")
+    if handed_the_lead:  # the leader finishes first and hands this write the lead
+        waiting.done = InterruptedWait(lambda: go_on.set() or waiting.leads)
+    else:  # interrupted while the leader is still busy: the write is withdrawn
+        waiting.done = InterruptedWait(lambda: True)
+    monkeypatch.setattr(valet, "_Write", lambda fn: waiting)
+    with pytest.raises(KeyboardInterrupt):
+        store._write(waiting.fn)
+    monkeypatch.undo()
+    go_on.set()
+    leader.join(10)
+    assert waiting.value == ("written" if handed_the_lead else None)
+    later = threading.Thread(target=store._write, args=(lambda conn: None,), daemon=True)
+    later.start()
+    later.join(10)
+    assert not later.is_alive(), "a later write hangs: the lead went to nobody"
+    store.close()
+
+
 def test_sqlite_writer_isolates_a_failing_write_from_its_batch(tmp_path):
     store = valet.SqliteStore(tmp_path / "valet.db")
     try:

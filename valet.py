@@ -829,6 +829,7 @@ _PIPELINE_COLUMNS = ("id", "name", "description", "priority", "run_at", "created
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
 _CHECKPOINT_COMMITS = 100  # commits after which the checkpointer is woken early
+_CHECKPOINT_BACKSTOP = 10_000  # WAL pages at which a commit checkpoints after all
 _CHECKPOINT_INTERVAL = 1.0  # seconds between checkpoints, at most, while writes go on
 
 
@@ -865,7 +866,11 @@ class SqliteStore:
     A commit does not copy the WAL back into the database file (SQLite's automatic
     checkpoint would make every thousandth-page commit wait for it, and more so in
     a large file). A checkpointer thread does it instead, beside the writes, every
-    _CHECKPOINT_COMMITS commits or _CHECKPOINT_INTERVAL seconds.
+    _CHECKPOINT_COMMITS commits or _CHECKPOINT_INTERVAL seconds. A checkpoint
+    beside the commits seldom lets the WAL start over from its beginning, though,
+    so past _CHECKPOINT_BACKSTOP pages a commit checkpoints as SQLite's own would:
+    by then the checkpointer has copied nearly all of it, and the WAL stays
+    bounded.
     """
 
     option = "sqlite"
@@ -878,7 +883,9 @@ class SqliteStore:
         self._conn.executescript(_SQL_TABLES)
         self._add_columns()
         self._conn.executescript(_SQL_INDEXES)
-        self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
+        # The checkpointer's job; but one beside the commits seldom lets the WAL
+        # start over, so a commit still checkpoints past the backstop.
+        self._conn.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_BACKSTOP}")
         self._readers = queue.SimpleQueue()  # idle read connections
         self._queue_lock = threading.Lock()  # guards the three attributes below
         self._queued = []       # _Writes waiting for a commit, oldest first
@@ -888,6 +895,7 @@ class SqliteStore:
         self.commits = 0  # transactions committed (counted by the leader of each)
         self._checkpoint_due = threading.Event()  # set every _CHECKPOINT_COMMITS commits
         self._checkpoints = self._connect()  # the checkpointer's own connection
+        self._checkpointing = threading.Lock()  # one checkpoint at a time on it
         self._checkpointer = threading.Thread(target=self._checkpoint_loop,
                                               name="valet-sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -925,18 +933,31 @@ class SqliteStore:
     def _write(self, fn):
         """Run fn(connection) in a transaction; block until it has committed."""
         write = _Write(fn)
-        with self._queue_lock:
-            if self._closed:
-                raise RuntimeError("the store is closed")
-            self._queued.append(write)
-            write.leads, self._leading = not self._leading, True
-        if not write.leads:
-            write.done.acquire()  # answered by a leader, or handed the lead
-        if write.leads:
-            self._lead()
+        try:
+            with self._queue_lock:
+                if self._closed:
+                    raise RuntimeError("the store is closed")
+                self._queued.append(write)
+                write.leads, self._leading = not self._leading, True
+            if not write.leads:
+                write.done.acquire()  # answered by a leader, or handed the lead
+        except BaseException:  # interrupted while it waited (KeyboardInterrupt, say)
+            self._withdraw(write)
+            raise
+        finally:
+            if write.leads:  # even when interrupted: the lead must not be dropped
+                write.done.acquire(blocking=False)  # held, as _apply will release it
+                self._lead()
         if write.error is not None:
             raise write.error
         return write.value
+
+    def _withdraw(self, write):
+        """Take a write whose caller has gone off the queue, unless a leader has it
+        already, so that the lead is never handed to a caller that is not there."""
+        with self._queue_lock:
+            if not write.leads and write in self._queued:
+                self._queued.remove(write)
 
     def _lead(self):
         """Commit the writes queued (the leader's own first), then pass the lead on."""
@@ -971,6 +992,9 @@ class SqliteStore:
                     outcomes = [(None, exc)] * len(writes)
             for write, (value, error) in zip(writes, outcomes):
                 write.value, write.error = value, error
+        except BaseException:  # interrupted: leave no transaction open on the connection
+            self._rollback()
+            raise
         finally:
             for write in writes:
                 write.done.release()
@@ -978,7 +1002,8 @@ class SqliteStore:
     def _transaction(self, writes, savepoints):
         """Apply the writes and commit; return each one's (value, error). Without
         savepoints, a write that fails raises; with them, it is undone and its
-        error kept."""
+        error kept. A write function must do nothing but SQL on the connection, as
+        it may be applied twice (the second time after a rollback)."""
         conn = self._conn
         outcomes = []
         conn.execute("BEGIN IMMEDIATE")
@@ -1003,7 +1028,8 @@ class SqliteStore:
     def checkpoint(self):
         """Copy what the WAL holds into the database file, without blocking readers or
         writers (a passive checkpoint); returns (frames in the WAL, frames copied)."""
-        row = self._checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        with self._checkpointing:
+            row = self._checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return row["log"], row["checkpointed"]
 
     def _checkpoint_loop(self):
@@ -2670,8 +2696,8 @@ class Valet:
         pipeline, jobs = _new_pipeline(fields, self.tasks, self.config["timeout_unit"],
                                        self.clock())
         self._accept(jobs[0], lambda: self.store.add_pipeline(pipeline, jobs))
-        log.info("pipeline %s: created with %d jobs, the first %s", pipeline["id"], len(jobs),
-                 jobs[0]["status"])
+        log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"], len(jobs),
+                  jobs[0]["status"])
         return _pipeline_json(pipeline, jobs)
 
     def _accept(self, job, store):
