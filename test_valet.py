@@ -1145,57 +1145,6 @@ def test_sqlite_synchronous_setting_reaches_every_connection(tmp_path, setting, 
         store.close()
 
 
-def test_sqlite_commits_leave_copying_the_wal_to_the_checkpointer(tmp_path, monkeypatch):
-    monkeypatch.setattr(valet, "_CHECKPOINT_INTERVAL", 3600)  # only commits wake it
-    path = tmp_path / "valet.db"
-    store = valet.SqliteStore(path)
-    try:
-        size = path.stat().st_size
-        for i in range(90):  # fewer commits than wake the checkpointer, but more than
-            job = new_record(f"job {i}")  # the 1000 pages of SQLite's own checkpoints
-            job["metadata"] = {"text": "x" * 50_000}
-            store.add(job)
-        assert path.stat().st_size == size  # every page is still in the WAL only
-        frames, copied = store.checkpoint()
-        assert frames > 0 and copied == frames and path.stat().st_size > size
-        assert [j["name"] for j in store.list(None, 0, 2)] == ["job 0", "job 1"]
-    finally:
-        store.close()
-
-
-def test_sqlite_checkpointer_copies_the_wal_every_hundred_commits(tmp_path, monkeypatch):
-    monkeypatch.setattr(valet, "_CHECKPOINT_INTERVAL", 3600)
-    path = tmp_path / "valet.db"
-    store = valet.SqliteStore(path)
-    try:
-        size = path.stat().st_size
-        for i in range(valet._CHECKPOINT_COMMITS):
-            store.add(new_record(f"job {i}"))
-        wait_until(lambda: path.stat().st_size > size, what="the checkpointer to copy")
-        frames, copied = store.checkpoint()
-        assert copied == frames  # nothing left behind
-    finally:
-        store.close()
-    assert not (tmp_path / "valet.db-wal").exists()  # close() checkpointed the rest
-
-
-def test_sqlite_wal_starts_over_past_the_backstop_without_the_checkpointer(
-        tmp_path, monkeypatch):
-    monkeypatch.setattr(valet, "_CHECKPOINT_INTERVAL", 3600)  # the checkpointer sleeps
-    monkeypatch.setattr(valet, "_CHECKPOINT_BACKSTOP", 100)   # pages
-    path, wal = tmp_path / "valet.db", tmp_path / "valet.db-wal"
-    store = valet.SqliteStore(path)
-    try:
-        for i in range(90):  # about 13 pages each: 1,200 pages in all
-            job = new_record(f"job {i}")
-            job["metadata"] = {"text": "x" * 50_000}
-            store.add(job)
-        assert wal.stat().st_size < 200 * 4096  # started over: the backstop, plus a write
-        assert len(store.list(None, 0, 100)) == 90
-    finally:
-        store.close()
-
-
 class InterruptedWait:
     """A write's done-signal whose wait is interrupted (as by Ctrl-C) once `ready()`
     returns true."""

@@ -828,9 +828,6 @@ _JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS[1:])}) "  # all but s
 _PIPELINE_COLUMNS = ("id", "name", "description", "priority", "run_at", "created_at")
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
-_CHECKPOINT_COMMITS = 100  # commits after which the checkpointer is woken early
-_CHECKPOINT_BACKSTOP = 10_000  # WAL pages at which a commit checkpoints after all
-_CHECKPOINT_INTERVAL = 1.0  # seconds between checkpoints, at most, while writes go on
 
 
 def _dict_row(cursor, row):
@@ -862,15 +859,6 @@ class SqliteStore:
     serves many callers. If a write fails, the batch is applied again with each
     write in its own savepoint, so that one failing write cannot undo the others.
     Reads use a pool of their own connections, which WAL lets run during a write.
-
-    A commit does not copy the WAL back into the database file (SQLite's automatic
-    checkpoint would make every thousandth-page commit wait for it, and more so in
-    a large file). A checkpointer thread does it instead, beside the writes, every
-    _CHECKPOINT_COMMITS commits or _CHECKPOINT_INTERVAL seconds. A checkpoint
-    beside the commits seldom lets the WAL start over from its beginning, though,
-    so past _CHECKPOINT_BACKSTOP pages a commit checkpoints as SQLite's own would:
-    by then the checkpointer has copied nearly all of it, and the WAL stays
-    bounded.
     """
 
     option = "sqlite"
@@ -883,9 +871,6 @@ class SqliteStore:
         self._conn.executescript(_SQL_TABLES)
         self._add_columns()
         self._conn.executescript(_SQL_INDEXES)
-        # The checkpointer's job; but one beside the commits seldom lets the WAL
-        # start over, so a commit still checkpoints past the backstop.
-        self._conn.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_BACKSTOP}")
         self._readers = queue.SimpleQueue()  # idle read connections
         self._queue_lock = threading.Lock()  # guards the three attributes below
         self._queued = []       # _Writes waiting for a commit, oldest first
@@ -893,12 +878,6 @@ class SqliteStore:
         self._closed = False
         self._idle = threading.Condition(self._queue_lock)  # notified when none leads
         self.commits = 0  # transactions committed (counted by the leader of each)
-        self._checkpoint_due = threading.Event()  # set every _CHECKPOINT_COMMITS commits
-        self._checkpoints = self._connect()  # the checkpointer's own connection
-        self._checkpointing = threading.Lock()  # one checkpoint at a time on it
-        self._checkpointer = threading.Thread(target=self._checkpoint_loop,
-                                              name="valet-sqlite-checkpoint", daemon=True)
-        self._checkpointer.start()
 
     def _connect(self):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -1021,28 +1000,7 @@ class SqliteStore:
                 outcomes.append((None, exc))
         conn.execute("COMMIT")
         self.commits += 1
-        if self.commits % _CHECKPOINT_COMMITS == 0:
-            self._checkpoint_due.set()
         return outcomes
-
-    def checkpoint(self):
-        """Copy what the WAL holds into the database file, without blocking readers or
-        writers (a passive checkpoint); returns (frames in the WAL, frames copied)."""
-        with self._checkpointing:
-            row = self._checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return row["log"], row["checkpointed"]
-
-    def _checkpoint_loop(self):
-        checkpointed_at = 0  # self.commits at the last checkpoint
-        while True:
-            self._checkpoint_due.wait(_CHECKPOINT_INTERVAL)
-            self._checkpoint_due.clear()
-            if self._closed:
-                break
-            if self.commits != checkpointed_at:
-                checkpointed_at = self.commits
-                _guarded(self.checkpoint)
-        self._checkpoints.close()
 
     def _rollback(self):
         with contextlib.suppress(sqlite3.Error):
@@ -1236,9 +1194,7 @@ class SqliteStore:
             self._closed = True
             while self._leading:
                 self._idle.wait()
-        self._checkpoint_due.set()
-        self._checkpointer.join()
-        self._conn.close()  # the last connection to close checkpoints what is left
+        self._conn.close()
         while True:
             try:
                 self._readers.get_nowait().close()
