@@ -13,7 +13,7 @@ Endpoints (each also answers under /api, where the original Go valet served them
 
     POST   /jobs                     submit a job (run_at: later)            202
     GET    /jobs                     list jobs: ?status= ?limit= ?cursor=     200
-    GET    /jobs/{id}                one job                                 200
+    GET    /jobs/{id}                one job; ?wait=S waits until it finishes 200
     PATCH  /jobs/{id}                change its name and/or description      204
     DELETE /jobs/{id}                remove a job that is not running        204
     POST   /jobs/{id}/cancel         cancel a job that has not finished      200
@@ -36,7 +36,7 @@ has retries left. It moves only through the store's transition(), so no race
 can move a finished job back.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Valet", "load_config", "ConfigError", "HTTPError", "InvalidTransition",
