@@ -780,6 +780,23 @@ def _figures(rounds, label):
     return [r for r in rounds if r.get("target") == label and "error" not in r]
 
 
+def interleave(bench, section, targets, run_round, what=""):
+    """The rounds of a measurement: run_round(target, i) for every target in turn,
+    bench.s["rounds"] times (a, b, c, a, b, c, ...), so that drift on the machine
+    hits every target alike. A round that raises is kept as an error."""
+    rounds = []
+    for i in range(bench.s["rounds"]):
+        for target in targets:
+            progress(f"{section}: round {i + 1}/{bench.s['rounds']}: {target}{what}")
+            try:
+                result = run_round(target, i)
+            except Exception as exc:
+                _round_error(section, target, exc, rounds)
+                continue
+            rounds.append({"target": target, "round": i + 1, **result})
+    return rounds
+
+
 def _errors_note(runs):
     errors = sum(r.get("errors", 0) for r in runs)
     failed = sum(1 for r in runs if "error" in r)
@@ -814,20 +831,11 @@ def measure_ceiling_and_submit(bench, with_submit):
     WORKERS threads run the no-op jobs; the queue depth left at the end is noted
     (jobs accepted but not yet run). Rounds interleave ceiling, memory, sqlite."""
     targets = ["ceiling"] + (["memory", "sqlite"] if with_submit else [])
-    rounds = []
-    for i in range(bench.s["rounds"]):
-        for target in targets:
-            progress(f"{'submit' if with_submit else 'ceiling'}: round {i + 1}/"
-                     f"{bench.s['rounds']}: {target} ({bench.s['load_seconds']}s load)")
-            try:
-                if target == "ceiling":
-                    result = _ceiling_round(bench)
-                else:
-                    result = _submit_round(bench, target)
-            except Exception as exc:
-                _round_error("submit", target, exc, rounds)
-                continue
-            rounds.append({"target": target, "round": i + 1, **result})
+    rounds = interleave(
+        bench, "submit" if with_submit else "ceiling", targets,
+        lambda target, i: (_ceiling_round(bench) if target == "ceiling"
+                           else _submit_round(bench, target)),
+        f" ({bench.s['load_seconds']}s load)")
 
     data = {"rounds": rounds, "medians": {}}
     rows = []
@@ -941,16 +949,9 @@ def measure_end_to_end(bench):
     cores with the server, so wrk's ceiling would not be a fair measure here."""
     count = bench.s["end_to_end_jobs"]
     targets = ("ceiling", "memory", "sqlite")
-    rounds = []
-    for i in range(bench.s["rounds"]):
-        for target in targets:
-            progress(f"end_to_end: round {i + 1}/{bench.s['rounds']}: {target} ({count} jobs)")
-            try:
-                result = _end_to_end_round(bench, target, count)
-            except Exception as exc:
-                _round_error("end_to_end", target, exc, rounds)
-                continue
-            rounds.append({"target": target, "round": i + 1, **result})
+    rounds = interleave(bench, "end_to_end", targets,
+                        lambda target, i: _end_to_end_round(bench, target, count),
+                        f" ({count} jobs)")
     data, rows = {"jobs": count, "rounds": rounds, "medians": {}}, []
     ceiling = None
     for target in targets:
@@ -1001,16 +1002,8 @@ def measure_idle_latency(bench):
     time from sending POST /jobs to the answer of GET /jobs/{id}?wait=5 saying
     COMPLETED (repeated until it does). What one client waiting for one job sees."""
     count = bench.s["idle_jobs"]
-    rounds = []
-    for i in range(bench.s["rounds"]):
-        for store in ("memory", "sqlite"):
-            progress(f"idle_latency: round {i + 1}/{bench.s['rounds']}: {store} ({count} jobs)")
-            try:
-                result = _idle_round(bench, store, count)
-            except Exception as exc:
-                _round_error("idle_latency", store, exc, rounds)
-                continue
-            rounds.append({"target": store, "round": i + 1, **result})
+    rounds = interleave(bench, "idle_latency", ("memory", "sqlite"),
+                        lambda store, i: _idle_round(bench, store, count), f" ({count} jobs)")
     data, rows = {"jobs": count, "rounds": rounds, "medians": {}}, []
     for store in ("memory", "sqlite"):
         runs = _figures(rounds, store)
@@ -1083,17 +1076,9 @@ def measure_lateness(bench):
     before T0), on a fresh valet; lateness = started_at − run_at of each job, as
     its JSON gives them. The API's times have the resolution they have (printed):
     started_at is cut to it, so a lateness is off by up to that much."""
-    rounds = []
-    for i in range(bench.s["rounds"]):
-        for store in ("memory", "sqlite"):
-            progress(f"lateness: round {i + 1}/{bench.s['rounds']}: {store} "
-                     f"({bench.s['lateness_jobs']} jobs, {bench.s['lateness_step_ms']} ms apart)")
-            try:
-                result = _lateness_round(bench, store)
-            except Exception as exc:
-                _round_error("lateness", store, exc, rounds)
-                continue
-            rounds.append({"target": store, "round": i + 1, **result})
+    rounds = interleave(
+        bench, "lateness", ("memory", "sqlite"), lambda store, i: _lateness_round(bench, store),
+        f" ({bench.s['lateness_jobs']} jobs, {bench.s['lateness_step_ms']} ms apart)")
     data, rows = {"jobs": bench.s["lateness_jobs"], "rounds": rounds, "medians": {}}, []
     for store in ("memory", "sqlite"):
         runs = _figures(rounds, store)
@@ -1240,19 +1225,11 @@ def measure_scale(bench, valet):
     seed_seconds, sample = seed_store(valet, seeded_path, seed_count)
     progress(f"scale: seeded in {seed_seconds:.1f}s "
              f"({seeded_path.stat().st_size / 2**20:.0f} MiB)")
-    rounds = []
-    for i in range(bench.s["rounds"]):
-        for target in ("seeded", "empty"):
-            progress(f"scale: round {i + 1}/{bench.s['rounds']}: {target} store")
-            try:
-                if target == "seeded":
-                    result = _scale_round(bench, seeded_path, sample)
-                else:
-                    result = _scale_round(bench, Path(bench.workdir) / f"empty-{i}.db", None)
-            except Exception as exc:
-                _round_error("scale", target, exc, rounds)
-                continue
-            rounds.append({"target": target, "round": i + 1, **result})
+    rounds = interleave(
+        bench, "scale", ("seeded", "empty"),
+        lambda target, i: (_scale_round(bench, seeded_path, sample) if target == "seeded"
+                           else _scale_round(bench, Path(bench.workdir) / f"empty-{i}.db", None)),
+        " store")
     for i in range(bench.s["memory_rounds"]):
         progress(f"scale: memory_per_100k {i + 1}/{bench.s['memory_rounds']} "
                  f"({bench.s['memory_jobs']:,} jobs, memory store)")
