@@ -1,6 +1,6 @@
 # make run: start valet with config.yaml.  make test: run the test suite.
-# make bench: the benchmark (bench/bench_valet.py, about 6 minutes; make bench-quick:
-# about 2; extra options in ARGS, e.g. make bench ARGS="--only submit").
+# make bench: the benchmark (bench/bench_valet.py, about 5 minutes; make bench-quick:
+# about 1.5; extra options in ARGS, e.g. make bench ARGS="--only submit").
 # All first create a local virtual environment (.venv) holding PyYAML and pytest.
 
 PYTHON ?= python3

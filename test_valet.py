@@ -1332,7 +1332,7 @@ def test_get_with_a_bad_wait_is_refused_naming_it(app, value):
     resp = call(app, "GET", f"/jobs/{job['id']}?wait={value}")
     assert resp.status == 400
     assert resp.body["message"] == (f"wait must be a number of seconds from 0 to 60, "
-                                    f"got {value!r}")
+                                    f"written as digits such as 2 or 0.5, got {value!r}")
 
 
 def test_stop_answers_a_waiting_request_with_the_current_state(make_app, gate):

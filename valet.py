@@ -2114,7 +2114,7 @@ def _get_job(app, req):
     seconds = req.args["wait"]
     if not (_SECONDS.fullmatch(seconds) and float(seconds) <= MAX_WAIT):
         raise HTTPError(400, f"wait must be a number of seconds from 0 to {MAX_WAIT}, "
-                             f"got {seconds!r}")
+                             f"written as digits such as 2 or 0.5, got {seconds!r}")
     job = app.wait(req.params["id"], float(seconds))
     if job is None:
         raise HTTPError(404, f"job {req.params['id']!r} not found")
@@ -2686,7 +2686,7 @@ class Valet:
         if not cancelled:
             raise HTTPError(409, f"job {job_id!r} has finished (status {job['status']}); "
                                  f"only a job that has not finished can be cancelled")
-        log.info("job %s: cancelled", job_id)
+        log.debug("job %s: cancelled", job_id)
         return self.job_json(job)
 
     def cancel_pipeline(self, pipeline_id: str) -> dict:
