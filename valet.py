@@ -1458,7 +1458,7 @@ class _WorkerPool:
                                (self._clock() + seconds, next(self._order), claim, reason))
                 self._deadline_added.notify()
         log.debug("job %s: %s -> %s (attempt %d)", job_id, PENDING, IN_PROGRESS,
-                 job["attempts"])
+                  job["attempts"])
 
         context = Context(job_id, job["attempts"], deadline, claim, self._now)
         status, value, reason = self._call(job, context)
