@@ -2070,10 +2070,15 @@ class _Request:
 
 
 
+def _not_found(what, item_id):
+    """The 404 for a job or pipeline that is not there."""
+    return HTTPError(404, f"{what} {item_id!r} not found")
+
+
 def _find_job(app, req):
     job = app.store.get(req.params["id"])
     if job is None:
-        raise HTTPError(404, f"job {req.params['id']!r} not found")
+        raise _not_found("job", req.params["id"])
     return job
 
 
@@ -2117,7 +2122,7 @@ def _get_job(app, req):
                              f"written as digits such as 2 or 0.5, got {seconds!r}")
     job = app.wait(req.params["id"], float(seconds))
     if job is None:
-        raise HTTPError(404, f"job {req.params['id']!r} not found")
+        raise _not_found("job", req.params["id"])
     return 200, job
 
 
@@ -2141,7 +2146,7 @@ def _changes(fields, what, known):
 def _patch_job(app, req):
     changes = _changes(req.json(), "job", (*JOB_FIELDS, *_JOB_INPUT))
     if not app.store.update(req.params["id"], changes):
-        raise HTTPError(404, f"job {req.params['id']!r} not found")
+        raise _not_found("job", req.params["id"])
     return 204, None
 
 
@@ -2152,7 +2157,7 @@ def _delete_job(app, req):
                              f"{job['pipeline_id']!r}; delete the pipeline instead")
     status = app.store.delete(job["id"], (SCHEDULED, PENDING, *FINISHED))
     if status is None:
-        raise HTTPError(404, f"job {job['id']!r} not found")
+        raise _not_found("job", job["id"])
     if status == IN_PROGRESS:
         raise HTTPError(409, f"job {job['id']!r} is running; cancel it, or delete it "
                              f"once it has finished")
@@ -2195,7 +2200,7 @@ def _find_pipeline(app, req):
     pipeline = app.store.get_pipeline(pipeline_id)
     jobs = app.store.pipeline_jobs(pipeline_id) if pipeline is not None else []
     if not jobs:  # none, or deleted between the two reads
-        raise HTTPError(404, f"pipeline {pipeline_id!r} not found")
+        raise _not_found("pipeline", pipeline_id)
     return pipeline, jobs
 
 
@@ -2232,7 +2237,7 @@ def _get_pipeline(app, req):
 def _patch_pipeline(app, req):
     changes = _changes(req.json(), "pipeline", (*PIPELINE_FIELDS, *_PIPELINE_INPUT))
     if not app.store.update_pipeline(req.params["id"], changes):
-        raise HTTPError(404, f"pipeline {req.params['id']!r} not found")
+        raise _not_found("pipeline", req.params["id"])
     return 204, None
 
 
@@ -2240,7 +2245,7 @@ def _delete_pipeline(app, req):
     pipeline, jobs = _find_pipeline(app, req)
     status = app.store.delete_pipeline(pipeline["id"])
     if status is None:
-        raise HTTPError(404, f"pipeline {pipeline['id']!r} not found")
+        raise _not_found("pipeline", pipeline["id"])
     if status == IN_PROGRESS:
         raise HTTPError(409, f"pipeline {pipeline['id']!r} is running; cancel it, or "
                              f"delete it once it has finished")
@@ -2682,7 +2687,7 @@ class Valet:
         self._refuse_when_stopping()
         job, cancelled = self.pool.cancel(job_id, reason)
         if job is None:
-            raise HTTPError(404, f"job {job_id!r} not found")
+            raise _not_found("job", job_id)
         if not cancelled:
             raise HTTPError(409, f"job {job_id!r} has finished (status {job['status']}); "
                                  f"only a job that has not finished can be cancelled")
@@ -2697,7 +2702,7 @@ class Valet:
             pipeline = self.store.get_pipeline(pipeline_id)
             jobs = self.store.pipeline_jobs(pipeline_id)
             if pipeline is None or not jobs:
-                raise HTTPError(404, f"pipeline {pipeline_id!r} not found")
+                raise _not_found("pipeline", pipeline_id)
             status = _pipeline_status(jobs)
             if status in FINISHED:
                 raise HTTPError(409, f"pipeline {pipeline_id!r} has finished (status "

@@ -4,7 +4,7 @@ with a large store.
 
 Run it with a Python that has PyYAML (valet needs it), from anywhere:
 
-    .venv/bin/python bench/bench_valet.py             # full run, about 6 minutes
+    .venv/bin/python bench/bench_valet.py             # full run, about 5 minutes
     .venv/bin/python bench/bench_valet.py --quick     # shorter runs, about 1.5 minutes
     .venv/bin/python bench/bench_valet.py --only submit,idle_latency --rounds 5
 
