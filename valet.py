@@ -9,38 +9,45 @@ Embed it:   app = Valet({"server": {"port": 0}}, tasks={"add": add}).start()
             ...
             app.stop()
 
-Endpoints (each also answers under /api, where the original Go valet served them):
+Endpoints (each also answers under /api, where the original Go valet served them),
+each with the Valet method that does the same for an embedding program:
 
-    POST   /jobs                     submit a job (run_at: later)            202
-    GET    /jobs                     list jobs: ?status= ?limit= ?cursor=     200
-    GET    /jobs/{id}                one job; ?wait=S waits until it finishes 200
-    PATCH  /jobs/{id}                change its name and/or description      204
-    DELETE /jobs/{id}                remove a job that is not running        204
-    POST   /jobs/{id}/cancel         cancel a job that has not finished      200
-    GET    /jobs/{id}/results        a finished job's result                 200
-    DELETE /jobs/{id}/results        remove a finished job's result          204
-    POST   /pipelines                submit jobs that run one after another  202
-    GET    /pipelines                list pipelines: ?status= ?limit= ?cursor= 200
-    GET    /pipelines/{id}           one pipeline, with its jobs             200
-    PATCH  /pipelines/{id}           change its name and/or description      204
-    DELETE /pipelines/{id}           remove a pipeline that is not running   204
-    GET    /pipelines/{id}/jobs      its jobs, in order                      200
-    POST   /pipelines/{id}/cancel    cancel what is left of a pipeline       200
-    GET    /periodic                 the periodic jobs and when they are due 200
-    GET    /tasks                    the registered task names               200
-    GET    /status                   version, storage, queue and workers     200
+    POST   /jobs                   submit(fields)          a job (run_at: later)    202
+    GET    /jobs                   list_jobs(...)          ?status= ?limit= ?cursor= 200
+    GET    /jobs/{id}              job(id), wait(id, s)    one job; ?wait=S waits    200
+    PATCH  /jobs/{id}              update_job(id, fields)  its name, description     204
+    DELETE /jobs/{id}              delete_job(id)          one that is not running   204
+    POST   /jobs/{id}/cancel       cancel(id)              one that has not finished 200
+    GET    /jobs/{id}/results      result(id)              a finished job's result   200
+    DELETE /jobs/{id}/results      delete_result(id)       remove that result        204
+    POST   /pipelines              submit_pipeline(fields) jobs run one by one       202
+    GET    /pipelines              list_pipelines(...)     ?status= ?limit= ?cursor= 200
+    GET    /pipelines/{id}         pipeline(id)            one, with its jobs        200
+    PATCH  /pipelines/{id}         update_pipeline(id, f)  its name, description     204
+    DELETE /pipelines/{id}         delete_pipeline(id)     one that is not running   204
+    GET    /pipelines/{id}/jobs    pipeline_jobs(id)       its jobs, in order        200
+    POST   /pipelines/{id}/cancel  cancel_pipeline(id)     what is left of it        200
+    GET    /periodic               periodic()              entries and next firings  200
+    GET    /tasks                  task_names()            the registered tasks      200
+    GET    /status                 status()                version, queue, workers   200
 
 A job moves SCHEDULED -> PENDING -> IN_PROGRESS -> COMPLETED | FAILED, may be
 CANCELLED before it finishes, and goes back to SCHEDULED when a failed attempt
-has retries left. It moves only through the store's transition(), so no race
+has retries left. Every move is made by the lifecycle section, through the
+store's transition(), which makes it only from the statuses it is given: no race
 can move a finished job back.
+
+The sections, in order: constants, errors, config, job records, storage, the
+job lifecycle, workers, scheduler, HTTP, the Valet facade, main.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
-    "Valet", "load_config", "ConfigError", "HTTPError", "InvalidTransition",
-    "MemoryStore", "SqliteStore", "Context", "main",
+    "Valet", "load_config", "main", "Context",
+    "Store", "MemoryStore", "SqliteStore",
+    "ConfigError", "ValetError", "Invalid", "NotFound", "Conflict", "BacklogFull",
+    "ShuttingDown", "InvalidTransition",
     "SCHEDULED", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "STATUSES",
 ]
 
@@ -48,6 +55,7 @@ import argparse
 import bisect
 import contextlib
 import datetime
+import functools
 import heapq
 import http.server
 import importlib
@@ -85,7 +93,7 @@ STATUSES = (SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 UNFINISHED = (SCHEDULED, PENDING, IN_PROGRESS)
 
-# The only moves a status may make. transition() refuses any other.
+# The only moves a status may make. The lifecycle refuses any other.
 _MOVES = {
     SCHEDULED: {PENDING, CANCELLED},                           # due, or cancelled
     PENDING: {IN_PROGRESS, CANCELLED},
@@ -130,21 +138,42 @@ class InvalidTransition(RuntimeError):
     """A status move that the table of allowed moves forbids (a bug in the caller)."""
 
 
-class HTTPError(Exception):
-    """A client error: carried from wherever it is raised to the one place that writes it.
+class ValetError(Exception):
+    """Why valet cannot do what it was asked, in words for whoever asked. Valet's
+    methods raise its subclasses; the HTTP API answers each with its own status
+    code and the same message."""
 
-    `Valet.submit()` raises it too (400 for a bad job, 503 for a full backlog),
-    so an embedding program sees the same messages an HTTP client does.
-    """
 
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
+class Invalid(ValetError):
+    """A job, pipeline, change or query with fields that are wrong (HTTP 400); the
+    message names every one of them."""
 
-    def body(self) -> dict:
-        return {"error": True, "code": self.status, "message": self.message}
+
+class NotFound(ValetError):
+    """No job or pipeline has that id, or the job has no result (HTTP 404)."""
+
+
+class Conflict(ValetError):
+    """The job or pipeline is in a status that forbids it: running, finished, part of
+    a pipeline (HTTP 409)."""
+
+
+class BacklogFull(ValetError):
+    """worker_pool.queue_capacity jobs are already waiting for a worker; try again
+    shortly (HTTP 503 with Retry-After)."""
+
+
+class ShuttingDown(ValetError):
+    """valet is stopping, or has stopped: it takes no more work (HTTP 503)."""
+
+
+def _not_found(what, item_id):
+    """The NotFound for a job or pipeline that is not there."""
+    return NotFound(f"{what} {item_id!r} not found")
+
+
+def _shutting_down():
+    return ShuttingDown("valet is shutting down")
 
 
 def _show(value, limit=60):
@@ -170,7 +199,7 @@ def _choice(*options):
 
 
 # key -> (default, check, what is allowed). config.yaml documents each key.
-# A check may raise ConfigError itself, to name the part of the value at fault.
+# "periodic" has no check here: _periodic_entries() checks and parses it, once.
 _SCHEMA = {
     "server.host": ("127.0.0.1", lambda v: isinstance(v, str) and v != "",
                     "a host name or IP address"),
@@ -194,9 +223,16 @@ _SCHEMA = {
     "timeout_unit": ("second", *_choice("second", "millisecond")),
     "logging_format": ("text", *_choice("text", "json")),
     "logging_level": ("info", *_choice("debug", "info", "warning", "error")),
-    "periodic": ([], lambda v: _periodic_entries(v) is not None,
-                 "a list of entries, each with name, task_name and cron or every"),
+    "periodic": ([], None, "a list of entries, each with name, task_name and cron or every"),
 }
+
+
+class _Config(dict):
+    """A validated config: a dict of every dotted key to its value. `folder` is the
+    folder of the file it was read from (None when it came from a dict): a relative
+    storage.sqlite.path and the tasks_module are looked for there."""
+
+    folder = None
 
 
 def _flatten(tree, prefix=""):
@@ -217,46 +253,68 @@ def _flatten(tree, prefix=""):
     return flat
 
 
+def _read_yaml(path):
+    """The mapping in a YAML file; ConfigError if it cannot be read or is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {os.fspath(path)!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: "
+                          f"{exc}".replace("\n", " ")) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {os.fspath(path)!r}: expected a mapping of keys, "
+                          f"got {type(tree).__name__}")
+    return tree
+
+
 def load_config(source=None, overrides: dict | None = None) -> dict:
-    """Return a validated config: a flat dict of every dotted key to its value.
+    """Return a validated config: a dict of every dotted key to its value.
 
     `source` is None (all defaults), a path to a YAML file, or a dict shaped like
-    config.yaml (nested sections or dotted keys). `overrides` (dotted keys) win
-    over the source. Raises ConfigError naming the key, the value and what is
-    allowed; a file that cannot be read or parsed is a ConfigError too.
+    config.yaml (nested sections or dotted keys), such as an earlier result.
+    `overrides`, shaped the same way, win over the source. A relative
+    storage.sqlite.path, and the tasks_module, are looked for in the folder of the
+    file (and, with a dict, in the working directory). Raises ConfigError naming
+    the key, the value and what is allowed; a file that cannot be read or parsed
+    is a ConfigError too.
     """
+    config = _Config({key: default for key, (default, _, _) in _SCHEMA.items()})
     if isinstance(source, (str, os.PathLike)):
-        try:
-            with open(source, encoding="utf-8") as f:
-                tree = yaml.safe_load(f)
-        except OSError as exc:
-            raise ConfigError(f"config file {os.fspath(source)!r}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {os.fspath(source)!r} is not valid YAML: "
-                              f"{exc}".replace("\n", " ")) from None
-        if tree is None:
-            tree = {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {os.fspath(source)!r}: expected a mapping "
-                              f"of keys, got {type(tree).__name__}")
+        tree = _read_yaml(source)
+        config.folder = os.path.dirname(os.path.abspath(source))
     else:
         tree = source or {}
+        config.folder = getattr(source, "folder", None)
     given = _flatten(tree)
-    given.update(overrides or {})
-    config = {key: default for key, (default, _, _) in _SCHEMA.items()}
+    given.update(_flatten(overrides or {}))
     for key, value in given.items():
         if key not in _SCHEMA:
             raise ConfigError(f"{key}: unknown key; known keys are "
                               f"{', '.join(_SCHEMA)}")
         _, check, allowed = _SCHEMA[key]
-        if not check(value):
+        if check is not None and not check(value):
             raise ConfigError(f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
+    config["periodic"] = _periodic_entries(config["periodic"])
     return config
 
 
-def _load_tasks(module_name):
-    """Import `module_name` and return its TASKS dict; ConfigError if it cannot."""
+def _in_folder(config, path):
+    """A path from the config, made absolute against the config file's folder."""
+    return os.path.join(config.folder or os.getcwd(), os.fspath(path))
+
+
+def _load_tasks(config):
+    """Import the tasks_module (looked for first in the config file's folder) and
+    return its TASKS dict; ConfigError if it cannot."""
+    module_name = config["tasks_module"]
+    folder = getattr(config, "folder", None)
+    if folder is not None and folder not in sys.path:
+        sys.path.insert(0, folder)  # where the config is, its tasks are
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -303,10 +361,16 @@ def _parse_time(text):
     return moment.timestamp() + int(fraction.ljust(9, "0")) / 1e9
 
 
+def _duration(started, completed):
+    """Milliseconds from start to end, or None until both are known."""
+    if started is None or completed is None:
+        return None
+    return round((completed - started) * 1000, 3)
+
+
 def _job_json(job, progress=None):
     """The public form of a stored job record: every key of JOB_FIELDS, in order.
     `progress` is what its task last reported, while it runs."""
-    started, completed = job["started_at"], job["completed_at"]
     return {
         "id": job["id"],
         "name": job["name"],
@@ -323,10 +387,9 @@ def _job_json(job, progress=None):
         "retry_backoff": job["retry_backoff"],
         "run_at": _rfc3339(job["run_at"]),
         "created_at": _rfc3339(job["created_at"]),
-        "started_at": _rfc3339(started),
-        "completed_at": _rfc3339(completed),
-        "duration": (round((completed - started) * 1000, 3)
-                     if started is not None and completed is not None else None),
+        "started_at": _rfc3339(job["started_at"]),
+        "completed_at": _rfc3339(job["completed_at"]),
+        "duration": _duration(job["started_at"], job["completed_at"]),
         "pipeline_id": job["pipeline_id"],
         "next_job_id": job["next_job_id"],
         "use_previous_results": bool(job["use_previous_results"]),
@@ -340,54 +403,86 @@ _PIPELINE_JOB_INPUT = ("name", "description", "task_name", "metadata", "task_par
 _PIPELINE_INPUT = ("name", "description", "priority", "run_at", "jobs")
 
 
-def _check_text(fields, key, required, where=""):
-    value = fields.get(key)
-    if value is None and not required:
+class _Fields:
+    """Checks the fields of a body one by one, keeping a problem for each field that
+    is wrong, so that one error names them all. Each check returns the value to
+    use (the default when a field is absent or wrong); `where` prefixes every
+    problem ("jobs[1]: ")."""
+
+    def __init__(self, fields, where=""):
+        self.fields = fields
+        self.where = where
+        self.problems = []
+
+    def problem(self, message):
+        self.problems.append(f"{self.where}{message}")
+
+    def raise_problems(self):
+        """Invalid naming every problem found, if there is any."""
+        if self.problems:
+            raise Invalid("; ".join(self.problems))
+
+    def unknown(self, allowed, what):
+        unknown = [key for key in self.fields if key not in allowed]
+        if unknown:
+            names = ", ".join(repr(key) for key in unknown)
+            self.problem(f"unknown field{'s' if len(unknown) > 1 else ''} {names}; {what} "
+                         f"takes {', '.join(allowed)}")
+
+    def text(self, key, required):
+        value = self.fields.get(key)
+        if value is None and not required:
+            return None
+        if key not in self.fields:
+            self.problem(f"{key} is required")
+        elif not isinstance(value, str) or (required and not value.strip()):
+            kind = "a non-empty string" if required else "a string or null"
+            self.problem(f"{key} must be {kind}, got {_show(value)}")
+        else:
+            return value
         return None
-    if key not in fields:
-        raise HTTPError(400, f"{where}{key} is required")
-    if not isinstance(value, str) or (required and not value.strip()):
-        kind = "a non-empty string" if required else "a string or null"
-        raise HTTPError(400, f"{where}{key} must be {kind}, got {_show(value)}")
-    return value
 
+    def number(self, key, default, check, expected):
+        value = self.fields.get(key)
+        if value is None:
+            return default
+        if not check(value):
+            self.problem(f"{key} must be {expected}, got {_show(value)}")
+            return default
+        return value
 
-def _check_unknown(fields, allowed, what, where=""):
-    unknown = sorted(set(fields) - set(allowed))
-    if unknown:
-        raise HTTPError(400, f"{where}unknown field {unknown[0]!r}; {what} takes "
-                             f"{', '.join(allowed)}")
+    def priority(self):
+        return self.number("priority", 0, lambda v: _is_int(v) and abs(v) <= _MAX_PRIORITY,
+                           f"an integer from -{_MAX_PRIORITY} to {_MAX_PRIORITY}")
 
+    def run_at(self):
+        value = self.fields.get("run_at")
+        if value is None:
+            return None
+        if not (isinstance(value, str) and _RFC3339.fullmatch(value)):
+            self.problem(f"run_at must be an RFC 3339 time such as \"2026-11-28T09:30:00Z\", "
+                         f"got {_show(value)}")
+            return None
+        try:
+            run_at = _parse_time(value)
+            _rfc3339(run_at)  # in UTC too, it must fall within years 1 to 9999
+        except (ValueError, OverflowError, OSError) as exc:
+            self.problem(f"run_at {_show(value)} is not a real time: {exc}")
+            return None
+        return run_at
 
-def _check_number(fields, key, default, check, expected, where=""):
-    value = fields.get(key)
-    if value is None:
-        return default
-    if not check(value):
-        raise HTTPError(400, f"{where}{key} must be {expected}, got {_show(value)}")
-    return value
-
-
-def _check_priority(fields, where=""):
-    return _check_number(
-        fields, "priority", 0, lambda v: _is_int(v) and abs(v) <= _MAX_PRIORITY,
-        f"an integer from -{_MAX_PRIORITY} to {_MAX_PRIORITY}", where)
-
-
-def _check_run_at(fields, where=""):
-    value = fields.get("run_at")
-    if value is None:
+    def task_name(self, tasks):
+        task_name = self.fields.get("task_name")
+        if "task_name" not in self.fields:
+            self.problem("task_name is required")
+        elif not isinstance(task_name, str):
+            self.problem(f"task_name must be a string, got {_show(task_name)}")
+        elif tasks is not None and task_name not in tasks:
+            self.problem(f"task_name {task_name!r} is not a registered task; registered "
+                         f"tasks: {', '.join(sorted(tasks)) or '(none)'}")
+        else:
+            return task_name
         return None
-    if not (isinstance(value, str) and _RFC3339.fullmatch(value)):
-        raise HTTPError(400, f"{where}run_at must be an RFC 3339 time such as "
-                             f"\"2026-11-28T09:30:00Z\", got {_show(value)}")
-    try:
-        run_at = _parse_time(value)
-        _rfc3339(run_at)  # in UTC too, it must fall within years 1 to 9999
-    except (ValueError, OverflowError, OSError) as exc:
-        raise HTTPError(400, f"{where}run_at {_show(value)} is not a real time: "
-                             f"{exc}") from None
-    return run_at
 
 
 def _first_status(run_at, now):
@@ -395,92 +490,102 @@ def _first_status(run_at, now):
     return SCHEDULED if run_at is not None and run_at > now else PENDING
 
 
+def _job_fields(check, tasks, timeout_unit, allowed):
+    """Check a submitted job's fields (with a _Fields); the record's fields from them."""
+    check.unknown(allowed, "a pipeline job" if allowed is _PIPELINE_JOB_INPUT else "a job")
+    fields = check.fields
+    longest = _MAX_TIMEOUT_SECONDS * (1000 if timeout_unit == "millisecond" else 1)
+    record = {
+        "name": check.text("name", required=True),
+        "task_name": check.task_name(tasks),
+        "description": check.text("description", required=False),
+        "timeout": check.number(
+            "timeout", None, lambda v: _is_number(v) and 0 < v <= longest,
+            f"a number greater than 0 and at most {longest} (in {timeout_unit}s)"),
+        "priority": check.priority(),
+        "max_retries": check.number(
+            "max_retries", 0, lambda v: _is_int(v) and 0 <= v <= _MAX_RETRIES,
+            f"an integer from 0 to {_MAX_RETRIES}"),
+        "retry_backoff": check.number(
+            "retry_backoff", _DEFAULT_BACKOFF, lambda v: _is_number(v) and 0 <= v <= _MAX_BACKOFF,
+            f"a number of seconds from 0 to {_MAX_BACKOFF:g}"),
+        "use_previous_results": fields.get("use_previous_results", False),
+        "run_at": check.run_at(),
+        "metadata": fields.get("metadata", fields.get("task_params")),
+    }
+    if "metadata" in fields and "task_params" in fields:
+        check.problem("give metadata or task_params (its old name), not both")
+    if not isinstance(record["use_previous_results"], bool):
+        check.problem(f"use_previous_results must be true or false, got "
+                      f"{_show(record['use_previous_results'])}")
+    return record
+
+
 def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
-    """Validate a submitted job body and build its record; HTTPError(400) names the field.
+    """Validate a submitted job body and build its record; Invalid names every field
+    that is wrong.
 
     `tasks` None skips the check that task_name is registered; `where` prefixes
     every message ("jobs[1]: "), for a job inside a pipeline or a config entry.
     """
-    what = "a pipeline job" if allowed is _PIPELINE_JOB_INPUT else "a job"
-    _check_unknown(fields, allowed, what, where)
-    name = _check_text(fields, "name", required=True, where=where)
-    task_name = fields.get("task_name")
-    if "task_name" not in fields:
-        raise HTTPError(400, f"{where}task_name is required")
-    if not isinstance(task_name, str):
-        raise HTTPError(400, f"{where}task_name must be a string, got {_show(task_name)}")
-    if tasks is not None and task_name not in tasks:
-        raise HTTPError(400, f"{where}task_name {task_name!r} is not a registered task; "
-                             f"registered tasks: {', '.join(sorted(tasks)) or '(none)'}")
-    description = _check_text(fields, "description", required=False, where=where)
-    if "metadata" in fields and "task_params" in fields:
-        raise HTTPError(400, f"{where}give metadata or task_params (its old name), not both")
-    longest = _MAX_TIMEOUT_SECONDS * (1000 if timeout_unit == "millisecond" else 1)
-    timeout = _check_number(
-        fields, "timeout", None, lambda v: _is_number(v) and 0 < v <= longest,
-        f"a number greater than 0 and at most {longest} (in {timeout_unit}s)", where)
-    max_retries = _check_number(
-        fields, "max_retries", 0, lambda v: _is_int(v) and 0 <= v <= _MAX_RETRIES,
-        f"an integer from 0 to {_MAX_RETRIES}", where)
-    retry_backoff = _check_number(
-        fields, "retry_backoff", _DEFAULT_BACKOFF,
-        lambda v: _is_number(v) and 0 <= v <= _MAX_BACKOFF,
-        f"a number of seconds from 0 to {_MAX_BACKOFF:g}", where)
-    use_previous = fields.get("use_previous_results", False)
-    if not isinstance(use_previous, bool):
-        raise HTTPError(400, f"{where}use_previous_results must be true or false, got "
-                             f"{_show(use_previous)}")
-    run_at = _check_run_at(fields, where)
+    check = _Fields(fields, where)
+    record = _job_fields(check, tasks, timeout_unit, allowed)
+    check.raise_problems()
     return {
-        "id": str(uuid.uuid4()), "name": name, "description": description,
-        "task_name": task_name, "metadata": fields.get("metadata", fields.get("task_params")),
-        "timeout": timeout, "priority": _check_priority(fields, where),
-        "status": _first_status(run_at, now),
-        "failure_reason": None, "attempts": 0, "max_retries": max_retries,
-        "retry_backoff": retry_backoff, "run_at": run_at, "created_at": now,
-        "started_at": None, "completed_at": None, "pipeline_id": None,
-        "previous_job_id": None, "next_job_id": None, "use_previous_results": use_previous,
+        "id": str(uuid.uuid4()), **record, "status": _first_status(record["run_at"], now),
+        "failure_reason": None, "attempts": 0, "created_at": now, "started_at": None,
+        "completed_at": None, "pipeline_id": None, "previous_job_id": None,
+        "next_job_id": None,
     }
 
 
 def _new_pipeline(fields, tasks, timeout_unit, now):
-    """Validate a submitted pipeline body: (pipeline record, its job records in order)."""
-    _check_unknown(fields, _PIPELINE_INPUT, "a pipeline")
-    name = _check_text(fields, "name", required=True)
-    description = _check_text(fields, "description", required=False)
-    priority = _check_priority(fields)
-    run_at = _check_run_at(fields)
+    """Validate a submitted pipeline body: (pipeline record, its job records in order).
+    Invalid names every field that is wrong, in the pipeline and in each job."""
+    check = _Fields(fields)
+    check.unknown(_PIPELINE_INPUT, "a pipeline")
+    pipeline = {"id": str(uuid.uuid4()), "name": check.text("name", required=True),
+                "description": check.text("description", required=False),
+                "priority": check.priority(), "run_at": check.run_at(), "created_at": now}
     specs = fields.get("jobs")
-    if not isinstance(specs, list):
-        raise HTTPError(400, f"jobs must be a list of 2 to {_MAX_PIPELINE_JOBS} jobs, got "
-                             f"{_show(specs)}")
-    if not 2 <= len(specs) <= _MAX_PIPELINE_JOBS:
-        hint = "; submit a single job with POST /jobs" if len(specs) == 1 else ""
-        raise HTTPError(400, f"jobs must be a list of 2 to {_MAX_PIPELINE_JOBS} jobs, got "
-                             f"{len(specs)} job{'' if len(specs) == 1 else 's'}{hint}")
-    pipeline = {"id": str(uuid.uuid4()), "name": name, "description": description,
-                "priority": priority, "run_at": run_at, "created_at": now}
-    jobs = []
-    for i, spec in enumerate(specs):
-        where = f"jobs[{i}]: "
-        if not isinstance(spec, dict):
-            raise HTTPError(400, f"{where}a job must be a JSON object, got {_show(spec)}")
-        job = _new_job(spec, tasks, timeout_unit, now, _PIPELINE_JOB_INPUT, where)
-        if i == 0 and job["use_previous_results"]:
-            raise HTTPError(400, f"{where}use_previous_results cannot be true for the "
-                                 f"first job: it has no previous job")
-        if job["use_previous_results"] and not _takes_previous(tasks[job["task_name"]]):
-            raise HTTPError(400, f"{where}task {job['task_name']!r} cannot take the previous "
-                                 f"result: with use_previous_results it is called as "
-                                 f"fn(metadata, previous_result)")
-        job.update(pipeline_id=pipeline["id"], priority=priority)  # run_at not taken
-        if i == 0:
-            job.update(run_at=run_at, status=_first_status(run_at, now))
+    if not isinstance(specs, list) or not 2 <= len(specs) <= _MAX_PIPELINE_JOBS:
+        got = (f"{len(specs)} job{'' if len(specs) == 1 else 's'}"
+               if isinstance(specs, list) else _show(specs))
+        hint = "; submit a single job with POST /jobs" if got == "1 job" else ""
+        check.problem(f"jobs must be a list of 2 to {_MAX_PIPELINE_JOBS} jobs, got {got}{hint}")
+        specs = []
+    jobs = [_pipeline_job(check, spec, i, tasks, timeout_unit, now)
+            for i, spec in enumerate(specs)]
+    check.raise_problems()
+    for i, job in enumerate(jobs):
+        job.update(pipeline_id=pipeline["id"], priority=pipeline["priority"])
+        if i == 0:  # the pipeline's run_at is its first job's
+            job.update(run_at=pipeline["run_at"], status=_first_status(pipeline["run_at"], now))
         else:
-            job["previous_job_id"] = jobs[-1]["id"]
-            jobs[-1]["next_job_id"] = job["id"]
-        jobs.append(job)
+            job["previous_job_id"] = jobs[i - 1]["id"]
+            jobs[i - 1]["next_job_id"] = job["id"]
     return pipeline, jobs
+
+
+def _pipeline_job(check, spec, i, tasks, timeout_unit, now):
+    """One job of a submitted pipeline, its problems added to the pipeline's `check`."""
+    where = f"jobs[{i}]: "
+    if not isinstance(spec, dict):
+        check.problem(f"{where}a job must be a JSON object, got {_show(spec)}")
+        return None
+    try:
+        job = _new_job(spec, tasks, timeout_unit, now, _PIPELINE_JOB_INPUT, where)
+    except Invalid as exc:
+        check.problems.append(str(exc))
+        return None
+    if i == 0 and job["use_previous_results"]:
+        check.problem(f"{where}use_previous_results cannot be true for the first job: it "
+                      f"has no previous job")
+    elif job["use_previous_results"] and not _takes_previous(tasks[job["task_name"]]):
+        check.problem(f"{where}task {job['task_name']!r} cannot take the previous result: "
+                      f"with use_previous_results it is called as fn(metadata, "
+                      f"previous_result)")
+    return job
 
 
 def _takes_previous(fn):
@@ -497,6 +602,50 @@ def _takes_previous(fn):
     return True
 
 
+def _changes(fields, what, known):
+    """The name/description changes a PATCH body asks for, or Invalid naming every
+    field that is wrong."""
+    check = _Fields(fields)
+    for key in fields:
+        if key not in known:
+            check.problem(f"unknown field {key!r}; a PATCH of a {what} may change only "
+                          f"name and description")
+        elif key not in ("name", "description"):
+            check.problem(f"field {key!r} cannot be changed; a PATCH of a {what} may "
+                          f"change only name and description")
+    changes = {}
+    if "name" in fields:
+        changes["name"] = check.text("name", required=True)
+    if "description" in fields:
+        changes["description"] = check.text("description", required=False)
+    check.raise_problems()
+    return changes
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
+
+
+def _page(status, limit, cursor):
+    """A listing's (status, limit, seq after) from what the caller gave, or Invalid
+    naming every one that is wrong. `cursor` is a next_cursor from an earlier page."""
+    check = _Fields({})
+    if status is not None:
+        if not isinstance(status, str) or status.upper() not in STATUSES:
+            check.problem(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        status = status.upper() if isinstance(status, str) else None
+    if not (_is_int(limit) and 1 <= limit <= MAX_PAGE_SIZE):
+        check.problem(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
+    if cursor is not None and not (isinstance(cursor, str) and _DIGITS.fullmatch(cursor)):
+        check.problem(f"cursor must be a next_cursor from an earlier page, got {cursor!r}")
+    check.raise_problems()
+    return status, limit, int(cursor or 0)
+
+
+def _next_cursor(found, limit):
+    """The next_cursor of a page read with limit + 1: None when that was the last."""
+    return str(found[limit - 1]["seq"]) if len(found) > limit else None
+
+
 def _pipeline_status(jobs):
     """A pipeline's status, which is never stored: the status of its first job that
     has not completed (COMPLETED if none), except that a pipeline waiting for its
@@ -511,9 +660,10 @@ def _pipeline_status(jobs):
     return COMPLETED
 
 
-def _pipeline_json(pipeline, jobs, job_json=_job_json):
-    """The public form of a pipeline and its job records (in order): every key of
-    PIPELINE_FIELDS, in order, with each job written by `job_json`."""
+def _pipeline_json(pipeline, job_json=_job_json):
+    """The public form of a pipeline record (with its job records, in order): every
+    key of PIPELINE_FIELDS, in order, with each job written by `job_json`."""
+    jobs = pipeline["jobs"]
     status = _pipeline_status(jobs)
     started = jobs[0]["started_at"]
     completed = (max(j["completed_at"] for j in jobs if j["completed_at"] is not None)
@@ -528,57 +678,129 @@ def _pipeline_json(pipeline, jobs, job_json=_job_json):
         "created_at": _rfc3339(pipeline["created_at"]),
         "started_at": _rfc3339(started),
         "completed_at": _rfc3339(completed),
-        "duration": (round((completed - started) * 1000, 3)
-                     if started is not None and completed is not None else None),
+        "duration": _duration(started, completed),
         "jobs": [job_json(job) for job in jobs],
     }
 
 
 # ------------------------------------------------------------------ storage --
-#
-# Both stores implement the same small interface. Records are plain dicts with
-# the keys of a job or pipeline (times as epoch seconds) plus "seq", its place in
-# submission order, which never changes and is never reused. A job record also
-# has "previous_job_id", which its JSON does not show. Every method is
-# thread-safe; every write is atomic and durable when it returns.
-#
-#   add(job, fired=None) -> bool              store a new job; fired=(periodic name,
-#                                             due time) records that firing in the same
-#                                             write, and stores nothing (False) if a
-#                                             firing that late is already recorded
-#   get(job_id) -> record | None
-#   list(status, after, limit) -> [record]    in seq order, seq > after
-#   update(job_id, fields) -> bool            name/description; False if missing
-#   transition(job_id, from_states, to_state, fields, result, then) -> record | None
-#       the one way a status changes: the move is made only if the job's status is
-#       in from_states; a move to IN_PROGRESS counts an attempt, and sets
-#       started_at only on the first. result=(value,
-#       error) is stored with it, and so are `then`, further moves (job_id,
-#       from_states, to_state, fields) each made where its from_states match.
-#   delete(job_id, states) -> status | None   deletes only if its status is in states
-#   result(job_id) -> {"value", "error"} | None
-#   delete_result(job_id) -> bool
-#   add_pipeline(pipeline, jobs)              a pipeline and its jobs, in one write
-#   get_pipeline(pipeline_id) -> record | None
-#   pipeline_jobs(pipeline_id) -> [record]    its jobs, in order
-#   list_pipelines(after, limit) -> [record]  in seq order, seq > after
-#   update_pipeline(pipeline_id, fields) -> bool
-#   delete_pipeline(pipeline_id) -> status | None
-#       with its jobs and their results, unless its status is IN_PROGRESS
-#   periodic_last(name, now) -> due time      of its last firing; stores `now` as
-#                                             that time when it has none yet
-#   ping() -> bool; close()
 
-_NO_RESULT = object()
+# The fields a transition may write besides the status, and those update() may.
+_MOVE_FIELDS = frozenset(("attempts", "started_at", "completed_at", "failure_reason",
+                          "run_at"))
+_EDITABLE_FIELDS = frozenset(("name", "description"))
 
 
-def _check_move(from_states, to_state):
-    for state in from_states:
-        if to_state not in _MOVES[state]:
-            raise InvalidTransition(f"{state} -> {to_state} is not an allowed move")
+def _check_fields(fields, allowed, what):
+    for name in fields or ():
+        if name not in allowed:
+            raise ValueError(f"{what} cannot write the field {name!r}; it writes "
+                             f"{', '.join(sorted(allowed))}")
 
 
-class MemoryStore:
+class Store:
+    """What valet needs of a storage backend: it persists jobs, pipelines, results and
+    periodic firings, and answers queries. It decides nothing: the lifecycle says
+    which status a job moves to, from which, and with what (attempts, times,
+    results, the jobs of its pipeline that move with it).
+
+    Records are plain dicts. A job record has every key of a new job (see
+    _new_job: the fields of JOB_FIELDS that are stored, plus "previous_job_id"),
+    with times as epoch seconds and "metadata" as the JSON value; a pipeline
+    record has id, name, description, priority, run_at and created_at. Both also
+    have "seq", their place in submission order, which never changes and is never
+    reused. A record returned is the caller's own: changing it changes nothing
+    stored.
+
+    Every method is thread-safe; every write is atomic (all of it or none) and has
+    committed when it returns. A method that finds no such job returns None
+    (False for the ones that answer whether they wrote). To add a backend,
+    implement every method below; the storage-contract tests in test_valet.py
+    check an implementation against this text.
+    """
+
+    option = None  # the storage.option that names this store
+
+    def add(self, *jobs, pipeline=None, fired=None) -> bool:
+        """Store new job records, in the order given (a pipeline's jobs in their
+        order); with `pipeline`, that pipeline record too. `fired`, (periodic entry
+        name, due time), records a periodic firing with the jobs: if a firing of
+        that entry at that due time or later is already recorded, nothing is stored
+        and add returns False. Returns True once stored."""
+        raise NotImplementedError
+
+    def get(self, job_id) -> dict | None:
+        """The job's record, or None."""
+        raise NotImplementedError
+
+    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE) -> list:
+        """Up to `limit` job records with seq > `after` (and this status, if given),
+        in seq order."""
+        raise NotImplementedError
+
+    def transition(self, job_id, from_states, to_state, fields=None, result=None,
+                   then=()) -> dict | None:
+        """Move the job to `to_state` if its status is one of `from_states`, writing
+        `fields` (only these: attempts, started_at, completed_at, failure_reason,
+        run_at; ValueError for others) with it. With it, in the same write: store
+        `result`, a (value, error) pair, as the job's result; and make each move of
+        `then`, a list of (job id, from_states, to_state, fields), where its status
+        matches. Returns the moved record; None (and nothing is written) if the
+        job is missing or not in one of `from_states`. Two transitions of one job
+        from the same status can never both succeed."""
+        raise NotImplementedError
+
+    def update(self, item_id, fields, kind="job") -> bool:
+        """Write name and/or description (ValueError for any other field) of the job,
+        or with kind="pipeline" the pipeline; False if there is none."""
+        raise NotImplementedError
+
+    def delete(self, job_id, allowed) -> dict | None:
+        """Delete the job and its result if allowed(record) is true of its record as
+        it is at the moment of deleting. Returns that record (deleted or not), or
+        None. `allowed` must only look at the record: it may be called twice."""
+        raise NotImplementedError
+
+    def result(self, job_id) -> dict | None:
+        """The job's result as {"value": ..., "error": ...}, or None if it has none."""
+        raise NotImplementedError
+
+    def delete_result(self, job_id) -> bool:
+        """Delete the job's result; False if it had none."""
+        raise NotImplementedError
+
+    def get_pipeline(self, pipeline_id) -> dict | None:
+        """The pipeline's record with "jobs", its job records in order, read together
+        (a write cannot fall between them), or None."""
+        raise NotImplementedError
+
+    def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE) -> list:
+        """Up to `limit` pipeline records with seq > `after`, in seq order, each with
+        "jobs" as get_pipeline() gives them."""
+        raise NotImplementedError
+
+    def delete_pipeline(self, pipeline_id, allowed) -> dict | None:
+        """Delete the pipeline with its jobs and their results if allowed(record) is
+        true of its record (with "jobs") as it is at the moment of deleting. Returns
+        that record (deleted or not), or None; `allowed` as for delete()."""
+        raise NotImplementedError
+
+    def periodic_last(self, name, now) -> float:
+        """The due time of the periodic entry's last firing; the first time an entry
+        is asked about, `now` is stored as its last firing and returned."""
+        raise NotImplementedError
+
+    def ping(self) -> bool:
+        """Whether the store can be read now (for /status)."""
+        raise NotImplementedError
+
+    def close(self):
+        """Let the writes under way finish, then release what the store holds.
+        Idempotent."""
+        raise NotImplementedError
+
+
+class MemoryStore(Store):
     """Jobs and pipelines in dicts, guarded by one lock. Lost when the process ends."""
 
     option = "memory"
@@ -604,23 +826,32 @@ class MemoryStore:
         job["metadata"] = json.loads(record["metadata"])
         return job
 
-    def add(self, job, fired=None):
-        record = dict(job, metadata=json.dumps(job["metadata"]))
+    def _pipeline_out(self, pipeline_id):
+        pipeline = dict(self._pipelines[pipeline_id])
+        pipeline["jobs"] = [self._out(self._jobs[i]) for i in self._pipeline_jobs[pipeline_id]]
+        return pipeline
+
+    def add(self, *jobs, pipeline=None, fired=None):
+        records = [dict(job, metadata=json.dumps(job["metadata"])) for job in jobs]
         with self._lock:
             if fired is not None:
                 name, due = fired
                 if self._periodic.get(name, -math.inf) >= due:
                     return False
                 self._periodic[name] = due
-            self._insert(record)
+            if pipeline is not None:
+                seq = next(self._next_pipeline_seq)
+                self._pipelines[pipeline["id"]] = dict(pipeline, seq=seq)
+                self._pipeline_seqs.append(seq)
+                self._pipeline_ids[seq] = pipeline["id"]
+                self._pipeline_jobs[pipeline["id"]] = [job["id"] for job in jobs]
+            for record in records:
+                seq = record["seq"] = next(self._next_seq)
+                self._jobs[record["id"]] = record
+                self._ids[seq] = record["id"]
+                self._seqs.append(seq)
+                self._by_status[record["status"]].append(seq)
             return True
-
-    def _insert(self, record):
-        seq = record["seq"] = next(self._next_seq)
-        self._jobs[record["id"]] = record
-        self._ids[seq] = record["id"]
-        self._seqs.append(seq)
-        self._by_status[record["status"]].append(seq)
 
     def get(self, job_id):
         with self._lock:
@@ -633,26 +864,17 @@ class MemoryStore:
             start = bisect.bisect_right(seqs, after)
             return [self._out(self._jobs[self._ids[s]]) for s in seqs[start:start + limit]]
 
-    def update(self, job_id, fields):
-        with self._lock:
-            record = self._jobs.get(job_id)
-            if record is None:
-                return False
-            record.update(fields)
-            return True
-
-    def transition(self, job_id, from_states, to_state, fields=None, result=_NO_RESULT,
+    def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()):
-        _check_move(from_states, to_state)
-        for _, states, state, _ in then:
-            _check_move(states, state)
+        for move in ((job_id, from_states, to_state, fields), *then):
+            _check_fields(move[3], _MOVE_FIELDS, "a transition")
+        stored = None if result is None else (json.dumps(result[0]), result[1])
         with self._lock:
             record = self._move(job_id, from_states, to_state, fields)
             if record is None:
                 return None
-            if result is not _NO_RESULT:
-                value, error = result
-                self._results[job_id] = (json.dumps(value), error)
+            if stored is not None:
+                self._results[job_id] = stored
             for move in then:
                 self._move(*move)
             return self._out(record)
@@ -662,26 +884,30 @@ class MemoryStore:
         record = self._jobs.get(job_id)
         if record is None or record["status"] not in from_states:
             return None
-        seq, old = record["seq"], record["status"]
-        old_seqs = self._by_status[old]
+        seq, old_seqs = record["seq"], self._by_status[record["status"]]
         del old_seqs[bisect.bisect_left(old_seqs, seq)]
         bisect.insort(self._by_status[to_state], seq)
-        first_start = record["started_at"]
         record.update(fields or {}, status=to_state)
-        if to_state == IN_PROGRESS:
-            record["attempts"] += 1
-            if first_start is not None:  # started_at stays the first attempt's
-                record["started_at"] = first_start
         return record
 
-    def delete(self, job_id, states):
+    def update(self, item_id, fields, kind="job"):
+        _check_fields(fields, _EDITABLE_FIELDS, "update()")
+        with self._lock:
+            record = (self._jobs if kind == "job" else self._pipelines).get(item_id)
+            if record is None:
+                return False
+            record.update(fields)
+            return True
+
+    def delete(self, job_id, allowed):
         with self._lock:
             record = self._jobs.get(job_id)
             if record is None:
                 return None
-            if record["status"] in states:
+            job = self._out(record)
+            if allowed(job):
                 self._remove(record)
-            return record["status"]
+            return job
 
     def _remove(self, record):
         seq, job_id = record["seq"], record["id"]
@@ -704,54 +930,30 @@ class MemoryStore:
         with self._lock:
             return self._results.pop(job_id, None) is not None
 
-    def add_pipeline(self, pipeline, jobs):
-        records = [dict(job, metadata=json.dumps(job["metadata"])) for job in jobs]
-        with self._lock:
-            seq = next(self._next_pipeline_seq)
-            self._pipelines[pipeline["id"]] = dict(pipeline, seq=seq)
-            self._pipeline_seqs.append(seq)
-            self._pipeline_ids[seq] = pipeline["id"]
-            self._pipeline_jobs[pipeline["id"]] = [job["id"] for job in jobs]
-            for record in records:
-                self._insert(record)
-
     def get_pipeline(self, pipeline_id):
         with self._lock:
-            record = self._pipelines.get(pipeline_id)
-            return None if record is None else dict(record)
-
-    def pipeline_jobs(self, pipeline_id):
-        with self._lock:
-            ids = self._pipeline_jobs.get(pipeline_id, ())
-            return [self._out(self._jobs[job_id]) for job_id in ids]
+            if pipeline_id not in self._pipelines:
+                return None
+            return self._pipeline_out(pipeline_id)
 
     def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE):
         with self._lock:
             start = bisect.bisect_right(self._pipeline_seqs, after)
-            return [dict(self._pipelines[self._pipeline_ids[s]])
+            return [self._pipeline_out(self._pipeline_ids[s])
                     for s in self._pipeline_seqs[start:start + limit]]
 
-    def update_pipeline(self, pipeline_id, fields):
-        with self._lock:
-            record = self._pipelines.get(pipeline_id)
-            if record is None:
-                return False
-            record.update(fields)
-            return True
-
-    def delete_pipeline(self, pipeline_id):
+    def delete_pipeline(self, pipeline_id, allowed):
         with self._lock:
             if pipeline_id not in self._pipelines:
                 return None
-            jobs = [self._jobs[job_id] for job_id in self._pipeline_jobs[pipeline_id]]
-            status = _pipeline_status(jobs)
-            if status != IN_PROGRESS:
-                for record in jobs:
-                    self._remove(record)
+            pipeline = self._pipeline_out(pipeline_id)
+            if allowed(pipeline):
+                for job_id in list(self._pipeline_jobs[pipeline_id]):
+                    self._remove(self._jobs[job_id])
                 seq = self._pipelines.pop(pipeline_id)["seq"]
                 del self._pipeline_jobs[pipeline_id], self._pipeline_ids[seq]
                 del self._pipeline_seqs[bisect.bisect_left(self._pipeline_seqs, seq)]
-            return status
+            return pipeline
 
     def periodic_last(self, name, now):
         with self._lock:
@@ -826,8 +1028,18 @@ _JOB_COLUMNS = ("seq", "id", "name", "description", "task_name", "metadata", "ti
 _JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS[1:])}) "  # all but seq
                f"VALUES ({', '.join('?' * (len(_JOB_COLUMNS) - 1))})")
 _PIPELINE_COLUMNS = ("id", "name", "description", "priority", "run_at", "created_at")
+_PIPELINE_INSERT = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_PIPELINE_COLUMNS))})")
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
+
+
+@functools.lru_cache(maxsize=64)
+def _move_sql(states, columns):
+    """The UPDATE of a move from `states` (how many) writing `columns`."""
+    sets = "".join(f", {column} = ?" for column in columns)
+    marks = ", ".join("?" * states)
+    return f"UPDATE jobs SET status = ?{sets} WHERE id = ? AND status IN ({marks})"
 
 
 def _dict_row(cursor, row):
@@ -847,7 +1059,7 @@ class _Write:
         self.value, self.error = None, RuntimeError("the write was not committed")
 
 
-class SqliteStore:
+class SqliteStore(Store):
     """Jobs in one SQLite file (WAL). Durable: every write has committed when it returns.
 
     Writes that arrive together share one transaction and one commit (one fsync),
@@ -1007,6 +1219,8 @@ class SqliteStore:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
 
+    # -- reading
+
     @contextlib.contextmanager
     def _reading(self):
         try:
@@ -1021,6 +1235,16 @@ class SqliteStore:
             else:
                 conn.close()  # a burst of readers is over
 
+    @contextlib.contextmanager
+    def _snapshot(self):
+        """A read connection in a transaction: its reads see one moment of the file."""
+        with self._reading() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
     @staticmethod
     def _out(row):
         if row is not None and "metadata" in row:
@@ -1032,14 +1256,30 @@ class SqliteStore:
         with self._reading() as conn:
             return [self._out(row) for row in conn.execute(sql, args).fetchall()]
 
+    def _with_jobs(self, conn, pipelines):
+        """Give each pipeline record its "jobs", read on `conn` by one query."""
+        by_id = {pipeline["id"]: pipeline for pipeline in pipelines}
+        for pipeline in pipelines:
+            pipeline["jobs"] = []
+        if pipelines:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE pipeline_id IN (SELECT id FROM pipelines WHERE "
+                "seq BETWEEN ? AND ?) ORDER BY seq",
+                (pipelines[0]["seq"], pipelines[-1]["seq"]))
+            for row in rows:
+                if row["pipeline_id"] in by_id:
+                    by_id[row["pipeline_id"]]["jobs"].append(self._out(row))
+        return pipelines
+
     # -- the interface
 
     @staticmethod
     def _job_row(job):
         return [json.dumps(job[c]) if c == "metadata" else job[c] for c in _JOB_COLUMNS[1:]]
 
-    def add(self, job, fired=None):
-        values = self._job_row(job)
+    def add(self, *jobs, pipeline=None, fired=None):
+        rows = [self._job_row(job) for job in jobs]
+        pipeline_row = None if pipeline is None else [pipeline[c] for c in _PIPELINE_COLUMNS]
 
         def insert(conn):
             if fired is not None and conn.execute(
@@ -1047,7 +1287,10 @@ class SqliteStore:
                     "SET last_due = excluded.last_due WHERE last_due < excluded.last_due",
                     fired).rowcount == 0:
                 return False
-            conn.execute(_JOB_INSERT, values)
+            if pipeline_row is not None:
+                conn.execute(_PIPELINE_INSERT, pipeline_row)
+            for row in rows:
+                conn.execute(_JOB_INSERT, row)
             return True
 
         return self._write(insert)
@@ -1063,41 +1306,22 @@ class SqliteStore:
         return self._read(f"SELECT * FROM jobs WHERE {where} ORDER BY seq LIMIT ?",
                           [*args, limit])
 
-    def update(self, job_id, fields):
-        return self._update("jobs", job_id, fields)
-
-    def _update(self, table, row_id, fields):
-        columns = [c for c in fields if c in ("name", "description")]
-        sets = ", ".join(f"{c} = ?" for c in columns) or "id = id"
-        sql = f"UPDATE {table} SET {sets} WHERE id = ?"
-        args = [fields[c] for c in columns] + [row_id]
-        return self._write(lambda conn: conn.execute(sql, args).rowcount == 1)
-
-    @staticmethod
-    def _move_sql(job_id, from_states, to_state, fields):
-        _check_move(from_states, to_state)
-        for column in fields or {}:
-            if column not in _JOB_COLUMNS:
-                raise ValueError(f"no such job column: {column}")
-        sets = "".join(f", {c} = ?" for c in fields or {})
-        if to_state == IN_PROGRESS:
-            sets = sets.replace("started_at = ?", "started_at = COALESCE(started_at, ?)")
-            sets += ", attempts = attempts + 1"
-        marks = ", ".join("?" * len(from_states))
-        sql = f"UPDATE jobs SET status = ?{sets} WHERE id = ? AND status IN ({marks})"
-        return sql, [to_state, *(fields or {}).values(), job_id, *from_states]
-
-    def transition(self, job_id, from_states, to_state, fields=None, result=_NO_RESULT,
+    def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()):
-        sql, args = self._move_sql(job_id, from_states, to_state, fields)
-        more = [self._move_sql(*move) for move in then]
-        if result is not _NO_RESULT:
-            value_json = json.dumps(result[0])
+        moves = []
+        for move_id, states, state, move_fields in ((job_id, from_states, to_state, fields),
+                                                    *then):
+            move_fields = move_fields or {}
+            _check_fields(move_fields, _MOVE_FIELDS, "a transition")
+            moves.append((_move_sql(len(states), tuple(move_fields)),
+                          [state, *move_fields.values(), move_id, *states]))
+        value_json = None if result is None else json.dumps(result[0])
 
         def move(conn):
+            (sql, args), *more = moves
             if conn.execute(sql, args).rowcount == 0:
                 return None
-            if result is not _NO_RESULT:
+            if result is not None:
                 conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
                              (job_id, value_json, result[1]))
             for then_sql, then_args in more:
@@ -1106,13 +1330,22 @@ class SqliteStore:
 
         return self._out(self._write(move))
 
-    def delete(self, job_id, states):
+    def update(self, item_id, fields, kind="job"):
+        _check_fields(fields, _EDITABLE_FIELDS, "update()")
+        table = {"job": "jobs", "pipeline": "pipelines"}[kind]
+        sets = ", ".join(f"{column} = ?" for column in fields) or "id = id"
+        sql = f"UPDATE {table} SET {sets} WHERE id = ?"
+        args = [*fields.values(), item_id]
+        return self._write(lambda conn: conn.execute(sql, args).rowcount == 1)
+
+    def delete(self, job_id, allowed):
         def remove(conn):
-            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is not None and row["status"] in states:
+            job = self._out(conn.execute("SELECT * FROM jobs WHERE id = ?",
+                                         (job_id,)).fetchone())
+            if job is not None and allowed(job):
                 conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
                 conn.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
-            return None if row is None else row["status"]
+            return job
 
         return self._write(remove)
 
@@ -1126,46 +1359,34 @@ class SqliteStore:
         return self._write(lambda conn: conn.execute(
             "DELETE FROM results WHERE job_id = ?", (job_id,)).rowcount == 1)
 
-    def add_pipeline(self, pipeline, jobs):
-        job_rows = [self._job_row(job) for job in jobs]
-        sql = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(_PIPELINE_COLUMNS))})")
-
-        def insert(conn):
-            conn.execute(sql, [pipeline[c] for c in _PIPELINE_COLUMNS])
-            conn.executemany(_JOB_INSERT, job_rows)
-
-        self._write(insert)
-
     def get_pipeline(self, pipeline_id):
-        rows = self._read("SELECT * FROM pipelines WHERE id = ?", (pipeline_id,))
-        return rows[0] if rows else None
+        with self._snapshot() as conn:
+            return self._pipeline(conn, pipeline_id)
 
-    def pipeline_jobs(self, pipeline_id):
-        return self._read("SELECT * FROM jobs WHERE pipeline_id = ? ORDER BY seq",
-                          (pipeline_id,))
+    def _pipeline(self, conn, pipeline_id):
+        pipeline = conn.execute("SELECT * FROM pipelines WHERE id = ?",
+                                (pipeline_id,)).fetchone()
+        if pipeline is None:
+            return None
+        pipeline["jobs"] = [self._out(row) for row in conn.execute(
+            "SELECT * FROM jobs WHERE pipeline_id = ? ORDER BY seq", (pipeline_id,))]
+        return pipeline
 
     def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE):
-        return self._read("SELECT * FROM pipelines WHERE seq > ? ORDER BY seq LIMIT ?",
-                          (after, limit))
+        with self._snapshot() as conn:
+            pipelines = conn.execute("SELECT * FROM pipelines WHERE seq > ? ORDER BY seq "
+                                     "LIMIT ?", (after, limit)).fetchall()
+            return self._with_jobs(conn, pipelines)
 
-    def update_pipeline(self, pipeline_id, fields):
-        return self._update("pipelines", pipeline_id, fields)
-
-    def delete_pipeline(self, pipeline_id):
+    def delete_pipeline(self, pipeline_id, allowed):
         def remove(conn):
-            if conn.execute("SELECT 1 FROM pipelines WHERE id = ?",
-                            (pipeline_id,)).fetchone() is None:
-                return None
-            jobs = conn.execute("SELECT status, attempts FROM jobs WHERE pipeline_id = ? "
-                                "ORDER BY seq", (pipeline_id,)).fetchall()
-            status = _pipeline_status(jobs)
-            if status != IN_PROGRESS:
+            pipeline = self._pipeline(conn, pipeline_id)
+            if pipeline is not None and allowed(pipeline):
                 conn.execute("DELETE FROM results WHERE job_id IN "
                              "(SELECT id FROM jobs WHERE pipeline_id = ?)", (pipeline_id,))
                 conn.execute("DELETE FROM jobs WHERE pipeline_id = ?", (pipeline_id,))
                 conn.execute("DELETE FROM pipelines WHERE id = ?", (pipeline_id,))
-            return status
+            return pipeline
 
         return self._write(remove)
 
@@ -1186,8 +1407,6 @@ class SqliteStore:
         return not self._closed
 
     def close(self):
-        """Let the writes already queued commit, then close every connection.
-        Idempotent."""
         with self._queue_lock:
             if self._closed:
                 return
@@ -1203,9 +1422,360 @@ class SqliteStore:
 
 
 def _open_store(config):
+    """The store config's storage.option names."""
     if config["storage.option"] == "memory":
         return MemoryStore()
-    return SqliteStore(config["storage.sqlite.path"], config["storage.sqlite.synchronous"])
+    return SqliteStore(_in_folder(config, config["storage.sqlite.path"]),
+                       config["storage.sqlite.synchronous"])
+
+
+# ---------------------------------------------------------------- lifecycle --
+
+def _check_move(from_states, to_state):
+    for state in from_states:
+        if to_state not in _MOVES[state]:
+            raise InvalidTransition(f"{state} -> {to_state} is not an allowed move")
+
+
+def _backoff(base, attempts):
+    """Seconds to wait before the retry that follows failed attempt number `attempts`:
+    doubling from `base`, capped, with jitter (half to all of it) so that jobs that
+    failed together do not all retry at the same moment."""
+    delay = min(_MAX_BACKOFF, base * 2 ** min(attempts - 1, 32))
+    return delay * random.uniform(0.5, 1.0)
+
+
+def _why_not_deletable(job):
+    """Why a job cannot be deleted on its own now, or None if it can."""
+    if job["pipeline_id"] is not None:
+        return (f"job {job['id']!r} belongs to pipeline {job['pipeline_id']!r}; delete the "
+                f"pipeline instead")
+    if job["status"] == IN_PROGRESS:
+        return f"job {job['id']!r} is running; cancel it, or delete it once it has finished"
+    return None
+
+
+def _why_pipeline_not_deletable(pipeline):
+    """Why a pipeline cannot be deleted now (it is running), or None if it can."""
+    if _pipeline_status(pipeline["jobs"]) == IN_PROGRESS:
+        return (f"pipeline {pipeline['id']!r} is running; cancel it, or delete it once it "
+                f"has finished")
+    return None
+
+
+class _Lifecycle:
+    """Where every job's status changes, and what follows from each change.
+
+    Each move has a method named after it, which makes it with one transition of
+    the store: accept (a new job), promote (SCHEDULED -> PENDING), start (PENDING ->
+    IN_PROGRESS), and the ends of an attempt: complete, retry (back to SCHEDULED),
+    fail and cancel (which cancel the rest of a pipeline in the same write). After
+    a move it queues or schedules what comes next, gives back backlog places and
+    wakes the callers waiting for the job (the result waiters). The worker pool
+    calls start() and settle(); the scheduler calls promote(); the facade calls
+    the rest. The rules of which status may follow which are here and in _MOVES,
+    nowhere else.
+    """
+
+    def __init__(self, store, scheduler, clock=time.time):
+        self.store = store
+        self.scheduler = scheduler
+        self.pool = None  # the _WorkerPool, set by its owner: the two call each other
+        self._clock = clock  # the wall clock, for the times a job records
+        self._lock = threading.Lock()  # guards _waiters
+        self._waiters = {}  # job id -> Events of callers waiting for its next change
+
+    def _transition(self, job_id, from_states, to_state, fields=None, result=None, then=()):
+        """The one call of store.transition(): every move is checked against _MOVES."""
+        _check_move(from_states, to_state)
+        for _, states, state, _ in then:
+            _check_move(states, state)
+        return self.store.transition(job_id, from_states, to_state, fields, result, then)
+
+    # -- a new job
+
+    def accept(self, *jobs, pipeline=None, fired=None) -> bool:
+        """Store new jobs (one, or a pipeline's in order, with `pipeline`), then queue
+        the first, or schedule it if its run_at is to come. A job queued at once
+        takes a place in the backlog before it is stored (BacklogFull if there is
+        none), except a periodic firing: `fired`, (entry name, due time), which the
+        store records with the job. Returns False, storing nothing, if that firing
+        was recorded before."""
+        first = jobs[0]
+        reserved = first["status"] == PENDING and fired is None
+        if reserved:
+            self.pool.reserve()
+        try:
+            stored = self.store.add(*jobs, pipeline=pipeline, fired=fired)
+        except BaseException:
+            if reserved:
+                self.pool.unreserve()
+            raise
+        if not stored:
+            return False
+        if first["status"] == SCHEDULED:
+            self.scheduler.at(first["run_at"], self.promote, first["id"])
+        else:
+            self.pool.enqueue(first, reserved=reserved)
+        return True
+
+    def recover(self):
+        """Take up what the last run left in the store: schedule its scheduled jobs,
+        settle the jobs it was running (a failed attempt, retried if the job has
+        retries left), and queue its pending jobs whose turn it is, in order."""
+        scheduled = list(self._stored(SCHEDULED))
+        for job in scheduled:
+            self.scheduler.at(job["run_at"], self.promote, job["id"])
+        for job in list(self._stored(IN_PROGRESS)):
+            self.finish(job, FAILED, reason="the server stopped while the job was running")
+        queued = 0
+        for job in list(self._stored(PENDING)):
+            previous = job["previous_job_id"] and self.store.get(job["previous_job_id"])
+            if not previous or previous["status"] == COMPLETED:  # its turn in a pipeline
+                self.pool.enqueue(job, reserved=False)
+                queued += 1
+        if queued or scheduled:
+            log.info("from the store: %d pending job(s) queued, %d scheduled", queued,
+                     len(scheduled))
+
+    def _stored(self, status):
+        """Every stored job with this status, in submission order."""
+        after = 0
+        while True:
+            jobs = self.store.list(status, after, MAX_PAGE_SIZE)
+            yield from jobs
+            if len(jobs) < MAX_PAGE_SIZE:
+                return
+            after = jobs[-1]["seq"]
+
+    # -- the moves
+
+    def promote(self, job_id):
+        """SCHEDULED -> PENDING: a scheduled job, or a retry, has come due; queue it."""
+        job = self._transition(job_id, (SCHEDULED,), PENDING)
+        if job is not None:
+            log.debug("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
+            self.pool.enqueue(job, reserved=False)
+
+    def start(self, job):
+        """PENDING -> IN_PROGRESS, for the worker that took `job` (its record as it was
+        queued) off the queue: one more attempt; started_at stays the first
+        attempt's. The started record, or None if the job was cancelled or
+        deleted meanwhile."""
+        first_start = job["started_at"] if job["started_at"] is not None else self._clock()
+        started = self._transition(job["id"], (PENDING,), IN_PROGRESS,
+                                   {"attempts": job["attempts"] + 1, "started_at": first_start})
+        if started is not None:
+            log.debug("job %s: %s -> %s (attempt %d)", job["id"], PENDING, IN_PROGRESS,
+                      started["attempts"])
+        return started
+
+    def settle(self, claim, status, value=None, reason=None):
+        """End the running attempt a worker claimed, as whoever took the claim (the
+        worker when its task returned, the deadline thread, stop): finish() it, then
+        give the claim back and wake the job's waiters, even if the write failed."""
+        try:
+            return self.finish(claim.job, status, value, reason)
+        finally:
+            self.pool.release(claim)
+            self.wake(claim.job["id"])
+
+    def finish(self, job, status, value=None, reason=None):
+        """End a running attempt (`job` is its IN_PROGRESS record): COMPLETED with the
+        task's value, or FAILED for `reason`, retried if the job has retries left.
+        Returns the moved record, or None if the job was no longer IN_PROGRESS."""
+        if status == COMPLETED:
+            return self._complete(job, value)
+        if job["attempts"] <= job["max_retries"]:
+            return self._retry(job, reason)
+        return self._fail(job, reason)
+
+    def _complete(self, job, value):
+        """IN_PROGRESS -> COMPLETED, with the result; then the pipeline's next job."""
+        done = self._transition(job["id"], (IN_PROGRESS,), COMPLETED,
+                                {"completed_at": self._clock(), "failure_reason": None},
+                                result=(value, None))
+        if done is not None:
+            log.debug("job %s: %s -> %s", job["id"], IN_PROGRESS, COMPLETED)
+            if job["next_job_id"] is not None:
+                following = self.store.get(job["next_job_id"])
+                if following is not None and following["status"] == PENDING:
+                    self.pool.enqueue(following, reserved=False)
+        return done
+
+    def _retry(self, job, reason):
+        """IN_PROGRESS -> SCHEDULED: a failed attempt with retries left waits for its
+        backoff, then comes due like a scheduled job."""
+        run_at = self._clock() + _backoff(job["retry_backoff"], max(1, job["attempts"]))
+        moved = self._transition(job["id"], (IN_PROGRESS,), SCHEDULED,
+                                 {"run_at": run_at, "failure_reason": reason})
+        if moved is not None:
+            log.info("job %s: attempt %d failed (%s); retry %d of %d at %s", job["id"],
+                     moved["attempts"], reason, moved["attempts"], moved["max_retries"],
+                     _rfc3339(run_at))
+            self.scheduler.at(run_at, self.promote, job["id"])
+        return moved
+
+    def _fail(self, job, reason):
+        """IN_PROGRESS -> FAILED, the reason kept as its result's error; the rest of
+        its pipeline is cancelled with it."""
+        return self._end(job, (IN_PROGRESS,), FAILED, reason, result=(None, reason))
+
+    def _cancel(self, job, reason):
+        """Any status before the end -> CANCELLED, with no result; the rest of its
+        pipeline is cancelled with it."""
+        return self._end(job, UNFINISHED, CANCELLED, reason, result=None)
+
+    def _end(self, job, from_states, status, reason, result):
+        """Move a job to FAILED or CANCELLED, and the jobs after it in its pipeline
+        that have not started to CANCELLED, in one write."""
+        now = self._clock()
+        later = self._rest_of_pipeline(job, status, now)
+        moved = self._transition(job["id"], from_states, status,
+                                 {"completed_at": now, "failure_reason": reason},
+                                 result=result, then=later)
+        if moved is not None:
+            log.info("job %s: %s -> %s (%s)", job["id"], job["status"], status, reason)
+            for later_id, *_ in later:
+                self._forget(later_id)
+        return moved
+
+    def _rest_of_pipeline(self, job, status, now):
+        """The moves that cancel the jobs after `job` in its pipeline."""
+        if job["next_job_id"] is None:
+            return []
+        pipeline = self.store.get_pipeline(job["pipeline_id"])
+        ids = [j["id"] for j in pipeline["jobs"]] if pipeline is not None else []
+        if job["id"] not in ids:
+            return []
+        what = "failed" if status == FAILED else "was cancelled"
+        reason = f"job {job['name']!r} ({job['id']}) before it in the pipeline {what}"
+        return [(later_id, (SCHEDULED, PENDING), CANCELLED,
+                 {"completed_at": now, "failure_reason": reason})
+                for later_id in ids[ids.index(job["id"]) + 1:]]
+
+    def _forget(self, job_id):
+        """A job ended or went without running: give back its backlog place, if it
+        held one, and wake its waiters."""
+        self.pool.withdraw(job_id)
+        self.wake(job_id)
+
+    # -- what a caller asks for
+
+    def cancel(self, job_id, reason="cancelled by request"):
+        """Cancel a job that has not finished: it never starts, or, if it runs, its
+        task is told (context.cancelled) and its late result discarded. Returns
+        (its record, or None if there is none; whether this call cancelled it): a
+        job that finished first keeps its status."""
+        while True:
+            job = self.store.get(job_id)
+            if job is None or job["status"] in FINISHED:
+                return job, False
+            claim = self.pool.take(job_id)
+            if claim is _SETTLING:  # a worker or the deadline thread is ending it
+                self._wait_for_settle(job_id)
+                continue
+            try:
+                moved = self._cancel(claim.job if claim and claim.job else job, reason)
+            finally:  # take() has withdrawn it from the queue: give back the claim
+                if claim is not None:
+                    self.pool.release(claim)
+                self.wake(job_id)
+            if moved is not None:
+                return moved, True
+            # it moved first (started, came due, finished): look again
+
+    def _wait_for_settle(self, job_id):
+        """Wait until whoever holds the running job's claim has settled it."""
+        with self.watching(job_id) as changed:
+            if self.pool.holds(job_id):  # settle() releases, then wakes: nothing is missed
+                changed.wait()
+
+    def cancel_pipeline(self, pipeline_id):
+        """Cancel what is left of a pipeline (its current job, and with it the rest).
+        Returns its record with its jobs; NotFound, or Conflict if it has finished."""
+        while True:
+            pipeline = self.store.get_pipeline(pipeline_id)
+            if pipeline is None or not pipeline["jobs"]:
+                raise _not_found("pipeline", pipeline_id)
+            status = _pipeline_status(pipeline["jobs"])
+            if status in FINISHED:
+                raise Conflict(f"pipeline {pipeline_id!r} has finished (status {status}); "
+                               f"only one that has not can be cancelled")
+            current = next(job for job in pipeline["jobs"] if job["status"] not in FINISHED)
+            _, cancelled = self.cancel(current["id"], "cancelled by request: its pipeline "
+                                                      "was cancelled")
+            if cancelled:
+                log.info("pipeline %s: cancelled", pipeline_id)
+                return self.store.get_pipeline(pipeline_id)
+            # that job finished just before: cancel from the next one
+
+    def delete(self, job_id):
+        """Delete a job that is not running and not part of a pipeline, with its
+        result; it gives back its backlog place and never runs. NotFound, Conflict."""
+        job = self.store.delete(job_id, lambda job: _why_not_deletable(job) is None)
+        if job is None:
+            raise _not_found("job", job_id)
+        reason = _why_not_deletable(job)
+        if reason is not None:
+            raise Conflict(reason)
+        self._forget(job_id)
+        log.info("job %s: deleted (was %s)", job_id, job["status"])
+
+    def delete_pipeline(self, pipeline_id):
+        """Delete a pipeline that is not running, with its jobs and their results.
+        NotFound, Conflict."""
+        pipeline = self.store.delete_pipeline(
+            pipeline_id, lambda pipeline: _why_pipeline_not_deletable(pipeline) is None)
+        if pipeline is None or not pipeline["jobs"]:
+            raise _not_found("pipeline", pipeline_id)
+        reason = _why_pipeline_not_deletable(pipeline)
+        if reason is not None:
+            raise Conflict(reason)
+        for job in pipeline["jobs"]:
+            self._forget(job["id"])
+        log.info("pipeline %s: deleted (was %s) with its %d jobs", pipeline_id,
+                 _pipeline_status(pipeline["jobs"]), len(pipeline["jobs"]))
+
+    def previous_result(self, job):
+        """What the job before this one in its pipeline returned (None if nothing)."""
+        previous = self.store.result(job["previous_job_id"])
+        return None if previous is None else previous["value"]
+
+    # -- the result waiters
+
+    @contextlib.contextmanager
+    def watching(self, job_id):
+        """An Event set when the job's status next changes after it has started (it
+        finishes, is retried, cancelled or deleted), or valet stops. Read the job
+        after entering, so that a change just before is not missed."""
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                events = self._waiters.get(job_id)
+                if events is not None:
+                    events.discard(event)
+                    if not events:
+                        del self._waiters[job_id]
+
+    def wake(self, job_id):
+        """Wake every caller waiting for this job."""
+        with self._lock:
+            events = self._waiters.pop(job_id, ())
+        for event in events:
+            event.set()
+
+    def wake_all(self):
+        """Wake every waiting caller: valet is stopping."""
+        with self._lock:
+            waiters, self._waiters = self._waiters, {}
+        for events in waiters.values():
+            for event in events:
+                event.set()
 
 
 # ------------------------------------------------------------------ workers --
@@ -1248,17 +1818,23 @@ class Context:
 
 
 class _Claim:
-    """A job taken by a worker thread: whoever pops it from the pool's `_running`
-    (the worker, the deadline watcher, a cancel, stop) settles the job."""
+    """A job a worker thread took off the queue. It stays in the pool's `_running`
+    until the job is settled: the first thread to take it (the worker when its
+    task returns, the deadline thread, a cancel, stop) settles the job and then
+    releases it; the others leave the job alone."""
 
-    __slots__ = ("thread", "job", "cancelled", "progress", "abandoned")
+    __slots__ = ("thread", "job_id", "job", "cancelled", "progress", "taken",
+                 "abandoned", "deadline")
 
-    def __init__(self, thread):
+    def __init__(self, thread, job_id):
         self.thread = thread
-        self.job = None        # its record, once it is IN_PROGRESS
+        self.job_id = job_id
+        self.job = None         # its record, once it is IN_PROGRESS
         self.cancelled = threading.Event()
         self.progress = None
+        self.taken = False      # a thread has taken it to settle the job
         self.abandoned = False  # taken from its thread, which left the pool
+        self.deadline = False   # it has an entry in the pool's deadline heap
 
 
 def _takes_context(fn):
@@ -1271,15 +1847,8 @@ def _takes_context(fn):
                or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
-def _backoff(base, attempts):
-    """Seconds to wait before the retry that follows failed attempt number `attempts`:
-    doubling from `base`, capped, with jitter (half to all of it) so that jobs that
-    failed together do not all retry at the same moment."""
-    delay = min(_MAX_BACKOFF, base * 2 ** min(attempts - 1, 32))
-    return delay * random.uniform(0.5, 1.0)
-
-
-_STOP = object()  # put on the ready queue, one per worker, to end it
+_STOP = object()      # put on the ready queue, one per worker, to end it
+_SETTLING = object()  # take()'s answer when another thread is settling the job
 
 
 def _guarded(step, *args):
@@ -1293,57 +1862,54 @@ def _guarded(step, *args):
 
 
 class _WorkerPool:
-    """Worker threads taking job ids from a priority queue, and a watcher that enforces
-    timeouts.
+    """Worker threads that take jobs off a priority queue and run them, and a deadline
+    thread that enforces timeouts. The lifecycle starts and settles each job.
 
-    A job belongs to the thread running it while its _Claim is in `_running`; the
-    first thread to pop the claim (the worker, when the task returns; the watcher,
-    when the deadline passes; cancel(); stop(), when the grace period runs out)
-    settles the job, and the others drop what they have. A Python thread cannot
-    be killed, so a worker whose job was taken from it is left to finish its task
-    on its own: a replacement starts at once, and the old thread exits when the
-    task returns, its late result discarded.
+    A job belongs to the thread running it while its _Claim is untaken; the first
+    thread to take the claim (the worker, when the task returns; the deadline
+    thread, when the deadline passes; a cancel; stop(), when the grace period runs
+    out) settles the job, and the others drop what they have. A Python thread
+    cannot be killed, so a worker whose job was taken from it is left to finish its
+    task on its own: a replacement starts at once, and the old thread exits when
+    the task returns, its late result discarded.
     """
 
-    def __init__(self, store, tasks, workers, capacity, timeout_unit, scheduler,
-                 clock=time.monotonic):
+    def __init__(self, lifecycle, tasks, workers, capacity, timeout_unit,
+                 clock=time.time, monotonic=time.monotonic):
         self.size = workers
         self.capacity = capacity
-        self._store = store
+        self._lifecycle = lifecycle
         self._tasks = tasks
         self._unit = timeout_unit
-        self._scheduler = scheduler
-        self._now = scheduler.clock  # the wall clock, for the times a job records
-        self._clock = clock
-        # (-priority, order, job id) of PENDING jobs: highest priority first, then FIFO
+        self._clock = clock          # the wall clock: a task's context.deadline
+        self._monotonic = monotonic  # the deadlines this pool enforces
+        # (-priority, order, job record) of PENDING jobs: highest priority first, then FIFO
         self._ready = queue.PriorityQueue()
         self._order = itertools.count()
         self._names = itertools.count(1)
         self._context = {}  # task name -> whether its function takes a context argument
-        self._watcher = None
+        self._deadline_thread = None
         self._lock = threading.Lock()  # guards every attribute below
         self._deadline_added = threading.Condition(self._lock)
-        self._threads_changed = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)  # threads or claims changed
         self._reserved = 0     # submissions given a place in the backlog, not yet queued
-        self._waiting = set()  # ids queued and not yet taken by a worker (nor deleted)
-        self._running = {}     # job id -> the _Claim of the thread that owns it
+        self._waiting = set()  # ids queued and not yet taken by a worker (nor withdrawn)
+        self._running = {}     # job id -> the _Claim of the thread that took it
         self._deadlines = []   # heap of (monotonic deadline, order, claim, timeout reason)
-        self._settled_early = 0  # entries in _deadlines whose job finished in time
+        self._stale = 0        # entries in _deadlines whose claim was released
         self._threads = set()  # the pool's worker threads (an abandoned one leaves it)
         self._abandoned = 0    # abandoned threads whose task has not returned yet
-        self._watchers = {}    # job id -> Events of callers waiting for it to change
         self._stopping = False  # set by halt(): start no more jobs or workers
-        self._watching = True  # the watcher runs until stop() has waited for the workers
+        self._enforcing = True  # the deadline thread runs until stop() has waited
 
     # -- the backlog: jobs accepted and waiting for a worker
 
     def reserve(self):
-        """Take a place in the backlog, or raise HTTPError(503) when it is full."""
+        """Take a place in the backlog, or raise BacklogFull."""
         with self._lock:
             if len(self._waiting) + self._reserved >= self.capacity:
-                raise HTTPError(503, f"the backlog is full (worker_pool.queue_capacity "
-                                     f"is {self.capacity}); try again shortly",
-                                {"Retry-After": "1"})
+                raise BacklogFull(f"the backlog is full (worker_pool.queue_capacity is "
+                                  f"{self.capacity}); try again shortly")
             self._reserved += 1
 
     def unreserve(self):
@@ -1351,52 +1917,20 @@ class _WorkerPool:
         with self._lock:
             self._reserved -= 1
 
-    def enqueue(self, job_id, priority=0, reserved=True):
-        """Queue a stored PENDING job. Jobs that were accepted earlier (scheduled ones
+    def enqueue(self, job, reserved=True):
+        """Queue a stored PENDING job (its record). Jobs accepted earlier (scheduled ones
         coming due, a pipeline's next job, start-up recovery) pass reserved=False:
         they take a place even when the backlog is full."""
         with self._lock:
             self._reserved -= reserved
-            self._waiting.add(job_id)
-        self._ready.put((-priority, next(self._order), job_id))
+            self._waiting.add(job["id"])
+        self._ready.put((-job["priority"], next(self._order), job))
 
-    def discard(self, job_id):
+    def withdraw(self, job_id):
         """Forget a queued job that was deleted or cancelled: it gives back its place
         and never runs."""
         with self._lock:
             self._waiting.discard(job_id)
-        self._wake(job_id)
-
-    def promote(self, job_id):
-        """A scheduled job has come due: make it PENDING and queue it."""
-        job = self._store.transition(job_id, (SCHEDULED,), PENDING)
-        if job is not None:
-            log.debug("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
-            self.enqueue(job_id, job["priority"], reserved=False)
-
-    @contextlib.contextmanager
-    def watching(self, job_id):
-        """An Event set when the job's status next changes after it has started (it
-        finishes, is retried, cancelled or deleted). Read the job's status after
-        entering, so that a change just before is not missed."""
-        event = threading.Event()
-        with self._lock:
-            self._watchers.setdefault(job_id, set()).add(event)
-        try:
-            yield event
-        finally:
-            with self._lock:
-                events = self._watchers.get(job_id)
-                if events is not None:
-                    events.discard(event)
-                    if not events:
-                        del self._watchers[job_id]
-
-    def _wake(self, job_id):
-        with self._lock:
-            events = self._watchers.pop(job_id, ())
-        for event in events:
-            event.set()
 
     def stats(self):
         with self._lock:
@@ -1409,83 +1943,120 @@ class _WorkerPool:
             claim = self._running.get(job_id)
             return None if claim is None else claim.progress
 
+    # -- claims
+
+    def take(self, job_id):
+        """Take a job out of the pool's hands, to cancel it: withdraw it from the
+        queue, or take the claim of the worker that runs it (the worker leaves the
+        pool, a replacement starts, and the task's context.cancelled is set).
+        Returns the claim, which the caller releases once it has settled the job;
+        None if no worker holds the job; _SETTLING if another thread has taken it."""
+        with self._lock:
+            self._waiting.discard(job_id)
+            claim = self._running.get(job_id)
+            if claim is None:
+                return None
+            if claim.taken:
+                return _SETTLING
+            self._take(claim)
+        self._replace()
+        return claim
+
+    def _take(self, claim):
+        """Take a claim from its thread, which leaves the pool (with the lock held)."""
+        claim.taken = claim.abandoned = True
+        claim.cancelled.set()
+        self._abandoned += 1
+        self._threads.discard(claim.thread)
+        self._changed.notify_all()
+
+    def release(self, claim):
+        """The job of a taken claim is settled: forget the claim. Idempotent."""
+        with self._lock:
+            if self._running.get(claim.job_id) is claim:
+                del self._running[claim.job_id]
+                self._changed.notify_all()
+                if claim.deadline:  # its entry in the heap is stale now
+                    self._stale += 1
+                    self._prune_deadlines()
+
+    def holds(self, job_id):
+        """Whether a worker's claim on the job is still unreleased."""
+        with self._lock:
+            return job_id in self._running
+
     # -- a worker's single step
 
     def run_once(self, block=True, timeout=None):
-        """Take one job id from the queue and run that job to its end.
+        """Take one job off the queue and run it to its end.
 
         Returns False when this thread should stop: it took the stop sentinel, or
         its job was taken from it (a timeout, a cancel) and a replacement has
         taken its place. Raises queue.Empty when not blocking (or after
         `timeout`) and nothing is queued.
         """
-        *_, job_id = self._ready.get(block, timeout)
-        if job_id is _STOP:
+        *_, job = self._ready.get(block, timeout)
+        if job is _STOP:
             return False
         with self._lock:
-            if job_id not in self._waiting or self._stopping:
+            if job["id"] not in self._waiting or self._stopping:
                 return True  # deleted or cancelled while queued; or left for the next start
-            self._waiting.remove(job_id)
-            claim = self._running[job_id] = _Claim(threading.current_thread())
+            self._waiting.remove(job["id"])
+            claim = self._running[job["id"]] = _Claim(threading.current_thread(), job["id"])
         try:
-            return self._run(job_id, claim)
+            return self._run(job, claim)
         finally:
             with self._lock:
-                if self._running.get(job_id) is claim:  # an error (the store's, say):
-                    del self._running[job_id]           # the job waits for the next start
+                if not claim.taken and self._running.get(job["id"]) is claim:
+                    del self._running[job["id"]]  # not started: an error, or cancelled
+                    self._changed.notify_all()
                 if claim.abandoned:
                     self._abandoned -= 1
 
-    def _run(self, job_id, claim):
-        job = self._store.transition(job_id, (PENDING,), IN_PROGRESS,
-                                     {"started_at": self._now()})
+    def _run(self, job, claim):
+        started = self._lifecycle.start(job)
         with self._lock:
-            owned = self._running.get(job_id) is claim
-            if job is None or not owned:  # cancelled or deleted before it started
-                if owned:
-                    del self._running[job_id]
-                    self._threads_changed.notify_all()
-                return owned  # if not, the canceller started a replacement
-            claim.job = job
-            self._threads_changed.notify_all()  # stop() may wait for this start
-            deadline = None
-            if job["timeout"] is not None:
-                seconds = job["timeout"] / (1000 if self._unit == "millisecond" else 1)
-                plural = "" if job["timeout"] == 1 else "s"
-                reason = f"timed out after {job['timeout']:g} {self._unit}{plural}"
-                deadline = self._now() + seconds
-                heapq.heappush(self._deadlines,
-                               (self._clock() + seconds, next(self._order), claim, reason))
-                self._deadline_added.notify()
-        log.debug("job %s: %s -> %s (attempt %d)", job_id, PENDING, IN_PROGRESS,
-                  job["attempts"])
-
-        context = Context(job_id, job["attempts"], deadline, claim, self._now)
-        status, value, reason = self._call(job, context)
-
+            if started is None or claim.taken:  # cancelled or deleted before it started
+                return not claim.taken  # if taken, the canceller started a replacement
+            claim.job = started
+            deadline = self._add_deadline(claim)
+            self._changed.notify_all()  # stop() may wait for this start
+        context = Context(started["id"], started["attempts"], deadline, claim, self._clock)
+        status, value, reason = self._call(started, context)
         with self._lock:
-            owned = self._running.get(job_id) is claim
-            if owned:
-                del self._running[job_id]
-                if job["timeout"] is not None:
-                    self._forget_deadline()
-        if not owned:
-            log.info("job %s: the task returned after the job was settled; "
-                     "its result is discarded", job_id)
+            mine, claim.taken = not claim.taken, True
+            if not mine:
+                self._changed.wait_for(lambda: self._running.get(claim.job_id) is not claim)
+        if not mine:
+            log.info("job %s: the task returned after the job was settled; its result is "
+                     "discarded", started["id"])
             return False
-        self.settle(job, status, reason, value)
+        self._lifecycle.settle(claim, status, value, reason)
         return True
 
-    def _forget_deadline(self):
-        """Count a deadline entry made stale by a job that finished in time, and prune
-        the heap once most of it is stale: a busy server with long timeouts would
-        otherwise hold an entry per job until its deadline. Call with the lock held."""
-        self._settled_early += 1
-        if self._settled_early * 2 > len(self._deadlines):
+    def _add_deadline(self, claim):
+        """Put a started job with a timeout in the deadline heap (with the lock held);
+        its deadline on the wall clock, for the task's context, or None."""
+        timeout = claim.job["timeout"]
+        if timeout is None:
+            return None
+        seconds = timeout / (1000 if self._unit == "millisecond" else 1)
+        reason = f"timed out after {timeout:g} {self._unit}{'' if timeout == 1 else 's'}"
+        heapq.heappush(self._deadlines,
+                       (self._monotonic() + seconds, next(self._order), claim, reason))
+        claim.deadline = True
+        self._deadline_added.notify()
+        return self._clock() + seconds
+
+    def _prune_deadlines(self):
+        """Drop stale entries once they are most of the heap (with the lock held): a
+        busy server with long timeouts would otherwise hold an entry per job until
+        its deadline."""
+        if self._stale * 2 > len(self._deadlines):
             self._deadlines = [d for d in self._deadlines
-                               if self._running.get(d[2].job["id"]) is d[2]]
+                               if self._running.get(d[2].job_id) is d[2]]
             heapq.heapify(self._deadlines)
-            self._settled_early = 0
+            self._stale = 0
 
     def _call(self, job, context):
         """Call the job's task outside every lock: (status, value, failure reason)."""
@@ -1497,8 +2068,7 @@ class _WorkerPool:
         args = [job["metadata"]]
         try:
             if job["use_previous_results"]:
-                previous = self._store.result(job["previous_job_id"])
-                args.append(None if previous is None else previous["value"])
+                args.append(self._lifecycle.previous_result(job))
             kwargs = {"context": context} if self._context[job["task_name"]] else {}
             value = fn(*args, **kwargs)
         except BaseException as exc:  # a task's failure must never end the worker
@@ -1510,95 +2080,7 @@ class _WorkerPool:
             return FAILED, None, f"the task's result is not JSON-serialisable: {exc}"
         return COMPLETED, value, None
 
-    # -- the one way an attempt ends
-
-    def settle(self, job, status, reason, value=None, states=(IN_PROGRESS,)):
-        """End an attempt of a job the caller owns, moving it from `states`: a failure
-        with retries left schedules the next attempt; otherwise the job finishes as
-        `status` with its result, a pipeline's next job is queued, or (when it did
-        not complete) the rest of its pipeline is cancelled in the same write.
-        Returns the moved record; None (and nothing happens) if it was not in
-        `states` any more.
-        """
-        job_id, now = job["id"], self._now()
-        if status == FAILED and job["attempts"] <= job["max_retries"]:
-            run_at = now + _backoff(job["retry_backoff"], max(1, job["attempts"]))
-            moved = self._store.transition(job_id, states, SCHEDULED,
-                                           {"run_at": run_at, "failure_reason": reason})
-            if moved is not None:
-                log.info("job %s: attempt %d failed (%s); retry %d of %d at %s", job_id,
-                         moved["attempts"], reason, moved["attempts"], moved["max_retries"],
-                         _rfc3339(run_at))
-                self._scheduler.at(run_at, self.promote, job_id)
-                self._wake(job_id)
-            return moved
-        later = []
-        if status != COMPLETED and job["next_job_id"] is not None:
-            jobs = self._store.pipeline_jobs(job["pipeline_id"])
-            ids = [j["id"] for j in jobs]
-            what = "failed" if status == FAILED else "was cancelled"
-            reason_later = (f"job {job['name']!r} ({job_id}) before it in the pipeline "
-                            f"{what}")
-            later = [(later_id, (SCHEDULED, PENDING), CANCELLED,
-                      {"completed_at": now, "failure_reason": reason_later})
-                     for later_id in ids[ids.index(job_id) + 1:]]
-        result = (value, reason) if status != CANCELLED else _NO_RESULT
-        moved = self._store.transition(job_id, states, status,
-                                       {"completed_at": now, "failure_reason": reason},
-                                       result=result, then=later)
-        if moved is None:
-            return None
-        log.log(logging.DEBUG if status == COMPLETED else logging.INFO, "job %s: %s -> %s%s",
-                job_id, job["status"], status, f" ({reason})" if reason else "")
-        for later_id, *_ in later:
-            self.discard(later_id)
-        self._wake(job_id)
-        if status == COMPLETED and job["next_job_id"] is not None:
-            self.enqueue(job["next_job_id"], job["priority"], reserved=False)
-        return moved
-
-    def cancel(self, job_id, reason):
-        """Cancel a job that has not finished: it never starts, or, if it is running,
-        its task is told (context.cancelled) and its late result discarded.
-        Returns (the job's record or None if there is none, whether this call
-        cancelled it): a job that finished first keeps its status."""
-        for attempt in itertools.count():
-            job = self._store.get(job_id)
-            if job is None or job["status"] in FINISHED:
-                return job, False
-            with self._lock:
-                claim = self._running.pop(job_id, None)
-                if claim is not None:
-                    self._abandon(claim)
-                    if claim.job is not None and claim.job["timeout"] is not None:
-                        self._forget_deadline()
-                else:  # no worker may take it from the queue from now on
-                    self._waiting.discard(job_id)
-            if claim is not None:  # this call owns it now
-                claim.cancelled.set()
-                self._replace()
-                moved = self.settle(claim.job or job, CANCELLED, reason, states=UNFINISHED)
-            else:
-                # Without its claim, a running job is the settling thread's (a worker
-                # whose task returned, the deadline watcher); or nobody's, after an
-                # error, and then, after a few rounds, this call's.
-                states = (SCHEDULED, PENDING) if attempt < 3 else UNFINISHED
-                moved = self.settle(job, CANCELLED, reason, states=states)
-            if moved is not None:  # settle() has woken its waiters
-                return moved, True
-            if claim is None:
-                self._wait_for_owner(job_id)
-
-    def _wait_for_owner(self, job_id):
-        """Wait up to a second for a running job that no claim holds to be settled."""
-        with self.watching(job_id) as changed:
-            job = self._store.get(job_id)
-            with self._lock:
-                unclaimed = job_id not in self._running
-            if job is not None and job["status"] == IN_PROGRESS and unclaimed:
-                changed.wait(1)
-
-    # -- the deadline watcher's single step
+    # -- the deadline thread's single step
 
     def tick(self, now):
         """Fail every running job whose deadline is at or before `now` (monotonic).
@@ -1612,35 +2094,35 @@ class _WorkerPool:
         with self._lock:
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, _, claim, reason = heapq.heappop(self._deadlines)
-                job_id = claim.job["id"]
-                if self._running.get(job_id) is not claim:  # it finished in time
-                    self._settled_early = max(0, self._settled_early - 1)
+                claim.deadline = False
+                if self._running.get(claim.job_id) is not claim:  # settled in time
+                    self._stale -= 1
                     continue
-                del self._running[job_id]
-                self._abandon(claim)
+                if claim.taken:  # another thread is settling it
+                    continue
+                self._take(claim)
                 overdue.append((claim, reason))
-        for claim, _ in overdue:
-            claim.cancelled.set()
+        for _ in overdue:
             self._replace()
         for claim, reason in overdue:  # one that cannot be written leaves the rest be
-            _guarded(self.settle, claim.job, FAILED, reason)
+            _guarded(self._lifecycle.settle, claim, FAILED, None, reason)
         return len(overdue)
 
-    def _watch(self):
+    def _enforce_deadlines(self):
         while True:
             with self._lock:
-                while self._watching:
+                while self._enforcing:
                     if not self._deadlines:
                         self._deadline_added.wait()
                         continue
-                    delay = self._deadlines[0][0] - self._clock()
+                    delay = self._deadlines[0][0] - self._monotonic()
                     if delay <= 0:
                         break
                     # Capped: a long wait is re-checked, never an overflow.
                     self._deadline_added.wait(min(delay, 3600))
-                if not self._watching:
+                if not self._enforcing:
                     return
-            _guarded(self.tick, self._clock())
+            _guarded(self.tick, self._monotonic())
 
     # -- threads
 
@@ -1648,16 +2130,9 @@ class _WorkerPool:
         with self._lock:
             return thread in self._threads
 
-    def _abandon(self, claim):
-        """The claim's thread leaves the pool (call with the lock held)."""
-        claim.abandoned = True
-        self._abandoned += 1
-        self._threads.discard(claim.thread)
-        self._threads_changed.notify_all()
-
     def _replace(self):
         """Start a worker in place of an abandoned one (once the pool has started)."""
-        if self._watcher is not None:
+        if self._deadline_thread is not None:
             self._spawn()
 
     def _spawn(self):
@@ -1676,25 +2151,20 @@ class _WorkerPool:
             pass
         with self._lock:
             self._threads.discard(threading.current_thread())
-            self._threads_changed.notify_all()
+            self._changed.notify_all()
 
     def start(self):
-        self._watcher = threading.Thread(target=self._watch, name="valet-deadlines",
-                                         daemon=True)
-        self._watcher.start()
+        self._deadline_thread = threading.Thread(target=self._enforce_deadlines,
+                                                 name="valet-deadlines", daemon=True)
+        self._deadline_thread.start()
         for _ in range(self.size):
             self._spawn()
 
     def halt(self):
-        """Start no more jobs: those still queued stay PENDING in the store. Wakes
-        every caller waiting for a job, so that it can answer before valet stops."""
+        """Start no more jobs: those still queued stay PENDING in the store."""
         with self._lock:
             self._stopping = True
             self._waiting.clear()
-            watchers, self._watchers = self._watchers, {}
-        for events in watchers.values():
-            for event in events:
-                event.set()
 
     def stop(self, grace):
         """halt(), then wait up to `grace` seconds for running jobs, then fail them
@@ -1709,23 +2179,23 @@ class _WorkerPool:
             self._ready.put((-math.inf, next(self._order), _STOP))
         with self._lock:
             # Threads leave the pool when they exit, or when their job is taken.
-            self._threads_changed.wait_for(lambda: not self._threads, grace)
+            self._changed.wait_for(lambda: not self._threads, grace)
             # A claim without a job is a start still being written: wait for it, so
             # that it is settled with the rest rather than run after stop returns.
-            self._threads_changed.wait_for(
-                lambda: all(claim.job for claim in self._running.values()), 10)
-            unfinished = [claim for claim in self._running.values() if claim.job]
+            self._changed.wait_for(lambda: all(
+                claim.job or claim.taken for claim in self._running.values()), 10)
+            unfinished = [claim for claim in self._running.values()
+                          if claim.job and not claim.taken]
             for claim in unfinished:
-                del self._running[claim.job["id"]]
-            self._watching = False
+                self._take(claim)
+            self._enforcing = False
             self._deadline_added.notify_all()
         for claim in unfinished:
-            claim.cancelled.set()
-            _guarded(self.settle, claim.job, FAILED, f"the server stopped before the job "
-                                                    f"finished (shutdown grace period: "
-                                                    f"{grace:g}s)")
-        if self._watcher is not None:
-            self._watcher.join(10)
+            _guarded(self._lifecycle.settle, claim, FAILED, None,
+                     f"the server stopped before the job finished (shutdown grace period: "
+                     f"{grace:g}s)")
+        if self._deadline_thread is not None:
+            self._deadline_thread.join(10)
 
 
 # ---------------------------------------------------------------- scheduler --
@@ -1735,16 +2205,21 @@ class _Scheduler:
     firings. A heap of (time, order, action, args) and a thread that sleeps on a
     Condition until the earliest entry is due, woken early when an earlier one is
     added; no polling.
+
+    It owns the periodic entries of the config: start_periodic() plans each one's
+    next firing, and every firing plans the one after it.
     """
 
-    def __init__(self, clock=time.time):
+    def __init__(self, clock=time.time, periodic=()):
         self.clock = clock  # epoch seconds; tests pass their own
+        self.periodic = list(periodic)  # _Periodic entries, as load_config() parsed them
         self._order = itertools.count()
         self._thread = None
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # guards the two below
+        self._changed = threading.Condition(self._lock)  # guards the three below
         self._heap = []
         self._running = True
+        self._next_firing = {}  # periodic entry name -> epoch second it fires next
 
     def at(self, when, action, *args):
         """Run action(*args) on the scheduler's thread at epoch second `when`."""
@@ -1794,6 +2269,37 @@ class _Scheduler:
         if self._thread is not None:
             self._thread.join(10)
 
+    # -- periodic entries
+
+    def start_periodic(self, last_fired, fire):
+        """Plan each periodic entry's next firing: at once for the latest due time it
+        missed while valet was down (once, however many it missed), else when it is
+        due. last_fired(name, now) is the due time of the entry's last firing (the
+        store's periodic_last); fire(entry, due) creates its job for that due time."""
+        now = self.clock()
+        for entry in self.periodic:
+            self._plan(entry, _next_due(entry.schedule, last_fired(entry["name"], now), now),
+                       fire)
+
+    def _plan(self, entry, due, fire):
+        with self._lock:
+            self._next_firing[entry["name"]] = due
+        self.at(due, self._fire, entry, due, fire)
+
+    def _fire(self, entry, due, fire):
+        try:
+            fire(entry, due)
+        finally:  # a firing that failed (a full disk, say) does not end the schedule
+            self._plan(entry, _next_due(entry.schedule, due, self.clock()), fire)
+
+    def periodic_json(self):
+        """The periodic entries, with the time each fires next (GET /periodic)."""
+        with self._lock:
+            return [{"name": entry["name"], "task_name": entry["task_name"],
+                     "cron": entry.get("cron"), "every": entry.get("every"),
+                     "next_run_at": _rfc3339(self._next_firing.get(entry["name"]))}
+                    for entry in self.periodic]
+
 
 # Periodic jobs: config entries that each create an ordinary job when due.
 
@@ -1821,7 +2327,6 @@ class _Cron:
         self.minutes, self.hours, self.days, self.months, weekdays = values
         self.weekdays = {day % 7 for day in weekdays}  # 0 and 7 are both Sunday
         self.either_day = not fields[2].startswith("*") and not fields[4].startswith("*")
-        self.text = text
         if self.next_after(time.time()) is None:
             raise ValueError(f"{text!r} never matches a date")
 
@@ -1904,7 +2409,6 @@ class _Every:
             raise ValueError(f"{_show(value)} is not allowed; an interval runs from 1 "
                              f"second to a year")
         self.seconds = seconds
-        self.text = value
 
     def next_after(self, t):
         return t + self.seconds
@@ -1925,56 +2429,98 @@ _PERIODIC_INPUT = ("name", "task_name", "cron", "every", "description", "metadat
                    "timeout", "priority", "max_retries", "retry_backoff")
 
 
+class _Periodic(dict):
+    """A periodic entry of the config: the entry as written (so a loaded config still
+    equals what was given), and `schedule`, its cron or every, parsed once."""
+
+    schedule = None
+
+    def job_fields(self):
+        """The fields of the job each firing creates (those of a POST /jobs body)."""
+        return {key: value for key, value in self.items() if key not in ("cron", "every")}
+
+
 def _periodic_entries(value):
-    """The `periodic` config value as [(name, schedule, job fields)]; ConfigError names
-    the entry and field at fault. The job fields are checked when valet starts,
-    against the registered tasks."""
+    """The `periodic` config value as a list of _Periodic entries; ConfigError names
+    the entry and field at fault. Entries parsed before pass as they are. The job
+    fields are checked when valet is built, against the registered tasks."""
     if value is None:
         return []
     if not isinstance(value, list):
         raise ConfigError(f"periodic: {_show(value)} is not allowed; expected a list of "
                           f"entries, each with name, task_name and cron or every")
-    entries, names = [], set()
-    for i, entry in enumerate(value):
-        where = f"periodic[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: {_show(entry)} is not allowed; expected a mapping "
-                              f"with name, task_name and cron or every")
-        unknown = sorted(set(entry) - set(_PERIODIC_INPUT))
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown key; an entry takes "
-                              f"{', '.join(_PERIODIC_INPUT)}")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"{where}.name: {_show(name)} is not allowed; expected a "
-                              f"non-empty string")
-        if name in names:
-            raise ConfigError(f"{where}.name: {name!r} is used by an earlier entry; "
-                              f"names must be unique")
-        names.add(name)
-        if "cron" in entry and "every" in entry:
-            raise ConfigError(f"{where}: give cron or every, not both")
-        if "cron" not in entry and "every" not in entry:
-            raise ConfigError(f"{where}: give cron or every: when its jobs are due")
-        key = "cron" if "cron" in entry else "every"
-        try:
-            if key == "cron" and not isinstance(entry["cron"], str):
-                raise ValueError(f"{_show(entry['cron'])} is not a cron expression "
-                                 f"such as \"*/5 * * * *\"")
-            schedule = _Cron(entry["cron"]) if key == "cron" else _Every(entry["every"])
-        except ValueError as exc:
-            raise ConfigError(f"{where}.{key}: {exc}") from None
-        try:
-            json.dumps(entry.get("metadata"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}.metadata: it must be plain JSON (YAML dates, "
-                              f".nan and .inf are not): {exc}") from None
-        fields = {k: v for k, v in entry.items() if k not in ("cron", "every")}
-        entries.append((name, schedule, fields))
+    entries = [entry if isinstance(entry, _Periodic) else _periodic_entry(entry, i)
+               for i, entry in enumerate(value)]
+    names = set()
+    for i, entry in enumerate(entries):
+        if entry["name"] in names:
+            raise ConfigError(f"periodic[{i}].name: {entry['name']!r} is used by an earlier "
+                              f"entry; names must be unique")
+        names.add(entry["name"])
     return entries
 
 
+def _periodic_entry(entry, i):
+    """One entry of the `periodic` config value, checked and parsed."""
+    where = f"periodic[{i}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: {_show(entry)} is not allowed; expected a mapping "
+                          f"with name, task_name and cron or every")
+    unknown = [key for key in entry if key not in _PERIODIC_INPUT]
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; an entry takes "
+                          f"{', '.join(_PERIODIC_INPUT)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}.name: {_show(name)} is not allowed; expected a "
+                          f"non-empty string")
+    if ("cron" in entry) == ("every" in entry):
+        raise ConfigError(f"{where}: give cron or every, not both" if "cron" in entry else
+                          f"{where}: give cron or every: when its jobs are due")
+    key = "cron" if "cron" in entry else "every"
+    try:
+        if key == "cron" and not isinstance(entry["cron"], str):
+            raise ValueError(f"{_show(entry['cron'])} is not a cron expression such as "
+                             f"\"*/5 * * * *\"")
+        schedule = _Cron(entry["cron"]) if key == "cron" else _Every(entry["every"])
+    except ValueError as exc:
+        raise ConfigError(f"{where}.{key}: {exc}") from None
+    try:
+        json.dumps(entry.get("metadata"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.metadata: it must be plain JSON (YAML dates, "
+                          f".nan and .inf are not): {exc}") from None
+    parsed = _Periodic(entry)
+    parsed.schedule = schedule
+    return parsed
+
+
 # --------------------------------------------------------------------- HTTP --
+
+class HTTPError(Exception):
+    """An error answer: carried from wherever the HTTP layer finds it (or from a
+    ValetError, by _http_error) to the one place that writes it."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": True, "code": self.status, "message": self.message}
+
+
+# The status code of each of valet's errors.
+_ERROR_STATUS = {Invalid: 400, NotFound: 404, Conflict: 409, BacklogFull: 503,
+                 ShuttingDown: 503}
+
+
+def _http_error(exc):
+    """The HTTPError that answers a ValetError; a 503 says when to try again."""
+    status = next(code for kind, code in _ERROR_STATUS.items() if isinstance(exc, kind))
+    return HTTPError(status, str(exc), {"Retry-After": "1"} if status == 503 else None)
+
 
 def _encode(payload):
     return _ENCODER.encode(payload).encode()
@@ -2025,7 +2571,6 @@ def _json_type(value):
     return "null"
 
 
-_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
 _SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")  # 2, 0.5: a plain, short decimal
 
 
@@ -2070,36 +2615,31 @@ class _Request:
 
 
 
-def _not_found(what, item_id):
-    """The 404 for a job or pipeline that is not there."""
-    return HTTPError(404, f"{what} {item_id!r} not found")
+def _found(value, what, item_id):
+    """`value`, unless it is None: then the NotFound for that job or pipeline."""
+    if value is None:
+        raise _not_found(what, item_id)
+    return value
 
 
-def _find_job(app, req):
-    job = app.store.get(req.params["id"])
-    if job is None:
-        raise _not_found("job", req.params["id"])
-    return job
+def _listing(args):
+    """A listing's query as the facade takes it: limit as an integer when it is one."""
+    limit = args.get("limit", DEFAULT_PAGE_SIZE)
+    if isinstance(limit, str) and _DIGITS.fullmatch(limit):
+        limit = int(limit)
+    return {"status": args.get("status"), "limit": limit, "cursor": args.get("cursor")}
 
 
-def _page(args):
-    """A listing's (status, limit, cursor) from its query, or HTTPError(400)."""
-    status = args.get("status")
-    if status is not None:
-        status = status.upper()
-        if status not in STATUSES:
-            raise HTTPError(400, f"status must be one of {', '.join(STATUSES)}, "
-                                 f"got {args['status']!r}")
-    limit = args.get("limit", str(DEFAULT_PAGE_SIZE))
-    if not (_DIGITS.fullmatch(limit) and 1 <= int(limit) <= MAX_PAGE_SIZE):
-        raise HTTPError(400, f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, "
-                             f"got {limit!r}")
-    cursor = args.get("cursor", "0")
-    if not _DIGITS.fullmatch(cursor):
-        raise HTTPError(400, f"cursor must be a next_cursor from an earlier page, "
-                             f"got {cursor!r}")
-    return status, int(limit), int(cursor)
+def _wait_seconds(text):
+    """The seconds of ?wait=, or HTTPError(400)."""
+    if not (_SECONDS.fullmatch(text) and float(text) <= MAX_WAIT):
+        raise HTTPError(400, f"wait must be a number of seconds from 0 to {MAX_WAIT}, "
+                             f"written as digits such as 2 or 0.5, got {text!r}")
+    return float(text)
 
+
+# The routes: each calls one method of the app (a Valet) and turns its answer into
+# (status, JSON body[, headers]).
 
 def _post_job(app, req):
     job = app.submit(req.json())
@@ -2107,62 +2647,23 @@ def _post_job(app, req):
 
 
 def _list_jobs(app, req):
-    status, limit, cursor = _page(req.args)
-    jobs = app.store.list(status, after=cursor, limit=limit + 1)
-    next_cursor = str(jobs[limit - 1]["seq"]) if len(jobs) > limit else None
-    return 200, {"jobs": [app.job_json(j) for j in jobs[:limit]], "next_cursor": next_cursor}
+    return 200, app.list_jobs(**_listing(req.args))
 
 
 def _get_job(app, req):
-    if "wait" not in req.args:
-        return 200, app.job_json(_find_job(app, req))
-    seconds = req.args["wait"]
-    if not (_SECONDS.fullmatch(seconds) and float(seconds) <= MAX_WAIT):
-        raise HTTPError(400, f"wait must be a number of seconds from 0 to {MAX_WAIT}, "
-                             f"written as digits such as 2 or 0.5, got {seconds!r}")
-    job = app.wait(req.params["id"], float(seconds))
-    if job is None:
-        raise _not_found("job", req.params["id"])
-    return 200, job
-
-
-def _changes(fields, what, known):
-    """The name/description changes a PATCH body asks for, or HTTPError(400)."""
-    for key in fields:
-        if key not in known:
-            raise HTTPError(400, f"unknown field {key!r}; a PATCH of a {what} may change "
-                                 f"only name and description")
-        if key not in ("name", "description"):
-            raise HTTPError(400, f"field {key!r} cannot be changed; a PATCH of a {what} "
-                                 f"may change only name and description")
-    changes = {}
-    if "name" in fields:
-        changes["name"] = _check_text(fields, "name", required=True)
-    if "description" in fields:
-        changes["description"] = _check_text(fields, "description", required=False)
-    return changes
+    job_id = req.params["id"]
+    if "wait" in req.args:
+        return 200, _found(app.wait(job_id, _wait_seconds(req.args["wait"])), "job", job_id)
+    return 200, _found(app.job(job_id), "job", job_id)
 
 
 def _patch_job(app, req):
-    changes = _changes(req.json(), "job", (*JOB_FIELDS, *_JOB_INPUT))
-    if not app.store.update(req.params["id"], changes):
-        raise _not_found("job", req.params["id"])
+    app.update_job(req.params["id"], req.json())
     return 204, None
 
 
 def _delete_job(app, req):
-    job = _find_job(app, req)
-    if job["pipeline_id"] is not None:
-        raise HTTPError(409, f"job {job['id']!r} belongs to pipeline "
-                             f"{job['pipeline_id']!r}; delete the pipeline instead")
-    status = app.store.delete(job["id"], (SCHEDULED, PENDING, *FINISHED))
-    if status is None:
-        raise _not_found("job", job["id"])
-    if status == IN_PROGRESS:
-        raise HTTPError(409, f"job {job['id']!r} is running; cancel it, or delete it "
-                             f"once it has finished")
-    app.pool.discard(job["id"])
-    log.info("job %s: deleted (was %s)", job["id"], status)
+    app.delete_job(req.params["id"])
     return 204, None
 
 
@@ -2171,37 +2672,12 @@ def _cancel_job(app, req):
 
 
 def _get_result(app, req):
-    result = app.result(req.params["id"])
-    if result is None:
-        job = _find_job(app, req)
-        result = app.result(job["id"])  # it may have finished since the first read
-    if result is None:
-        if job["status"] == CANCELLED:
-            raise HTTPError(404, f"job {job['id']!r} was cancelled, so it has no result "
-                                 f"({job['failure_reason']})")
-        if job["status"] in FINISHED:
-            raise HTTPError(404, f"the result of job {job['id']!r} was deleted")
-        raise HTTPError(404, f"job {job['id']!r} has not finished; its status is "
-                             f"{job['status']}")
-    return 200, result
+    return 200, app.result(req.params["id"], strict=True)
 
 
 def _delete_result(app, req):
-    if not app.store.delete_result(req.params["id"]):
-        job = _find_job(app, req)
-        raise HTTPError(404, f"job {job['id']!r} has no result to delete "
-                             f"(status {job['status']})")
+    app.delete_result(req.params["id"])
     return 204, None
-
-
-def _find_pipeline(app, req):
-    """The pipeline and its jobs, or HTTPError(404)."""
-    pipeline_id = req.params["id"]
-    pipeline = app.store.get_pipeline(pipeline_id)
-    jobs = app.store.pipeline_jobs(pipeline_id) if pipeline is not None else []
-    if not jobs:  # none, or deleted between the two reads
-        raise _not_found("pipeline", pipeline_id)
-    return pipeline, jobs
 
 
 def _post_pipeline(app, req):
@@ -2210,55 +2686,26 @@ def _post_pipeline(app, req):
 
 
 def _list_pipelines(app, req):
-    status, limit, cursor = _page(req.args)
-    found, after = [], cursor
-    # A pipeline's status follows from its jobs, so a filtered page reads on until
-    # it has enough.
-    while len(found) <= limit:
-        pipelines = app.store.list_pipelines(after, limit=MAX_PAGE_SIZE)
-        for pipeline in pipelines:
-            jobs = app.store.pipeline_jobs(pipeline["id"])
-            if jobs and (status is None or _pipeline_status(jobs) == status):
-                found.append((pipeline, jobs))
-                if len(found) > limit:
-                    break
-        if len(pipelines) < MAX_PAGE_SIZE:
-            break
-        after = pipelines[-1]["seq"]
-    next_cursor = str(found[limit - 1][0]["seq"]) if len(found) > limit else None
-    return 200, {"pipelines": [app.pipeline_json(p, jobs) for p, jobs in found[:limit]],
-                 "next_cursor": next_cursor}
+    return 200, app.list_pipelines(**_listing(req.args))
 
 
 def _get_pipeline(app, req):
-    return 200, app.pipeline_json(*_find_pipeline(app, req))
+    return 200, _found(app.pipeline(req.params["id"]), "pipeline", req.params["id"])
 
 
 def _patch_pipeline(app, req):
-    changes = _changes(req.json(), "pipeline", (*PIPELINE_FIELDS, *_PIPELINE_INPUT))
-    if not app.store.update_pipeline(req.params["id"], changes):
-        raise _not_found("pipeline", req.params["id"])
+    app.update_pipeline(req.params["id"], req.json())
     return 204, None
 
 
 def _delete_pipeline(app, req):
-    pipeline, jobs = _find_pipeline(app, req)
-    status = app.store.delete_pipeline(pipeline["id"])
-    if status is None:
-        raise _not_found("pipeline", pipeline["id"])
-    if status == IN_PROGRESS:
-        raise HTTPError(409, f"pipeline {pipeline['id']!r} is running; cancel it, or "
-                             f"delete it once it has finished")
-    for job in jobs:
-        app.pool.discard(job["id"])
-    log.info("pipeline %s: deleted (was %s) with its %d jobs", pipeline["id"], status,
-             len(jobs))
+    app.delete_pipeline(req.params["id"])
     return 204, None
 
 
 def _pipeline_jobs(app, req):
-    _, jobs = _find_pipeline(app, req)
-    return 200, {"jobs": [app.job_json(job) for job in jobs]}
+    jobs = _found(app.pipeline_jobs(req.params["id"]), "pipeline", req.params["id"])
+    return 200, {"jobs": jobs}
 
 
 def _cancel_pipeline(app, req):
@@ -2270,22 +2717,11 @@ def _list_periodic(app, req):
 
 
 def _list_tasks(app, req):
-    return 200, {"tasks": sorted(app.tasks)}
+    return 200, {"tasks": app.task_names()}
 
 
 def _status(app, req):
-    pool = app.pool.stats()
-    return 200, {
-        "version": __version__,
-        "time": _rfc3339(time.time()),
-        "uptime": round(time.monotonic() - app.started_at, 3) if app.started_at else 0,
-        "storage": {"option": app.store.option, "ok": app.store.ping()},
-        "queue": {"depth": pool["depth"], "capacity": app.pool.capacity,
-                  "accepting": pool["depth"] < app.pool.capacity},
-        "workers": {"busy": pool["busy"], "total": app.pool.size,
-                    "abandoned": pool["abandoned"]},
-    }
-
+    return 200, app.status()
 
 _LISTING = ("status", "limit", "cursor")
 
@@ -2376,21 +2812,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = self._read_body()
             if app.stopping:  # a keep-alive connection that outlived the listener
                 self.close_connection = True
-                raise HTTPError(503, "valet is shutting down", {"Retry-After": "1"})
+                raise _shutting_down()
             fn, params, allowed = _match(self.command, path)
             prefix = params.pop("prefix") or ""
             request = _Request(params, _parse_query(query, allowed), body, prefix)
             status, payload, *rest = fn(app, request)
             headers = rest[0] if rest else {}
             data = b"" if payload is None else _encode(payload)
-        except HTTPError as exc:
-            status, headers, data = exc.status, exc.headers, _encode(exc.body())
+        except (HTTPError, ValetError) as exc:
+            error = exc if isinstance(exc, HTTPError) else _http_error(exc)
+            status, headers, data = error.status, error.headers, _encode(error.body())
         except Exception:
             if app.stopping:  # the store closed under the request, most likely
                 log.warning("%s %s: error while stopping", self.command, self.path,
                             exc_info=True)
-                status, headers = 503, {"Retry-After": "1"}
-                data = _encode(HTTPError(503, "valet is shutting down").body())
+                error = _http_error(_shutting_down())
+                status, headers, data = error.status, error.headers, _encode(error.body())
             else:
                 log.exception("%s %s: internal error", self.command, self.path)
                 status, headers = 500, {}
@@ -2478,42 +2915,48 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
-# ------------------------------------------------------------------- façade --
+# ------------------------------------------------------------------- facade --
 
 class Valet:
-    """The whole server: store, worker pool, scheduler and HTTP API, built from a config
-    and tasks.
+    """The whole server: store, lifecycle, worker pool, scheduler and HTTP API, built
+    from a config and tasks. Each endpoint of the HTTP API has a method here that
+    does the same for an embedding program, with the same checks and messages:
+    they raise ValetError's subclasses where the API answers 4xx or 503.
 
     `config` is what load_config() takes (None, a YAML path or a dict) or its
     result; `tasks` maps task names to functions, and defaults to the TASKS dict
     of the module named by `tasks_module`; `clock` is the wall clock (epoch
-    seconds) that run_at times and periodic due times follow, which tests replace.
-    Constructing opens the store (and so may raise sqlite3.Error or ConfigError)
-    but starts nothing else.
+    seconds) that run_at times and periodic due times follow, and `monotonic` the
+    clock timeouts are measured on (tests pass their own); `store` is a Store to
+    use instead of the one the config names. Constructing opens the store (and so
+    may raise sqlite3.Error or ConfigError) but starts nothing else. Every method
+    is thread-safe.
     """
 
-    def __init__(self, config=None, tasks: dict | None = None, clock=time.time):
+    def __init__(self, config=None, tasks: dict | None = None, clock=time.time,
+                 monotonic=time.monotonic, store: Store | None = None):
         self.config = load_config(config)  # validates; a loaded config passes unchanged
-        self.tasks = dict(tasks if tasks is not None else _load_tasks(self.config["tasks_module"]))
-        self._periodic = _periodic_entries(self.config["periodic"])
-        for i, (_, _, fields) in enumerate(self._periodic):
+        self.tasks = dict(tasks if tasks is not None else _load_tasks(self.config))
+        for i, entry in enumerate(self.config["periodic"]):
             try:
-                _new_job(fields, self.tasks, self.config["timeout_unit"], 0,
+                _new_job(entry.job_fields(), self.tasks, self.config["timeout_unit"], 0,
                          where=f"periodic[{i}]: ")
-            except HTTPError as exc:
-                raise ConfigError(exc.message) from None
-        self._next_firing = {}  # periodic entry name -> epoch second it fires next
-        self.store = _open_store(self.config)
-        self.clock = clock  # the wall clock that run_at and periodic due times follow
-        self.scheduler = _Scheduler(clock)
-        self.pool = _WorkerPool(self.store, self.tasks, self.config["worker_pool.workers"],
+            except Invalid as exc:
+                raise ConfigError(str(exc)) from None
+        self.clock = clock
+        self._monotonic = monotonic
+        self.scheduler = _Scheduler(clock, self.config["periodic"])
+        self.lifecycle = _Lifecycle(store if store is not None else _open_store(self.config),
+                                    self.scheduler, clock)
+        self.pool = _WorkerPool(self.lifecycle, self.tasks, self.config["worker_pool.workers"],
                                 self.config["worker_pool.queue_capacity"],
-                                self.config["timeout_unit"], self.scheduler)
-        self.started_at = None
+                                self.config["timeout_unit"], clock, monotonic)
+        self.lifecycle.pool = self.pool
+        self.started_at = None  # monotonic, once started
+        self.stopping = False   # set first thing in stop(): requests then get 503
         self._recovered = False
-        self.stopping = False  # set first thing in stop(): requests then get 503
         self._server = None
-        self._lifecycle = threading.Lock()  # guards started_at and stopping
+        self._state = threading.Lock()  # guards started_at and stopping
 
     @property
     def port(self) -> int:
@@ -2525,21 +2968,16 @@ class Valet:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def _stored(self, status):
-        """Every stored job with this status, in submission order."""
-        after = 0
-        while True:
-            jobs = self.store.list(status, after, MAX_PAGE_SIZE)
-            yield from jobs
-            if len(jobs) < MAX_PAGE_SIZE:
-                return
-            after = jobs[-1]["seq"]
+    @property
+    def _store(self):
+        return self.lifecycle.store
 
-    def recover(self, now=None):
-        """Take up what a previous run left: schedule its scheduled jobs, settle the
-        jobs it was running (a failed attempt: retried if the job has retries
-        left), queue the pending jobs whose turn it is, and schedule each periodic
-        entry (at once, if it missed a due time while valet was down).
+    # -- starting and stopping
+
+    def recover(self):
+        """Take up what a previous run left in the store (see _Lifecycle.recover), and
+        plan each periodic entry's next firing (at once, if it missed a due time
+        while valet was down).
 
         Called by start(), unless it was called before; safe to call on its own (for
         tests and tools) before start().
@@ -2547,48 +2985,26 @@ class Valet:
         if self._recovered:
             return
         self._recovered = True
-        now = self.clock() if now is None else now
-        scheduled = list(self._stored(SCHEDULED))
-        for job in scheduled:
-            self.scheduler.at(job["run_at"], self.pool.promote, job["id"])
-        for job in list(self._stored(IN_PROGRESS)):
-            self.pool.settle(job, FAILED, "the server stopped while the job was running")
-        queued = 0
-        for job in list(self._stored(PENDING)):
-            previous = job["previous_job_id"] and self.store.get(job["previous_job_id"])
-            if not previous or previous["status"] == COMPLETED:  # its turn in a pipeline
-                self.pool.enqueue(job["id"], job["priority"], reserved=False)
-                queued += 1
-        if queued or scheduled:
-            log.info("from the store: %d pending job(s) queued, %d scheduled", queued,
-                     len(scheduled))
-        for entry in self._periodic:
-            name, schedule, _ = entry
-            due = _next_due(schedule, self.store.periodic_last(name, now), now)
-            self._plan(entry, due)
-
-    def _plan(self, entry, due):
-        self._next_firing[entry[0]] = due
-        self.scheduler.at(due, self._fire, entry, due)
+        self.lifecycle.recover()
+        self.scheduler.start_periodic(self._store.periodic_last, self._fire)
 
     def _fire(self, entry, due):
-        """Create the periodic entry's job for one due time (at most once, even across
-        restarts: the store records the firing with the job), and plan the next."""
-        name, schedule, fields = entry
-        now = self.clock()
-        try:
-            job = _new_job(fields, self.tasks, self.config["timeout_unit"], now)
-            if self.store.add(job, fired=(name, due)):
-                self.pool.enqueue(job["id"], job["priority"], reserved=False)
-                log.info("job %s: created %s by periodic entry %r (due %s)", job["id"],
-                         PENDING, name, _rfc3339(due))
-        finally:  # a firing that failed (a full disk, say) does not end the schedule
-            self._plan(entry, _next_due(schedule, due, now))
+        """Create the periodic entry's job for one due time; the store records the
+        firing with the job, so that it happens once, even across restarts."""
+        job = _new_job(entry.job_fields(), self.tasks, self.config["timeout_unit"],
+                       self.clock())
+        if self.lifecycle.accept(job, fired=(entry["name"], due)):
+            log.info("job %s: created %s by periodic entry %r (due %s)", job["id"], PENDING,
+                     entry["name"], _rfc3339(due))
 
     def start(self) -> "Valet":
         """Recover, listen, and start the workers and the scheduler. Raises OSError if
-        it cannot listen."""
-        with self._lifecycle:
+        it cannot listen, and RuntimeError if it was started or stopped before: a
+        stopped Valet has closed its store; build a new one to run again."""
+        with self._state:
+            if self.stopping:
+                raise RuntimeError("valet was stopped and cannot be started again; "
+                                   "build a new Valet")
             if self.started_at is not None:
                 raise RuntimeError("valet is already started")
             self.recover()
@@ -2600,22 +3016,24 @@ class Valet:
             # makes stop() quick at the cost of a few idle wake-ups a second.
             threading.Thread(target=self._server.serve_forever, args=(0.05,),
                              name="valet-http", daemon=True).start()
-            self.started_at = time.monotonic()
-        log.info("valet %s listening on %s (storage: %s, workers: %d)", __version__,
-                 self.url, self.store.option, self.pool.size)
+            self.started_at = self._monotonic()
+        where = getattr(self._store, "path", None)
+        log.info("valet %s listening on %s (storage: %s%s, workers: %d)", __version__,
+                 self.url, self._store.option, f" {where}" if where else "", self.pool.size)
         return self
 
     def stop(self, grace: float | None = None):
         """Stop accepting requests, let running jobs finish for up to `grace` seconds
         (default worker_pool.shutdown_grace), and close the store. Blocks; idempotent.
         Scheduled and pending jobs stay in the store for the next start."""
-        with self._lifecycle:
+        with self._state:
             if self.stopping:
                 return
             self.stopping = True
         if grace is None:
             grace = self.config["worker_pool.shutdown_grace"]
         self.pool.halt()
+        self.lifecycle.wake_all()  # every wait() answers now, before the store closes
         self.scheduler.stop()
         if self.started_at is not None:
             log.info("stopping: no new job starts; running jobs get up to %gs", grace)
@@ -2624,131 +3042,207 @@ class Valet:
             self._server.server_close()
         if self.started_at is not None:
             self.pool.stop(grace)
-        self.store.close()
+        self._store.close()
         if self.started_at is not None:
             log.info("valet stopped")
 
-    # -- what the routes and an embedding program call
+    def _refuse_when_stopping(self):
+        if self.stopping:
+            raise _shutting_down()
 
-    def job_json(self, job):
-        """A stored job record as its JSON, with its progress while it runs."""
-        progress = self.pool.progress(job["id"]) if job["status"] == IN_PROGRESS else None
-        return _job_json(job, progress)
-
-    def pipeline_json(self, pipeline, jobs):
-        return _pipeline_json(pipeline, jobs, self.job_json)
+    # -- jobs
 
     def submit(self, fields: dict) -> dict:
         """Store a job (the fields of a POST /jobs body) and queue or schedule it;
-        return its JSON.
-
-        Blocks until the job is stored (committed, on SQLite). Raises HTTPError:
-        400 naming the field that is wrong, 503 when the backlog is full or valet
-        is stopping; in any case nothing is stored. Thread-safe.
-        """
+        return its JSON. Blocks until the job is stored (committed, on SQLite).
+        Raises Invalid naming every field that is wrong, BacklogFull, or
+        ShuttingDown; in any case nothing is stored."""
+        self._refuse_when_stopping()
         job = _new_job(fields, self.tasks, self.config["timeout_unit"], self.clock())
-        self._accept(job, lambda: self.store.add(job))
+        self.lifecycle.accept(job)
         log.debug("job %s: created %s (task %s)", job["id"], job["status"], job["task_name"])
         return _job_json(job)
 
-    def submit_pipeline(self, fields: dict) -> dict:
-        """Store a pipeline (the fields of a POST /pipelines body) and queue or schedule
-        its first job; return its JSON with its jobs. Raises HTTPError as submit() does."""
-        pipeline, jobs = _new_pipeline(fields, self.tasks, self.config["timeout_unit"],
-                                       self.clock())
-        self._accept(jobs[0], lambda: self.store.add_pipeline(pipeline, jobs))
-        log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"], len(jobs),
-                  jobs[0]["status"])
-        return _pipeline_json(pipeline, jobs)
-
-    def _accept(self, job, store):
-        """Store a new job (by calling `store`) and queue it, or schedule it if it has
-        a run_at to come; a queued job needs a place in the backlog first."""
-        self._refuse_when_stopping()
-        if job["status"] == SCHEDULED:
-            store()
-            self.scheduler.at(job["run_at"], self.pool.promote, job["id"])
-            return
-        self.pool.reserve()
-        try:
-            store()
-        except BaseException:
-            self.pool.unreserve()
-            raise
-        self.pool.enqueue(job["id"], job["priority"])
-
-    def _refuse_when_stopping(self):
-        if self.stopping:
-            raise HTTPError(503, "valet is shutting down", {"Retry-After": "1"})
-
-    def cancel(self, job_id: str, reason: str = "cancelled by request") -> dict:
-        """Cancel a job that has not finished; return its JSON. Raises HTTPError 404
-        (no such job) or 409 (it has finished). Thread-safe."""
-        self._refuse_when_stopping()
-        job, cancelled = self.pool.cancel(job_id, reason)
-        if job is None:
-            raise _not_found("job", job_id)
-        if not cancelled:
-            raise HTTPError(409, f"job {job_id!r} has finished (status {job['status']}); "
-                                 f"only a job that has not finished can be cancelled")
-        log.debug("job %s: cancelled", job_id)
-        return self.job_json(job)
-
-    def cancel_pipeline(self, pipeline_id: str) -> dict:
-        """Cancel what is left of a pipeline; return its JSON. Raises HTTPError 404 or
-        409 (it has finished). Thread-safe."""
-        self._refuse_when_stopping()
-        while True:
-            pipeline = self.store.get_pipeline(pipeline_id)
-            jobs = self.store.pipeline_jobs(pipeline_id)
-            if pipeline is None or not jobs:
-                raise _not_found("pipeline", pipeline_id)
-            status = _pipeline_status(jobs)
-            if status in FINISHED:
-                raise HTTPError(409, f"pipeline {pipeline_id!r} has finished (status "
-                                     f"{status}); only one that has not can be cancelled")
-            current = next(job for job in jobs if job["status"] not in FINISHED)
-            _, cancelled = self.pool.cancel(current["id"], "cancelled by request: its "
-                                                           "pipeline was cancelled")
-            if cancelled:
-                log.info("pipeline %s: cancelled", pipeline_id)
-                return self.pipeline_json(pipeline, self.store.pipeline_jobs(pipeline_id))
-            # that job finished just before: cancel from the next one
-
     def job(self, job_id: str) -> dict | None:
-        """The job's JSON (as GET /jobs/{id} gives it), or None. Thread-safe."""
-        job = self.store.get(job_id)
-        return None if job is None else self.job_json(job)
-
-    def result(self, job_id: str) -> dict | None:
-        """The finished job's {"job_id", "metadata", "error"} (as GET /jobs/{id}/results
-        gives it), or None while it has none. Thread-safe."""
-        result = self.store.result(job_id)
-        if result is None:
-            return None
-        return {"job_id": job_id, "metadata": result["value"], "error": result["error"]}
+        """The job's JSON (as GET /jobs/{id} gives it), or None."""
+        job = self._store.get(job_id)
+        return None if job is None else self._json_of_job(job)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict | None:
         """Block until the job has finished, `timeout` seconds have passed, or valet is
         stopping; return its JSON then, whatever its status (None if there is no such
-        job). Thread-safe."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        job)."""
+        deadline = None if timeout is None else self._monotonic() + timeout
         while True:
-            with self.pool.watching(job_id) as changed:
-                job = self.store.get(job_id)
-                left = None if deadline is None else deadline - time.monotonic()
+            with self.lifecycle.watching(job_id) as changed:
+                job = self._store.get(job_id)
+                left = None if deadline is None else deadline - self._monotonic()
                 if (job is None or job["status"] in FINISHED or self.stopping
                         or (left is not None and left <= 0)):
-                    return None if job is None else self.job_json(job)
+                    return None if job is None else self._json_of_job(job)
                 changed.wait(left)
+
+    def list_jobs(self, status: str | None = None, limit: int = DEFAULT_PAGE_SIZE,
+                  cursor: str | None = None) -> dict:
+        """A page of jobs in submission order, as GET /jobs gives it: {"jobs": [...],
+        "next_cursor": ...}; pass next_cursor as `cursor` for the next page. Raises
+        Invalid for a status, limit or cursor that is wrong."""
+        status, limit, after = _page(status, limit, cursor)
+        found = self._store.list(status, after, limit + 1)
+        return {"jobs": [self._json_of_job(job) for job in found[:limit]],
+                "next_cursor": _next_cursor(found, limit)}
+
+    def update_job(self, job_id: str, fields: dict):
+        """Change a job's name and/or description. Raises Invalid or NotFound."""
+        changes = _changes(fields, "job", (*JOB_FIELDS, *_JOB_INPUT))
+        if not self._store.update(job_id, changes):
+            raise _not_found("job", job_id)
+
+    def delete_job(self, job_id: str):
+        """Delete a job that is not running, with its result. Raises NotFound, or
+        Conflict if it is running or belongs to a pipeline."""
+        self.lifecycle.delete(job_id)
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> dict:
+        """Cancel a job that has not finished; return its JSON. Raises NotFound,
+        Conflict (it has finished) or ShuttingDown."""
+        self._refuse_when_stopping()
+        job, cancelled = self.lifecycle.cancel(job_id, reason)
+        if job is None:
+            raise _not_found("job", job_id)
+        if not cancelled:
+            raise Conflict(f"job {job_id!r} has finished (status {job['status']}); only a "
+                           f"job that has not finished can be cancelled")
+        log.debug("job %s: cancelled", job_id)
+        return self._json_of_job(job)
+
+    def result(self, job_id: str, strict: bool = False) -> dict | None:
+        """The finished job's {"job_id", "metadata", "error"} (as GET /jobs/{id}/results
+        gives it), or None while it has none; with strict=True, NotFound saying why
+        (no such job, not finished, cancelled, its result deleted)."""
+        result = self._store.result(job_id)
+        if result is None and strict:
+            job = self._store.get(job_id)
+            result = self._store.result(job_id)  # it may have finished since the first read
+            if result is None:
+                raise _no_result(job_id, job)
+        if result is None:
+            return None
+        return {"job_id": job_id, "metadata": result["value"], "error": result["error"]}
+
+    def delete_result(self, job_id: str):
+        """Delete a finished job's result; the job stays. Raises NotFound."""
+        if not self._store.delete_result(job_id):
+            job = self._store.get(job_id)
+            if job is None:
+                raise _not_found("job", job_id)
+            raise NotFound(f"job {job_id!r} has no result to delete (status "
+                           f"{job['status']})")
+
+    # -- pipelines
+
+    def submit_pipeline(self, fields: dict) -> dict:
+        """Store a pipeline (the fields of a POST /pipelines body) and queue or schedule
+        its first job; return its JSON with its jobs. Raises as submit() does."""
+        self._refuse_when_stopping()
+        pipeline, jobs = _new_pipeline(fields, self.tasks, self.config["timeout_unit"],
+                                       self.clock())
+        self.lifecycle.accept(*jobs, pipeline=pipeline)
+        log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"], len(jobs),
+                  jobs[0]["status"])
+        return _pipeline_json(dict(pipeline, jobs=jobs))
+
+    def pipeline(self, pipeline_id: str) -> dict | None:
+        """The pipeline's JSON with its jobs (as GET /pipelines/{id} gives it), or None."""
+        pipeline = self._store.get_pipeline(pipeline_id)
+        if pipeline is None or not pipeline["jobs"]:
+            return None
+        return self._json_of_pipeline(pipeline)
+
+    def pipeline_jobs(self, pipeline_id: str) -> list | None:
+        """The JSON of the pipeline's jobs, in order, or None if there is no pipeline."""
+        pipeline = self.pipeline(pipeline_id)
+        return None if pipeline is None else pipeline["jobs"]
+
+    def list_pipelines(self, status: str | None = None, limit: int = DEFAULT_PAGE_SIZE,
+                       cursor: str | None = None) -> dict:
+        """A page of pipelines in submission order, as GET /pipelines gives it; as
+        list_jobs() for the rest."""
+        status, limit, after = _page(status, limit, cursor)
+        found = []
+        # A pipeline's status follows from its jobs, so a filtered page reads on until
+        # it has enough.
+        while len(found) <= limit:
+            pipelines = self._store.list_pipelines(after, limit + 1)
+            found += [pipeline for pipeline in pipelines if pipeline["jobs"] and (
+                status is None or _pipeline_status(pipeline["jobs"]) == status)]
+            if len(pipelines) <= limit:
+                break
+            after = pipelines[-1]["seq"]
+        return {"pipelines": [self._json_of_pipeline(p) for p in found[:limit]],
+                "next_cursor": _next_cursor(found, limit)}
+
+    def update_pipeline(self, pipeline_id: str, fields: dict):
+        """Change a pipeline's name and/or description. Raises Invalid or NotFound."""
+        changes = _changes(fields, "pipeline", (*PIPELINE_FIELDS, *_PIPELINE_INPUT))
+        if not self._store.update(pipeline_id, changes, kind="pipeline"):
+            raise _not_found("pipeline", pipeline_id)
+
+    def delete_pipeline(self, pipeline_id: str):
+        """Delete a pipeline that is not running, with its jobs and their results.
+        Raises NotFound, or Conflict if it is running."""
+        self.lifecycle.delete_pipeline(pipeline_id)
+
+    def cancel_pipeline(self, pipeline_id: str) -> dict:
+        """Cancel what is left of a pipeline; return its JSON. Raises NotFound, Conflict
+        (it has finished) or ShuttingDown."""
+        self._refuse_when_stopping()
+        return self._json_of_pipeline(self.lifecycle.cancel_pipeline(pipeline_id))
+
+    # -- the server
 
     def periodic(self) -> list:
         """The periodic entries, with the time each fires next (GET /periodic)."""
-        return [{"name": name, "task_name": fields["task_name"],
-                 "cron": schedule.text if isinstance(schedule, _Cron) else None,
-                 "every": schedule.text if isinstance(schedule, _Every) else None,
-                 "next_run_at": _rfc3339(self._next_firing.get(name))}
-                for name, schedule, fields in self._periodic]
+        return self.scheduler.periodic_json()
+
+    def task_names(self) -> list:
+        """The registered task names, sorted (GET /tasks)."""
+        return sorted(self.tasks)
+
+    def status(self) -> dict:
+        """Version, time, uptime, storage, backlog and workers (GET /status)."""
+        pool = self.pool.stats()
+        return {
+            "version": __version__,
+            "time": _rfc3339(self.clock()),
+            "uptime": (round(self._monotonic() - self.started_at, 3)
+                       if self.started_at is not None else 0),
+            "storage": {"option": self._store.option, "ok": self._store.ping()},
+            "queue": {"depth": pool["depth"], "capacity": self.pool.capacity,
+                      "accepting": pool["depth"] < self.pool.capacity},
+            "workers": {"busy": pool["busy"], "total": self.pool.size,
+                        "abandoned": pool["abandoned"]},
+        }
+
+    def _json_of_job(self, job):
+        """A stored job record as its JSON, with its progress while it runs."""
+        progress = self.pool.progress(job["id"]) if job["status"] == IN_PROGRESS else None
+        return _job_json(job, progress)
+
+    def _json_of_pipeline(self, pipeline):
+        return _pipeline_json(pipeline, self._json_of_job)
+
+
+def _no_result(job_id, job):
+    """The NotFound that says why a job has no result."""
+    if job is None:
+        return _not_found("job", job_id)
+    if job["status"] == CANCELLED:
+        return NotFound(f"job {job_id!r} was cancelled, so it has no result "
+                        f"({job['failure_reason']})")
+    if job["status"] in FINISHED:
+        return NotFound(f"the result of job {job_id!r} was deleted")
+    return NotFound(f"job {job_id!r} has not finished; its status is {job['status']}")
 
 
 # --------------------------------------------------------------------- main --
@@ -2788,8 +3282,8 @@ def main(argv=None) -> int:
         overrides["server.host"] = args.host
     if args.port is not None:
         overrides["server.port"] = args.port
-    if os.getcwd() not in sys.path:
-        sys.path.insert(1, os.getcwd())  # so tasks_module is found where valet runs
+    if os.getcwd() not in sys.path:  # so tasks_module is found where valet runs, too
+        sys.path.insert(1, os.getcwd())
     try:
         config = load_config(path, overrides)
         _setup_logging(config)
@@ -2798,7 +3292,8 @@ def main(argv=None) -> int:
         print(f"valet: config error: {exc}", file=sys.stderr)
         return 2
     except sqlite3.Error as exc:
-        print(f"valet: cannot open {config['storage.sqlite.path']!r}: {exc}", file=sys.stderr)
+        path = _in_folder(config, config["storage.sqlite.path"])
+        print(f"valet: cannot open {path!r}: {exc}", file=sys.stderr)
         return 1
 
     stopping = threading.Event()
