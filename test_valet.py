@@ -380,6 +380,34 @@ def test_config_accepts_nested_sections_and_dotted_overrides(tmp_path):
     assert config["storage.option"] == "sqlite"
 
 
+def test_overrides_may_be_nested_like_the_file_or_dotted():
+    config = valet.load_config({"server": {"port": 9000}},
+                               {"server": {"port": 0}, "worker_pool.workers": 2})
+    assert config["server.port"] == 0 and config["worker_pool.workers"] == 2
+    with pytest.raises(valet.ConfigError, match="server.prot: unknown key"):
+        valet.load_config(None, {"server": {"prot": 1}})
+
+
+def test_relative_paths_are_found_in_the_config_file_s_folder(tmp_path, monkeypatch):
+    folder, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "config.yaml").write_text("storage:\n  sqlite:\n    path: data/jobs.db\n"
+                                        "tasks_module: project_tasks_beside_config\n")
+    (folder / "data").mkdir()
+    (folder / "project_tasks_beside_config.py").write_text(
+        "TASKS = {'here': lambda metadata: 'found beside the config'}\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # undo what valet adds to it
+    app = valet.Valet(str(folder / "config.yaml"))
+    try:
+        assert sorted(app.tasks) == ["here"]
+        assert app.lifecycle.store.path == str(folder / "data" / "jobs.db")
+    finally:
+        app.stop()
+    assert (folder / "data" / "jobs.db").exists() and os.listdir(elsewhere) == []
+
+
 # -------------------------------------------------------------- job records --
 
 def test_duration_is_milliseconds_from_start_to_end():
@@ -580,6 +608,34 @@ def test_list_pipelines_rejects_bad_query_parameters(app, query, message):
     assert resp.status == 400 and message in resp.body["message"]
 
 
+@pytest.mark.parametrize("method, path, body, problems", [
+    ("POST", "/jobs", {"description": 5, "timeout": -1},
+     ["name is required", "task_name is required", "description must be a string or null",
+      "timeout must be a number greater than 0"]),
+    ("POST", "/jobs", {"name": "n", "task_name": "nope", "priority": "high", "sort": 1},
+     ["unknown field 'sort'", "task_name 'nope' is not a registered task",
+      "priority must be an integer"]),
+    ("POST", "/pipelines", {"name": "", "jobs": [{"task_name": "nope"}, 5]},
+     ["name must be a non-empty string", "jobs[0]: name is required",
+      "jobs[0]: task_name 'nope' is not a registered task",
+      "jobs[1]: a job must be a JSON object"]),
+    ("PATCH", "/jobs/{id}", {"name": "", "status": "DONE", "colour": "red"},
+     ["field 'status' cannot be changed", "unknown field 'colour'",
+      "name must be a non-empty string"]),
+    ("GET", "/jobs?status=DONE&limit=0&cursor=x", None,
+     ["status must be one of", "limit must be an integer", "cursor must be a next_cursor"]),
+])
+def test_an_error_names_every_field_at_fault_and_changes_nothing(app, method, path, body,
+                                                                 problems):
+    job = submit(app, "echo", "kept")
+    resp = call(app, method, path.format(id=job["id"]), body)
+    assert resp.status == 400
+    for problem in problems:
+        assert problem in resp.body["message"], (problem, resp.body["message"])
+    assert [j["id"] for j in call(app, "GET", "/jobs").body["jobs"]] == [job["id"]]
+    assert call(app, "GET", f"/jobs/{job['id']}").body["name"] == job["name"]
+
+
 # ---------------------------------- storage: the contract every store keeps --
 
 def test_store_returns_none_for_missing_job(store):
@@ -701,6 +757,145 @@ def test_store_add_that_fails_records_no_firing(store):
         store.add(bad, fired=("nightly", 100.0))
     assert store.list() == []
     assert store.add(new_record("good"), fired=("nightly", 100.0)) is True
+
+
+def new_pipeline(store, pipeline_id, *statuses):
+    """Store a pipeline whose jobs have these statuses; its jobs' records, in order."""
+    jobs = [new_record(f"{pipeline_id}{i}", status) for i, status in enumerate(statuses)]
+    for job in jobs:
+        job["pipeline_id"] = pipeline_id
+    store.add(*jobs, pipeline={"id": pipeline_id, "name": pipeline_id, "description": None,
+                               "priority": 0, "run_at": None, "created_at": 1.0})
+    return jobs
+
+
+def test_store_adds_a_pipeline_with_its_jobs_in_order(store):
+    store.add(new_record("before"))
+    jobs = new_pipeline(store, "p", valet.PENDING, valet.PENDING, valet.PENDING)
+    got = store.get_pipeline("p")
+    assert {k: got[k] for k in ("id", "name", "priority", "run_at", "created_at")} == {
+        "id": "p", "name": "p", "priority": 0, "run_at": None, "created_at": 1.0}
+    assert [j["id"] for j in got["jobs"]] == [j["id"] for j in jobs]
+    assert [j["seq"] for j in got["jobs"]] == sorted(j["seq"] for j in got["jobs"])
+    assert got["jobs"][1] == store.get(jobs[1]["id"])
+    assert [j["name"] for j in store.list()] == ["before", "p0", "p1", "p2"]
+    assert store.get_pipeline("nope") is None
+
+
+def test_store_lists_pipelines_in_submission_order_each_with_its_jobs(store):
+    for name in "abc":
+        new_pipeline(store, name, valet.PENDING, valet.PENDING)
+    first = store.list_pipelines(0, limit=1)
+    assert [p["id"] for p in first] == ["a"]
+    rest = store.list_pipelines(first[0]["seq"], limit=10)
+    assert [p["id"] for p in rest] == ["b", "c"]
+    assert [[j["name"] for j in p["jobs"]] for p in rest] == [["b0", "b1"], ["c0", "c1"]]
+
+
+def test_store_transition_writes_the_status_and_only_the_fields_it_is_given(store):
+    job = new_record()
+    store.add(job)
+    moved = store.transition(job["id"], (valet.PENDING,), valet.IN_PROGRESS,
+                             {"attempts": 3, "started_at": 5.0})
+    assert {k: moved[k] for k in ("status", "attempts", "started_at", "completed_at")} == {
+        "status": valet.IN_PROGRESS, "attempts": 3, "started_at": 5.0, "completed_at": None}
+    assert {k: v for k, v in moved.items() if k not in ("status", "attempts", "started_at")} \
+        == {k: v for k, v in store.get(job["id"]).items()
+            if k not in ("status", "attempts", "started_at")}
+    for fields in ({"name": "x"}, {"status": valet.COMPLETED}, {"seq": 99}):
+        with pytest.raises(ValueError):
+            store.transition(job["id"], (valet.IN_PROGRESS,), valet.COMPLETED, fields)
+    assert store.get(job["id"]) == moved  # a refused transition wrote nothing
+
+
+def test_store_transition_makes_its_further_moves_only_where_they_match(store):
+    first, waiting, finished = new_pipeline(store, "p", valet.IN_PROGRESS, valet.PENDING,
+                                            valet.COMPLETED)
+    then = [(job["id"], (valet.SCHEDULED, valet.PENDING), valet.CANCELLED,
+             {"failure_reason": "before it failed"}) for job in (waiting, finished)]
+    assert store.transition(first["id"], (valet.PENDING,), valet.FAILED, then=then) is None
+    assert store.get(waiting["id"])["status"] == valet.PENDING  # nothing, as it missed
+    store.transition(first["id"], (valet.IN_PROGRESS,), valet.FAILED,
+                     result=(None, "boom"), then=then)
+    statuses = [j["status"] for j in store.get_pipeline("p")["jobs"]]
+    assert statuses == [valet.FAILED, valet.CANCELLED, valet.COMPLETED]
+    assert store.get(waiting["id"])["failure_reason"] == "before it failed"
+    assert store.get(finished["id"])["failure_reason"] is None
+    assert store.result(first["id"]) == {"value": None, "error": "boom"}
+
+
+def test_store_update_writes_only_name_and_description(store):
+    job = new_record()
+    store.add(job)
+    new_pipeline(store, "p", valet.PENDING, valet.PENDING)
+    assert store.update(job["id"], {"description": "d"}) is True
+    assert store.update("p", {"name": "renamed"}, kind="pipeline") is True
+    assert store.update("p", {"name": "x"}) is False  # no job has that id
+    assert store.get(job["id"])["description"] == "d"
+    assert store.get_pipeline("p")["name"] == "renamed"
+    for fields in ({"status": valet.COMPLETED}, {"name": "ok", "attempts": 5}):
+        with pytest.raises(ValueError):
+            store.update(job["id"], fields)
+    assert store.get(job["id"])["status"] == valet.PENDING
+    assert store.get(job["id"])["name"] == "job" and store.get(job["id"])["attempts"] == 0
+
+
+def test_store_delete_asks_its_predicate_about_the_record_as_it_is(store):
+    job = new_record()
+    store.add(job)
+    store.transition(job["id"], (valet.PENDING,), valet.IN_PROGRESS, {"attempts": 1})
+    store.transition(job["id"], (valet.IN_PROGRESS,), valet.COMPLETED, result=(1, None))
+    seen = []
+    kept = store.delete(job["id"], lambda record: seen.append(record["status"]) or False)
+    assert kept["status"] == valet.COMPLETED and kept["attempts"] == 1
+    assert set(seen) == {valet.COMPLETED} and store.get(job["id"]) is not None
+    assert store.delete(job["id"], lambda record: True)["id"] == job["id"]
+    assert store.get(job["id"]) is None and store.result(job["id"]) is None
+    assert store.delete(job["id"], lambda record: True) is None
+
+
+def test_store_delete_pipeline_removes_it_with_its_jobs_and_results_when_allowed(store):
+    done, later = new_pipeline(store, "p", valet.IN_PROGRESS, valet.PENDING)
+    store.transition(done["id"], (valet.IN_PROGRESS,), valet.COMPLETED, result=("r", None))
+    other = new_record("other")
+    store.add(other)
+    kept = store.delete_pipeline("p", lambda pipeline: False)
+    assert [j["status"] for j in kept["jobs"]] == [valet.COMPLETED, valet.PENDING]
+    assert store.get_pipeline("p") is not None
+    store.delete_pipeline("p", lambda pipeline: pipeline["id"] == "p")
+    assert store.get_pipeline("p") is None and store.list_pipelines() == []
+    assert store.get(done["id"]) is None and store.result(done["id"]) is None
+    assert [j["id"] for j in store.list()] == [other["id"]]
+    assert store.delete_pipeline("p", lambda pipeline: True) is None
+
+
+def test_store_result_is_kept_until_deleted_and_the_job_stays(store):
+    job = new_record(status=valet.IN_PROGRESS)
+    store.add(job)
+    assert store.result(job["id"]) is None and store.delete_result(job["id"]) is False
+    store.transition(job["id"], (valet.IN_PROGRESS,), valet.COMPLETED,
+                     result=({"nested": [1, "two", None]}, None))
+    assert store.result(job["id"]) == {"value": {"nested": [1, "two", None]}, "error": None}
+    assert store.delete_result(job["id"]) is True and store.delete_result(job["id"]) is False
+    assert store.result(job["id"]) is None
+    assert store.get(job["id"])["status"] == valet.COMPLETED
+
+
+def test_store_answers_ping_and_closes_twice(store):
+    assert store.ping() is True
+    store.close()
+    store.close()
+
+
+def test_every_store_implements_the_whole_interface():
+    methods = [name for name, value in vars(valet.Store).items()
+               if callable(value) and not name.startswith("_")]
+    assert len(methods) == 14
+    for store_class in (valet.MemoryStore, valet.SqliteStore):
+        for name in methods:
+            assert getattr(store_class, name) is not getattr(valet.Store, name), \
+                f"{store_class.__name__} does not implement {name}"
+            assert getattr(valet.Store, name).__doc__, name
 
 
 # ---------------------------------------------------------- storage: SQLite --
@@ -883,6 +1078,19 @@ def test_sqlite_upgrade_that_fails_half_way_leaves_the_file_as_it_was(tmp_path,
 
 
 # ---------------------------------------------------------------- lifecycle --
+
+def test_lifecycle_refuses_a_move_the_table_forbids(store, gate, ran):
+    pool = make_pool(store, make_tasks(gate, ran))
+    job_id = queue_job(pool, store, "echo")
+    assert pool.run_once(block=False) is True
+    lifecycle = pool._lifecycle
+    with pytest.raises(valet.InvalidTransition):
+        lifecycle._transition(job_id, (valet.COMPLETED,), valet.PENDING)
+    with pytest.raises(valet.InvalidTransition):  # a move made with it is checked too
+        lifecycle._transition(job_id, (valet.IN_PROGRESS,), valet.COMPLETED,
+                              then=[(job_id, (valet.FAILED,), valet.SCHEDULED, {})])
+    assert store.get(job_id)["status"] == valet.COMPLETED
+
 
 def test_status_and_result_become_visible_together(app):
     jobs = [submit(app, "echo", i) for i in range(20)]
@@ -1154,6 +1362,39 @@ def test_cancel_while_the_worker_writes_the_finish_leaves_the_job_to_the_worker(
     assert resp.status == 409, resp
     assert job_status(app, job["id"]) == valet.COMPLETED
     assert app.result(job["id"])["metadata"] == "x"
+
+
+def test_a_task_that_returns_after_its_cancel_is_logged_after_it(make_app, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    started = threading.Event()
+
+    def quits_when_told(metadata, context):
+        started.set()
+        context.cancelled.wait(10)
+        return "too late"  # at once: while the cancel may still be writing
+
+    app = make_app(tasks={"quits": quits_when_told})
+    job = submit(app, "quits")
+    assert started.wait(10)
+    assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
+    cancelled = f"job {job['id']}: IN_PROGRESS -> CANCELLED"
+    late = f"job {job['id']}: the task returned after the job was settled"
+    wait_until(lambda: late in caplog.text, what="the late return to be logged")
+    lines = [record.getMessage() for record in caplog.records]
+    first = next(i for i, line in enumerate(lines) if line.startswith(cancelled))
+    assert lines.index(next(line for line in lines if line.startswith(late))) > first
+
+
+def test_cancels_of_one_running_job_at_once_cancel_it_once(make_app, gate):
+    app = make_app()
+    job = submit(app, "gate")
+    assert gate.entered.wait(10)
+    answers = []
+    run_together(lambda i: answers.append(call(app, "POST", f"/jobs/{job['id']}/cancel")), 6)
+    assert sorted(resp.status for resp in answers) == [200] + [409] * 5
+    assert all("has finished (status CANCELLED)" in resp.body["message"]
+               for resp in answers if resp.status == 409)
+    assert app.job(job["id"])["status"] == valet.CANCELLED
 
 
 # -- pipelines
@@ -2858,6 +3099,94 @@ def test_embedded_calls_after_stop_answer_503_on_both_stores(make_app, call_it):
     assert answer.status == 503 and answer.message == "valet is shutting down"
 
 
+def test_the_facade_answers_as_the_http_api_does(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1})
+    running = app.submit({"name": "r", "task_name": "gate"})
+    assert gate.entered.wait(10)
+    queued = app.submit({"name": "q", "task_name": "echo", "metadata": [1]})
+    pipeline = app.submit_pipeline({"name": "p", "jobs": [stage(), stage()]})
+    for got, path in [(app.job(queued["id"]), f"/jobs/{queued['id']}"),
+                      (app.list_jobs(limit=2), "/jobs?limit=2"),
+                      (app.list_jobs(status="in_progress"), "/jobs?status=in_progress"),
+                      (app.pipeline(pipeline["id"]), f"/pipelines/{pipeline['id']}"),
+                      ({"jobs": app.pipeline_jobs(pipeline["id"])},
+                       f"/pipelines/{pipeline['id']}/jobs"),
+                      (app.list_pipelines(status="PENDING"), "/pipelines?status=PENDING"),
+                      ({"periodic": app.periodic()}, "/periodic"),
+                      ({"tasks": app.task_names()}, "/tasks")]:
+        assert got == call(app, "GET", path).body, path
+    assert app.status()["workers"] == call(app, "GET", "/status").body["workers"]
+    app.update_job(queued["id"], {"description": "changed"})
+    app.update_pipeline(pipeline["id"], {"name": "renamed"})
+    assert app.job(queued["id"])["description"] == "changed"
+    assert app.pipeline(pipeline["id"])["name"] == "renamed"
+    assert app.cancel(queued["id"])["status"] == valet.CANCELLED
+    app.delete_job(queued["id"])
+    assert app.cancel_pipeline(pipeline["id"])["status"] == valet.CANCELLED
+    app.delete_pipeline(pipeline["id"])
+    assert app.job(queued["id"]) is None and app.pipeline(pipeline["id"]) is None
+    assert app.status()["queue"]["depth"] == 0  # both gave back their places
+    gate.opened.set()
+    assert app.wait(running["id"], 10)["status"] == valet.COMPLETED
+    assert app.result(running["id"]) == call(app, "GET", f"/jobs/{running['id']}/results").body
+    app.delete_result(running["id"])
+    assert app.result(running["id"]) is None
+
+
+@pytest.mark.parametrize("act, error, method, path, body", [
+    (lambda app, i: app.delete_job(i), valet.Conflict, "DELETE", "/jobs/{id}", None),
+    (lambda app, i: app.result(i, strict=True), valet.NotFound, "GET", "/jobs/{id}/results",
+     None),
+    (lambda app, i: app.delete_result(i), valet.NotFound, "DELETE", "/jobs/{id}/results",
+     None),
+    (lambda app, i: app.update_job(i, {"name": ""}), valet.Invalid, "PATCH", "/jobs/{id}",
+     {"name": ""}),
+    (lambda app, i: app.update_job("nope", {"name": "x"}), valet.NotFound, "PATCH",
+     "/jobs/nope", {"name": "x"}),
+    (lambda app, i: app.list_jobs(limit=0), valet.Invalid, "GET", "/jobs?limit=0", None),
+    (lambda app, i: app.delete_pipeline("nope"), valet.NotFound, "DELETE", "/pipelines/nope",
+     None),
+    (lambda app, i: app.cancel_pipeline("nope"), valet.NotFound, "POST",
+     "/pipelines/nope/cancel", None),
+])
+def test_the_facade_raises_what_the_http_api_answers(app, gate, act, error, method, path,
+                                                     body):
+    running = app.submit({"name": "r", "task_name": "gate"})
+    assert gate.entered.wait(10)
+    with pytest.raises(error) as caught:
+        act(app, running["id"])
+    resp = call(app, method, path.format(id=running["id"]), body)
+    assert (resp.status, resp.body["message"]) == (valet._http_error(caught.value).status,
+                                                   str(caught.value))
+
+
+def test_a_stopped_valet_says_it_cannot_start_again(make_app):
+    app = make_app()
+    with pytest.raises(RuntimeError, match="^valet is already started$"):
+        app.start()
+    app.stop()
+    with pytest.raises(RuntimeError, match="valet was stopped and cannot be started again"):
+        app.start()
+    never_started = make_app(start=False)
+    never_started.stop()
+    with pytest.raises(RuntimeError, match="valet was stopped"):
+        never_started.start()
+
+
+def test_valet_runs_on_a_store_it_is_given(tmp_path, gate, ran):
+    store = valet.MemoryStore()
+    config = {"server": {"port": 0}, "storage": {"sqlite": {"path": str(tmp_path / "x.db")}}}
+    app = valet.Valet(config, tasks=make_tasks(gate, ran), store=store).start()
+    try:
+        job = app.submit({"name": "n", "task_name": "echo", "metadata": "via the given store"})
+        assert app.wait(job["id"], 10)["status"] == valet.COMPLETED
+        assert store.result(job["id"])["value"] == "via the given store"
+        assert call(app, "GET", "/status").body["storage"] == {"option": "memory", "ok": True}
+    finally:
+        app.stop()
+    assert not (tmp_path / "x.db").exists()
+
+
 # -------------------------------------------------------------- the process --
 
 PROCESS_TASKS = """
@@ -2877,17 +3206,19 @@ TASKS = {"block": block, "echo": echo}
 
 class Process:
     """A real `python valet.py --port 0` run in tmp_path, where it finds config.yaml
-    (read by default) and its tasks module; read until it says where it listens."""
+    (read by default) and its tasks module; read until it says where it listens.
+    With `run_in`, it runs in that folder instead, given --config tmp_path/config.yaml."""
 
-    def __init__(self, tmp_path, **config):
+    def __init__(self, tmp_path, run_in=None, **config):
         settings = {"storage": {"sqlite": {"path": "valet.db"}},
                     "worker_pool": {"workers": 1}, "tasks_module": "valet_process_tasks"}
         settings.update(config)
         (tmp_path / "config.yaml").write_text(json.dumps(settings))  # JSON is YAML
         (tmp_path / "valet_process_tasks.py").write_text(PROCESS_TASKS)
+        where = ["--config", str(tmp_path / "config.yaml")] if run_in else []
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
-            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+            [sys.executable, os.path.join(HERE, "valet.py"), "--port", "0", *where],
+            stderr=subprocess.PIPE, text=True, cwd=run_in or tmp_path)
         self.lines = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -3069,6 +3400,24 @@ def test_bad_periodic_entry_stops_the_process_with_exit_2_and_one_line(tmp_path,
     assert not (tmp_path / "valet.db").exists()  # stopped before opening the store
 
 
+def test_valet_run_from_another_folder_uses_the_files_beside_its_config(tmp_path,
+                                                                        processes):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = processes(tmp_path, run_in=elsewhere)  # relative: valet.db, valet_process_tasks
+    job_id = post(proc.port, "echo", "beside")
+    wait_until(lambda: call(proc.port, "GET", f"/jobs/{job_id}").body["status"]
+               == valet.COMPLETED, what="the job to run")
+    assert proc.logged(f"(storage: sqlite {tmp_path / 'valet.db'}, workers: 1)")
+    assert proc.kill(signal.SIGTERM) == 0
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    try:
+        assert store.result(job_id)["value"] == "beside"
+    finally:
+        store.close()
+    assert os.listdir(elsewhere) == []
+
+
 # -------------------------------------------------------------------- tasks --
 
 def test_shipped_tasks_do_what_the_readme_says():
@@ -3115,3 +3464,50 @@ def test_readme_embedding_example_runs(tmp_path):
     assert "COMPLETED {'job_id':" in done.stdout and "'metadata': {'ok': True}" in done.stdout
 
 
+def test_the_readme_error_example_is_what_valet_answers():
+    import tasks
+    with open(os.path.join(HERE, "README.md")) as f:
+        example = re.search(r"### Errors.*?```json\n(.*?)\n```", f.read(), re.S).group(1)
+    app = valet.Valet({"server": {"port": 0}, "storage": {"option": "memory"}},
+                      tasks=tasks.TASKS).start()
+    try:
+        resp = call(app, "POST", "/jobs", {"name": "n", "task_name": "wordcount"})
+    finally:
+        app.stop()
+    assert json.loads(example) == resp.body
+
+
+def _section_lines(source, title):
+    """The first and last line numbers of the section of valet.py under this banner."""
+    banners = [i + 1 for i, line in enumerate(source.split("\n"))
+               if re.fullmatch(r"# -+ \S.* --", line)]
+    start = next(i for i in banners if source.split("\n")[i - 1].endswith(f" {title} --"))
+    later = [i for i in banners if i > start]
+    return start, (later[0] - 1 if later else len(source.split("\n")))
+
+
+def test_valet_py_keeps_the_shape_its_readers_rely_on():
+    """Status changes in one class, routes that only call the facade, HTTP errors only
+    in the HTTP section, short functions."""
+    import ast
+    import inspect
+    with open(os.path.join(HERE, "valet.py")) as f:
+        source = f.read()
+    tree = ast.parse(source)
+    lifecycle = next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                     and node.name == "_Lifecycle")
+    inside = {id(node) for node in ast.walk(lifecycle)}
+    http = _section_lines(source, "HTTP")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == "transition":
+            assert id(node) in inside, f"line {node.lineno} calls transition()"
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "HTTPError":
+            assert http[0] <= node.lineno <= http[1], f"line {node.lineno}: HTTPError"
+        if isinstance(node, ast.FunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            assert length <= 50, f"{node.name} is {length} lines long"
+    for _, _, route, _ in valet.ROUTES:
+        body = inspect.getsource(route)
+        for part in ("store", "pool", "lifecycle", "scheduler", "_"):
+            assert f"app.{part}" not in body, f"{route.__name__} reaches into app.{part}"
