@@ -1106,7 +1106,19 @@ def seed_store(valet, path, count):
     (schema made by valet.SqliteStore itself); (seconds taken, a sample of 1000 ids)."""
     t0 = time.perf_counter()
     valet.SqliteStore(str(path)).close()  # the tables and indexes, as valet makes them
-    columns = valet._JOB_COLUMNS[1:]      # all but seq, in _JOB_INSERT's order
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")
+               if row[1] != "seq"]        # the file's own columns: seq is assigned
+    insert = (f"INSERT INTO jobs ({', '.join(columns)}) "
+              f"VALUES ({', '.join('?' * len(columns))})")
+    missing = [c for c in columns if c not in (
+        "id", "name", "description", "task_name", "metadata", "timeout", "status",
+        "failure_reason", "created_at", "started_at", "completed_at", "priority", "attempts",
+        "max_retries", "retry_backoff", "run_at", "pipeline_id", "previous_job_id",
+        "next_job_id", "use_previous_results")]
+    if missing:
+        conn.close()
+        raise RuntimeError(f"valet has job columns the seeder does not know: {missing}")
     base = time.time() - 30 * 86400 - count * 0.01
     sample_at = set(random.Random(1).sample(range(count), min(1000, count)))
     sample = []
@@ -1129,15 +1141,6 @@ def seed_store(valet, path, count):
             }
             yield [job[c] for c in columns], (job_id, metadata, None)
 
-    missing = [c for c in columns if c not in (
-        "id", "name", "description", "task_name", "metadata", "timeout", "status",
-        "failure_reason", "created_at", "started_at", "completed_at", "priority", "attempts",
-        "max_retries", "retry_backoff", "run_at", "pipeline_id", "previous_job_id",
-        "next_job_id", "use_previous_results")]
-    if missing:
-        raise RuntimeError(f"valet has job columns the seeder does not know: {missing}")
-
-    conn = sqlite3.connect(str(path), isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA cache_size = -262144")  # 256 MiB: random ids hit a big index
@@ -1146,11 +1149,11 @@ def seed_store(valet, path, count):
         for pair in jobs_and_results():
             batch.append(pair)
             if len(batch) == 50_000:
-                conn.executemany(valet._JOB_INSERT, [job for job, _ in batch])
+                conn.executemany(insert, [job for job, _ in batch])
                 conn.executemany("INSERT INTO results VALUES (?, ?, ?)", [r for _, r in batch])
                 batch = []
         if batch:
-            conn.executemany(valet._JOB_INSERT, [job for job, _ in batch])
+            conn.executemany(insert, [job for job, _ in batch])
             conn.executemany("INSERT INTO results VALUES (?, ?, ?)", [r for _, r in batch])
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
