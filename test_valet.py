@@ -294,10 +294,17 @@ def app(make_app):
     return make_app()
 
 
-@pytest.fixture
-def store(storage, tmp_path):
-    config = valet.load_config(storage)
-    store = valet._open_store(config)
+# The stores the storage contract is checked on: name -> a function that opens an
+# empty store in a temporary folder. A new backend adds itself here.
+STORES = {
+    "memory": lambda folder: valet.MemoryStore(),
+    "sqlite": lambda folder: valet.SqliteStore(folder / "valet.db"),
+}
+
+
+@pytest.fixture(params=list(STORES))
+def store(request, tmp_path):
+    store = STORES[request.param](tmp_path)
     yield store
     store.close()
 
