@@ -452,8 +452,19 @@ class _Fields:
         return value
 
     def priority(self):
-        return self.number("priority", 0, lambda v: _is_int(v) and abs(v) <= _MAX_PRIORITY,
-                           f"an integer from -{_MAX_PRIORITY} to {_MAX_PRIORITY}")
+        return self.number("priority", 0, _is_priority, _PRIORITIES)
+
+    def timeout(self, unit):
+        longest = _MAX_TIMEOUT_SECONDS * (1000 if unit == "millisecond" else 1)
+        return self.number("timeout", None, lambda v: _is_number(v) and 0 < v <= longest,
+                           f"a number greater than 0 and at most {longest} (in {unit}s)")
+
+    def flag(self, key):
+        value = self.fields.get(key, False)
+        if not isinstance(value, bool):
+            self.problem(f"{key} must be true or false, got {_show(value)}")
+            return False
+        return value
 
     def run_at(self):
         value = self.fields.get("run_at")
@@ -490,35 +501,21 @@ def _first_status(run_at, now):
     return SCHEDULED if run_at is not None and run_at > now else PENDING
 
 
-def _job_fields(check, tasks, timeout_unit, allowed):
-    """Check a submitted job's fields (with a _Fields); the record's fields from them."""
-    check.unknown(allowed, "a pipeline job" if allowed is _PIPELINE_JOB_INPUT else "a job")
-    fields = check.fields
-    longest = _MAX_TIMEOUT_SECONDS * (1000 if timeout_unit == "millisecond" else 1)
-    record = {
-        "name": check.text("name", required=True),
-        "task_name": check.task_name(tasks),
-        "description": check.text("description", required=False),
-        "timeout": check.number(
-            "timeout", None, lambda v: _is_number(v) and 0 < v <= longest,
-            f"a number greater than 0 and at most {longest} (in {timeout_unit}s)"),
-        "priority": check.priority(),
-        "max_retries": check.number(
-            "max_retries", 0, lambda v: _is_int(v) and 0 <= v <= _MAX_RETRIES,
-            f"an integer from 0 to {_MAX_RETRIES}"),
-        "retry_backoff": check.number(
-            "retry_backoff", _DEFAULT_BACKOFF, lambda v: _is_number(v) and 0 <= v <= _MAX_BACKOFF,
-            f"a number of seconds from 0 to {_MAX_BACKOFF:g}"),
-        "use_previous_results": fields.get("use_previous_results", False),
-        "run_at": check.run_at(),
-        "metadata": fields.get("metadata", fields.get("task_params")),
-    }
-    if "metadata" in fields and "task_params" in fields:
-        check.problem("give metadata or task_params (its old name), not both")
-    if not isinstance(record["use_previous_results"], bool):
-        check.problem(f"use_previous_results must be true or false, got "
-                      f"{_show(record['use_previous_results'])}")
-    return record
+def _is_priority(v):
+    return _is_int(v) and abs(v) <= _MAX_PRIORITY
+
+
+def _is_retries(v):
+    return _is_int(v) and 0 <= v <= _MAX_RETRIES
+
+
+def _is_backoff(v):
+    return _is_number(v) and 0 <= v <= _MAX_BACKOFF
+
+
+_PRIORITIES = f"an integer from -{_MAX_PRIORITY} to {_MAX_PRIORITY}"
+_RETRIES = f"an integer from 0 to {_MAX_RETRIES}"
+_BACKOFFS = f"a number of seconds from 0 to {_MAX_BACKOFF:g}"
 
 
 def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
@@ -529,14 +526,31 @@ def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
     every message ("jobs[1]: "), for a job inside a pipeline or a config entry.
     """
     check = _Fields(fields, where)
-    record = _job_fields(check, tasks, timeout_unit, allowed)
-    check.raise_problems()
-    return {
-        "id": str(uuid.uuid4()), **record, "status": _first_status(record["run_at"], now),
-        "failure_reason": None, "attempts": 0, "created_at": now, "started_at": None,
-        "completed_at": None, "pipeline_id": None, "previous_job_id": None,
-        "next_job_id": None,
+    check.unknown(allowed, "a pipeline job" if allowed is _PIPELINE_JOB_INPUT else "a job")
+    job = {
+        "id": str(uuid.uuid4()),
+        "name": check.text("name", required=True),
+        "description": check.text("description", required=False),
+        "task_name": check.task_name(tasks),
+        "metadata": fields.get("metadata", fields.get("task_params")),
+        "timeout": check.timeout(timeout_unit),
+        "priority": check.priority(),
+        "status": None,  # set below, from run_at
+        "failure_reason": None,
+        "attempts": 0,
+        "max_retries": check.number("max_retries", 0, _is_retries, _RETRIES),
+        "retry_backoff": check.number("retry_backoff", _DEFAULT_BACKOFF, _is_backoff,
+                                      _BACKOFFS),
+        "run_at": check.run_at(),
+        "created_at": now, "started_at": None, "completed_at": None,
+        "pipeline_id": None, "previous_job_id": None, "next_job_id": None,
+        "use_previous_results": check.flag("use_previous_results"),
     }
+    if "metadata" in fields and "task_params" in fields:
+        check.problem("give metadata or task_params (its old name), not both")
+    check.raise_problems()
+    job["status"] = _first_status(job["run_at"], now)
+    return job
 
 
 def _new_pipeline(fields, tasks, timeout_unit, now):
@@ -1975,7 +1989,8 @@ class _WorkerPool:
         with self._lock:
             if self._running.get(claim.job_id) is claim:
                 del self._running[claim.job_id]
-                self._changed.notify_all()
+                if claim.abandoned:  # its worker waits for this, to log its late return
+                    self._changed.notify_all()
                 if claim.deadline:  # its entry in the heap is stale now
                     self._stale += 1
                     self._prune_deadlines()
@@ -2020,7 +2035,8 @@ class _WorkerPool:
                 return not claim.taken  # if taken, the canceller started a replacement
             claim.job = started
             deadline = self._add_deadline(claim)
-            self._changed.notify_all()  # stop() may wait for this start
+            if self._stopping:
+                self._changed.notify_all()  # stop() waits for starts being written
         context = Context(started["id"], started["attempts"], deadline, claim, self._clock)
         status, value, reason = self._call(started, context)
         with self._lock:
