@@ -894,6 +894,92 @@ def test_store_answers_ping_and_closes_twice(store):
     store.close()
 
 
+def test_store_gives_back_every_value_as_it_was_given(store):
+    job = dict(new_record("round trip"), description="d", timeout=5, retry_backoff=0.5,
+               priority=-3, max_retries=2, metadata={"nested": [1, 2.5, "x", None]},
+               use_previous_results=True, previous_job_id="before", next_job_id="after",
+               pipeline_id="p")
+    store.add(job, pipeline={"id": "p", "name": "p", "description": "pd", "priority": -3,
+                             "run_at": 12.5, "created_at": 10.0})
+    got = store.get(job["id"])
+    assert got == {**job, "seq": got["seq"]}
+    assert type(got["timeout"]) is int and got["use_previous_results"] is True
+    assert _is_seq(got["seq"])
+    pipeline = store.get_pipeline("p")
+    assert {k: v for k, v in pipeline.items() if k not in ("seq", "jobs")} == {
+        "id": "p", "name": "p", "description": "pd", "priority": -3, "run_at": 12.5,
+        "created_at": 10.0}
+    assert _is_seq(pipeline["seq"]) and pipeline["jobs"] == [got]
+
+
+def _is_seq(value):
+    return type(value) is int and 0 < value < 10 ** 18
+
+
+def test_store_never_uses_a_seq_again_not_even_the_newest_one_s(store):
+    first, newest = new_record("first"), new_record("newest")
+    store.add(first)
+    store.add(newest)
+    seq = store.get(newest["id"])["seq"]
+    store.delete(newest["id"], lambda job: True)
+    again = new_record("again")
+    store.add(again)
+    assert store.get(again["id"])["seq"] > seq
+
+
+def test_store_add_that_fails_part_way_stores_nothing_of_it(store):
+    stored = new_record("stored")
+    store.add(stored)
+    first, clash = new_record("first"), new_record("clash")
+    clash["id"] = stored["id"]
+    for job in (first, clash):
+        job["pipeline_id"] = "p"
+    pipeline = {"id": "p", "name": "p", "description": None, "priority": 0, "run_at": None,
+                "created_at": 1.0}
+    with pytest.raises(Exception):
+        store.add(first, clash, pipeline=pipeline, fired=("nightly", 100.0))
+    twice = new_record("twice")
+    with pytest.raises(Exception):
+        store.add(twice, dict(twice))
+    assert [j["id"] for j in store.list()] == [stored["id"]]
+    assert store.get_pipeline("p") is None and store.list_pipelines() == []
+    assert store.add(new_record(), fired=("nightly", 100.0)) is True  # no firing was kept
+
+
+def test_store_transition_that_misses_or_is_refused_writes_nothing(store):
+    job, later = new_record("job"), new_record("later")
+    store.add(job)
+    store.add(later)
+    then = [(later["id"], (valet.PENDING,), valet.CANCELLED, {})]
+    assert store.transition(job["id"], (valet.IN_PROGRESS,), valet.FAILED,
+                            result=(None, "boom"), then=then) is None
+    for bad_then in ([(later["id"], (valet.PENDING,), valet.CANCELLED, {"name": "x"})],
+                     [(later["id"], (valet.PENDING,), "DONE", {})]):
+        with pytest.raises(ValueError):
+            store.transition(job["id"], (valet.PENDING,), valet.IN_PROGRESS, then=bad_then)
+    assert store.result(job["id"]) is None
+    assert [j["status"] for j in store.list()] == [valet.PENDING, valet.PENDING]
+
+
+def test_store_fills_a_page_whenever_enough_follow(store):
+    jobs = [new_record(f"j{i}") for i in range(5)]
+    for job in jobs:
+        store.add(job)
+    store.delete(jobs[1]["id"], lambda job: True)  # a gap in the seqs
+    assert [j["name"] for j in store.list(None, 0, 3)] == ["j0", "j2", "j3"]
+    assert [j["name"] for j in store.list(valet.PENDING, 0, 4)] == ["j0", "j2", "j3", "j4"]
+    assert store.list("NOT A STATUS", 0, 3) == []
+    for name in "abc":
+        new_pipeline(store, name, valet.PENDING, valet.PENDING)
+    assert [p["id"] for p in store.list_pipelines(0, 2)] == ["a", "b"]
+
+
+def test_store_update_of_a_missing_pipeline_is_false_and_of_an_unknown_kind_an_error(store):
+    assert store.update("nope", {"name": "x"}, kind="pipeline") is False
+    with pytest.raises(ValueError):
+        store.update("nope", {"name": "x"}, kind="pipelines")
+
+
 def test_every_store_implements_the_whole_interface():
     methods = [name for name, value in vars(valet.Store).items()
                if callable(value) and not name.startswith("_")]
@@ -1385,7 +1471,7 @@ def test_a_task_that_returns_after_its_cancel_is_logged_after_it(make_app, caplo
     assert started.wait(10)
     assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
     cancelled = f"job {job['id']}: IN_PROGRESS -> CANCELLED"
-    late = f"job {job['id']}: the task returned after the job was settled"
+    late = f"job {job['id']}: the task returned after the job was taken from it"
     wait_until(lambda: late in caplog.text, what="the late return to be logged")
     lines = [record.getMessage() for record in caplog.records]
     first = next(i for i, line in enumerate(lines) if line.startswith(cancelled))
@@ -1403,6 +1489,143 @@ def test_cancels_of_one_running_job_at_once_cancel_it_once(make_app, gate):
                for resp in answers if resp.status == 409)
     assert app.job(job["id"])["status"] == valet.CANCELLED
 
+
+
+def job_is(app, job_id, status, attempts):
+    job = app.lifecycle.store.get(job_id)
+    return job["status"] == status and job["attempts"] == attempts
+
+
+def test_a_cancel_waits_only_for_the_settle_it_found_then_cancels_the_next_attempt(make_app):
+    hold, told = threading.Event(), threading.Event()
+
+    def fails_once(metadata, context):
+        if context.attempt == 1:
+            raise RuntimeError("the first attempt fails")
+        if context.cancelled.wait(20):  # attempt 2 lasts until it is told to stop
+            told.set()
+        hold.wait(20)
+
+    app = make_app(tasks={"fails_once": fails_once}, start=False)
+    settling, seen_settling = threading.Event(), threading.Event()
+
+    def retry_written_once_cancel_looks(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.SCHEDULED:  # the worker holds its claim, writing the retry
+            settling.set()
+            assert seen_settling.wait(10)
+    app.lifecycle.store = Hooked(app.lifecycle.store, "transition",
+                                 retry_written_once_cancel_looks)
+    take = app.pool.take
+
+    def take_then_let_attempt_2_start(job_id):
+        claim, taken = take(job_id)
+        if claim is not None and not taken:  # attempt 1's claim, being settled
+            seen_settling.set()
+            wait_until(lambda: job_is(app, job_id, valet.IN_PROGRESS, 2),
+                       what="attempt 2 to start, with a claim of its own")
+        return claim, taken
+    app.pool.take = take_then_let_attempt_2_start
+    app.start()
+    job = app.submit({"name": "j", "task_name": "fails_once", "max_retries": 1,
+                      "retry_backoff": 0})
+    assert settling.wait(10)
+    resp = call(app, "POST", f"/jobs/{job['id']}/cancel")  # not held up by attempt 2
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED
+    assert resp.body["attempts"] == 2 and told.wait(10)
+    hold.set()
+
+
+def test_a_cancel_that_finds_no_claim_never_cancels_a_job_a_worker_has_started(make_app):
+    clock, entered, told, hold = FakeClock(), threading.Event(), threading.Event(), \
+        threading.Event()
+
+    def slow(metadata, context):
+        entered.set()
+        if context.cancelled.wait(20):
+            told.set()
+        hold.wait(20)
+
+    app = make_app(clock=clock, tasks={"slow": slow})
+    job = app.submit({"name": "j", "task_name": "slow", "run_at": at(clock, 60)})
+    take = app.pool.take
+
+    def take_then_it_comes_due_and_starts(job_id):
+        claim, taken = take(job_id)
+        if claim is None and not entered.is_set():  # between the cancel's look and write
+            app.scheduler.tick(clock.advance(60))
+            assert entered.wait(10)
+        return claim, taken
+    app.pool.take = take_then_it_comes_due_and_starts
+    cancelled = app.cancel(job["id"])
+    assert cancelled["status"] == valet.CANCELLED and cancelled["attempts"] == 1
+    assert told.wait(10)  # the running task was told: the cancel took its claim
+    assert app.status()["workers"]["abandoned"] == 1
+    hold.set()
+
+
+def test_a_timed_out_attempt_s_worker_leaves_even_when_its_retry_starts_first(make_app):
+    def late_then_quick(metadata, context):
+        if context.attempt == 1:
+            context.cancelled.wait(20)  # returns as soon as the timeout takes its claim
+            return "late"
+        return "second"
+
+    app = make_app(tasks={"late": late_then_quick}, timeout_unit="millisecond",
+                   start=False)
+    at_ = app.scheduler.at
+
+    def promote_then_wait_for_the_retry_to_run(when, action, *args):
+        at_(when, action, *args)
+        if action == app.lifecycle.promote:  # before the timed-out claim is released
+            wait_until(lambda: job_is(app, args[0], valet.COMPLETED, 2),
+                       what="the retry to run")
+    app.scheduler.at = promote_then_wait_for_the_retry_to_run
+    app.start()
+    job = app.submit({"name": "j", "task_name": "late", "timeout": 50, "max_retries": 1,
+                      "retry_backoff": 0})
+    assert app.wait(job["id"], 20)["status"] == valet.COMPLETED
+    wait_until(lambda: app.status()["workers"]["abandoned"] == 0,
+               what="the timed-out attempt's worker to leave")
+    assert app.pool.tick(time.monotonic() + 3600) == 0
+    assert app.pool._stale == 0 and app.pool._deadlines == []
+
+
+def test_a_running_job_whose_end_cannot_be_written_stays_claimed_for_a_cancel(make_app):
+    app = make_app(start=False, **{"worker_pool.workers": 1})
+    failed = []
+
+    def completion_fails_once(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.COMPLETED and not failed:
+            failed.append(job_id)
+            return True
+    app.lifecycle.store = Hooked(app.lifecycle.store, "transition", completion_fails_once)
+    app.start()
+    stuck = app.submit({"name": "s", "task_name": "echo"})
+    wait_until(lambda: failed, what="the completion to fail")
+    after = app.submit({"name": "a", "task_name": "echo"})
+    assert app.wait(after["id"], 10)["status"] == valet.COMPLETED  # the worker went on
+    assert app.job(stuck["id"])["status"] == valet.IN_PROGRESS
+    assert app.status()["workers"]["busy"] == 1  # its claim is kept, with no thread
+    cancelled = app.cancel(stuck["id"])
+    assert cancelled["status"] == valet.CANCELLED
+    assert app.status()["workers"] == {"busy": 0, "total": 1, "abandoned": 0}
+
+
+def test_a_cancel_completes_when_no_replacement_worker_can_start(make_app, gate,
+                                                                 monkeypatch):
+    app = make_app()
+    job = submit(app, "gate")
+    assert gate.entered.wait(10)
+    start = threading.Thread.start
+
+    def no_more_workers(thread):
+        if thread.name.startswith("valet-worker"):
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+    monkeypatch.setattr(threading.Thread, "start", no_more_workers)
+    resp = call(app, "POST", f"/jobs/{job['id']}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED
+    assert app.status()["workers"]["busy"] == 0
 
 # -- pipelines
 
@@ -3150,7 +3373,8 @@ def test_the_facade_answers_as_the_http_api_does(make_app, gate):
      {"name": ""}),
     (lambda app, i: app.update_job("nope", {"name": "x"}), valet.NotFound, "PATCH",
      "/jobs/nope", {"name": "x"}),
-    (lambda app, i: app.list_jobs(limit=0), valet.Invalid, "GET", "/jobs?limit=0", None),
+    (lambda app, i: app.list_jobs(status="DONE"), valet.Invalid, "GET", "/jobs?status=DONE",
+     None),
     (lambda app, i: app.delete_pipeline("nope"), valet.NotFound, "DELETE", "/pipelines/nope",
      None),
     (lambda app, i: app.cancel_pipeline("nope"), valet.NotFound, "POST",
@@ -3405,6 +3629,13 @@ def test_bad_periodic_entry_stops_the_process_with_exit_2_and_one_line(tmp_path,
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
     assert not (tmp_path / "valet.db").exists()  # stopped before opening the store
+
+
+def test_a_tasks_module_beside_the_config_wins_over_the_one_beside_valet_py(tmp_path,
+                                                                           processes):
+    (tmp_path / "tasks.py").write_text("TASKS = {'mine': lambda metadata: metadata}\n")
+    proc = processes(tmp_path, tasks_module="tasks")  # valet.py has a tasks.py too
+    assert call(proc.port, "GET", "/tasks").body == {"tasks": ["mine"]}
 
 
 def test_valet_run_from_another_folder_uses_the_files_beside_its_config(tmp_path,

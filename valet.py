@@ -310,11 +310,14 @@ def _in_folder(config, path):
 
 def _load_tasks(config):
     """Import the tasks_module (looked for first in the config file's folder) and
-    return its TASKS dict; ConfigError if it cannot."""
+    return its TASKS dict; ConfigError if it cannot. A module is imported once per
+    process: a second Valet naming the same module gets the same one."""
     module_name = config["tasks_module"]
     folder = getattr(config, "folder", None)
-    if folder is not None and folder not in sys.path:
-        sys.path.insert(0, folder)  # where the config is, its tasks are
+    if folder is not None:  # where the config is, its tasks are: look there first
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -544,7 +547,8 @@ def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
         "run_at": check.run_at(),
         "created_at": now, "started_at": None, "completed_at": None,
         "pipeline_id": None, "previous_job_id": None, "next_job_id": None,
-        "use_previous_results": check.flag("use_previous_results"),
+        "use_previous_results": (check.flag("use_previous_results")
+                                 if "use_previous_results" in allowed else False),
     }
     if "metadata" in fields and "task_params" in fields:
         check.problem("give metadata or task_params (its old name), not both")
@@ -641,18 +645,20 @@ _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
 
 def _page(status, limit, cursor):
     """A listing's (status, limit, seq after) from what the caller gave, or Invalid
-    naming every one that is wrong. `cursor` is a next_cursor from an earlier page."""
+    naming every one that is wrong. `limit` is an integer (or its digits, from a
+    query); `cursor` is a next_cursor from an earlier page."""
     check = _Fields({})
     if status is not None:
         if not isinstance(status, str) or status.upper() not in STATUSES:
             check.problem(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         status = status.upper() if isinstance(status, str) else None
-    if not (_is_int(limit) and 1 <= limit <= MAX_PAGE_SIZE):
+    size = int(limit) if isinstance(limit, str) and _DIGITS.fullmatch(limit) else limit
+    if not (_is_int(size) and 1 <= size <= MAX_PAGE_SIZE):
         check.problem(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
     if cursor is not None and not (isinstance(cursor, str) and _DIGITS.fullmatch(cursor)):
         check.problem(f"cursor must be a next_cursor from an earlier page, got {cursor!r}")
     check.raise_problems()
-    return status, limit, int(cursor or 0)
+    return status, size, int(cursor or 0)
 
 
 def _next_cursor(found, limit):
@@ -712,35 +718,71 @@ def _check_fields(fields, allowed, what):
                              f"{', '.join(sorted(allowed))}")
 
 
+def _check_moves(moves):
+    """ValueError for a move (job id, from_states, to_state, fields) that no store
+    may make, before any of them is made."""
+    for _, from_states, to_state, fields in moves:
+        _check_fields(fields, _MOVE_FIELDS, "a transition")
+        for status in (*from_states, to_state):
+            if status not in STATUSES:
+                raise ValueError(f"{status!r} is not a status")
+
+
+def _kind(kind):
+    if kind not in ("job", "pipeline"):
+        raise ValueError(f"kind must be job or pipeline, got {kind!r}")
+    return kind
+
+
+def _check_new(jobs):
+    """ValueError for new job records that no store may add."""
+    for job in jobs:
+        if job["status"] not in STATUSES:
+            raise ValueError(f"{job['status']!r} is not a status")
+    if len({job["id"] for job in jobs}) < len(jobs):
+        raise ValueError("a job id is given twice")
+
+
 class Store:
     """What valet needs of a storage backend: it persists jobs, pipelines, results and
     periodic firings, and answers queries. It decides nothing: the lifecycle says
     which status a job moves to, from which, and with what (attempts, times,
     results, the jobs of its pipeline that move with it).
 
-    Records are plain dicts. A job record has every key of a new job (see
-    _new_job: the fields of JOB_FIELDS that are stored, plus "previous_job_id"),
-    with times as epoch seconds and "metadata" as the JSON value; a pipeline
-    record has id, name, description, priority, run_at and created_at. Both also
-    have "seq", their place in submission order, which never changes and is never
-    reused. A record returned is the caller's own: changing it changes nothing
-    stored.
+    Records are plain dicts with exactly these keys, as add() is given them and as
+    every method returns them (with "seq", below):
 
-    Every method is thread-safe; every write is atomic (all of it or none) and has
-    committed when it returns. A method that finds no such job returns None
-    (False for the ones that answer whether they wrote). To add a backend,
-    implement every method below; the storage-contract tests in test_valet.py
-    check an implementation against this text.
+        job       id, name, description, task_name, metadata (any JSON value),
+                  timeout, priority, status (one of STATUSES), failure_reason,
+                  attempts, max_retries, retry_backoff, run_at, created_at,
+                  started_at, completed_at, pipeline_id, previous_job_id,
+                  next_job_id, use_previous_results (a bool)
+        pipeline  id, name, description, priority, run_at, created_at
+
+    Times are epoch seconds (floats) or None. A store gives every value back as it
+    was given: an int stays an int and a float a float (timeout and retry_backoff
+    may be either). It adds "seq" to every record it returns: a positive integer
+    below 10**18, the record's place in submission order, which never changes and
+    is never used again, not even after the newest record is deleted. A record
+    returned is the caller's own: changing it changes nothing stored.
+
+    Every method is thread-safe. Every write is atomic, all of it or none of it,
+    and has committed when it returns; a write that raises has written nothing.
+    A method that finds no such job or pipeline returns None (False for those
+    that answer whether they wrote). No method may be called after close(). To
+    add a backend, implement every method below; the storage-contract tests in
+    test_valet.py check an implementation against this text.
     """
 
     option = None  # the storage.option that names this store
 
     def add(self, *jobs, pipeline=None, fired=None) -> bool:
         """Store new job records, in the order given (a pipeline's jobs in their
-        order); with `pipeline`, that pipeline record too. `fired`, (periodic entry
-        name, due time), records a periodic firing with the jobs: if a firing of
-        that entry at that due time or later is already recorded, nothing is stored
-        and add returns False. Returns True once stored."""
+        order, each with its pipeline_id); with `pipeline`, that pipeline record
+        too. An id already stored, or given twice, raises an error. `fired`,
+        (periodic entry name, due time), records a periodic firing with the jobs:
+        if a firing of that entry at that due time or later is already recorded,
+        nothing is stored and add returns False. Returns True once stored."""
         raise NotImplementedError
 
     def get(self, job_id) -> dict | None:
@@ -748,20 +790,22 @@ class Store:
         raise NotImplementedError
 
     def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE) -> list:
-        """Up to `limit` job records with seq > `after` (and this status, if given),
-        in seq order."""
+        """The first `limit` job records with seq > `after` (and this status, if
+        given), in seq order: fewer only when no more follow."""
         raise NotImplementedError
 
     def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()) -> dict | None:
         """Move the job to `to_state` if its status is one of `from_states`, writing
         `fields` (only these: attempts, started_at, completed_at, failure_reason,
-        run_at; ValueError for others) with it. With it, in the same write: store
-        `result`, a (value, error) pair, as the job's result; and make each move of
-        `then`, a list of (job id, from_states, to_state, fields), where its status
-        matches. Returns the moved record; None (and nothing is written) if the
-        job is missing or not in one of `from_states`. Two transitions of one job
-        from the same status can never both succeed."""
+        run_at) with it. With it, in the same write: store `result`, a (value,
+        error) pair, as the job's result; and make each move of `then`, a list of
+        (job id, from_states, to_state, fields), where that job's status matches.
+        Returns the moved record; None, writing nothing (no result, no further
+        move), if the job is missing or not in one of `from_states`. Two
+        transitions of one job from the same status can never both succeed. A
+        field outside those five, or a status outside STATUSES, in any move is a
+        ValueError."""
         raise NotImplementedError
 
     def update(self, item_id, fields, kind="job") -> bool:
@@ -789,8 +833,9 @@ class Store:
         raise NotImplementedError
 
     def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE) -> list:
-        """Up to `limit` pipeline records with seq > `after`, in seq order, each with
-        "jobs" as get_pipeline() gives them."""
+        """The first `limit` pipeline records with seq > `after`, in seq order (fewer
+        only when no more follow), each with "jobs" as get_pipeline() gives them,
+        all read together."""
         raise NotImplementedError
 
     def delete_pipeline(self, pipeline_id, allowed) -> dict | None:
@@ -810,7 +855,7 @@ class Store:
 
     def close(self):
         """Let the writes under way finish, then release what the store holds.
-        Idempotent."""
+        Idempotent: close() is the one method that may be called again."""
         raise NotImplementedError
 
 
@@ -846,8 +891,12 @@ class MemoryStore(Store):
         return pipeline
 
     def add(self, *jobs, pipeline=None, fired=None):
+        _check_new(jobs)
         records = [dict(job, metadata=json.dumps(job["metadata"])) for job in jobs]
         with self._lock:
+            if any(job["id"] in self._jobs for job in jobs) or (
+                    pipeline is not None and pipeline["id"] in self._pipelines):
+                raise ValueError("a job or pipeline with that id is already stored")
             if fired is not None:
                 name, due = fired
                 if self._periodic.get(name, -math.inf) >= due:
@@ -874,14 +923,13 @@ class MemoryStore(Store):
 
     def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE):
         with self._lock:
-            seqs = self._seqs if status is None else self._by_status[status]
+            seqs = self._seqs if status is None else self._by_status.get(status, [])
             start = bisect.bisect_right(seqs, after)
             return [self._out(self._jobs[self._ids[s]]) for s in seqs[start:start + limit]]
 
     def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()):
-        for move in ((job_id, from_states, to_state, fields), *then):
-            _check_fields(move[3], _MOVE_FIELDS, "a transition")
+        _check_moves(((job_id, from_states, to_state, fields), *then))
         stored = None if result is None else (json.dumps(result[0]), result[1])
         with self._lock:
             record = self._move(job_id, from_states, to_state, fields)
@@ -906,8 +954,9 @@ class MemoryStore(Store):
 
     def update(self, item_id, fields, kind="job"):
         _check_fields(fields, _EDITABLE_FIELDS, "update()")
+        records = {"job": self._jobs, "pipeline": self._pipelines}[_kind(kind)]
         with self._lock:
-            record = (self._jobs if kind == "job" else self._pipelines).get(item_id)
+            record = records.get(item_id)
             if record is None:
                 return False
             record.update(fields)
@@ -1292,6 +1341,7 @@ class SqliteStore(Store):
         return [json.dumps(job[c]) if c == "metadata" else job[c] for c in _JOB_COLUMNS[1:]]
 
     def add(self, *jobs, pipeline=None, fired=None):
+        _check_new(jobs)
         rows = [self._job_row(job) for job in jobs]
         pipeline_row = None if pipeline is None else [pipeline[c] for c in _PIPELINE_COLUMNS]
 
@@ -1322,11 +1372,11 @@ class SqliteStore(Store):
 
     def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()):
+        _check_moves(((job_id, from_states, to_state, fields), *then))
         moves = []
         for move_id, states, state, move_fields in ((job_id, from_states, to_state, fields),
                                                     *then):
             move_fields = move_fields or {}
-            _check_fields(move_fields, _MOVE_FIELDS, "a transition")
             moves.append((_move_sql(len(states), tuple(move_fields)),
                           [state, *move_fields.values(), move_id, *states]))
         value_json = None if result is None else json.dumps(result[0])
@@ -1346,7 +1396,7 @@ class SqliteStore(Store):
 
     def update(self, item_id, fields, kind="job"):
         _check_fields(fields, _EDITABLE_FIELDS, "update()")
-        table = {"job": "jobs", "pipeline": "pipelines"}[kind]
+        table = {"job": "jobs", "pipeline": "pipelines"}[_kind(kind)]
         sets = ", ".join(f"{column} = ?" for column in fields) or "id = id"
         sql = f"UPDATE {table} SET {sets} WHERE id = ?"
         args = [*fields.values(), item_id]
@@ -1495,6 +1545,7 @@ class _Lifecycle:
         self.store = store
         self.scheduler = scheduler
         self.pool = None  # the _WorkerPool, set by its owner: the two call each other
+        self.recovered = False  # recover() has settled what the last run left running
         self._clock = clock  # the wall clock, for the times a job records
         self._lock = threading.Lock()  # guards _waiters
         self._waiters = {}  # job id -> Events of callers waiting for its next change
@@ -1551,6 +1602,7 @@ class _Lifecycle:
         if queued or scheduled:
             log.info("from the store: %d pending job(s) queued, %d scheduled", queued,
                      len(scheduled))
+        self.recovered = True
 
     def _stored(self, status):
         """Every stored job with this status, in submission order."""
@@ -1587,12 +1639,16 @@ class _Lifecycle:
     def settle(self, claim, status, value=None, reason=None):
         """End the running attempt a worker claimed, as whoever took the claim (the
         worker when its task returned, the deadline thread, stop): finish() it, then
-        give the claim back and wake the job's waiters, even if the write failed."""
+        release the claim and wake the job's waiters. If the write fails, the claim
+        is given back for a cancel or stop to settle, and the error raised."""
+        settled = False
         try:
-            return self.finish(claim.job, status, value, reason)
+            moved = self.finish(claim.job, status, value, reason)
+            settled = True
+            return moved
         finally:
-            self.pool.release(claim)
-            self.wake(claim.job["id"])
+            self.pool.release(claim, settled)
+            self.wake(claim.job_id)
 
     def finish(self, job, status, value=None, reason=None):
         """End a running attempt (`job` is its IN_PROGRESS record): COMPLETED with the
@@ -1635,10 +1691,10 @@ class _Lifecycle:
         its pipeline is cancelled with it."""
         return self._end(job, (IN_PROGRESS,), FAILED, reason, result=(None, reason))
 
-    def _cancel(self, job, reason):
-        """Any status before the end -> CANCELLED, with no result; the rest of its
-        pipeline is cancelled with it."""
-        return self._end(job, UNFINISHED, CANCELLED, reason, result=None)
+    def _cancel(self, job, reason, states=UNFINISHED):
+        """SCHEDULED, PENDING or IN_PROGRESS (those of `states`) -> CANCELLED, with no
+        result; the rest of its pipeline is cancelled with it."""
+        return self._end(job, states, CANCELLED, reason, result=None)
 
     def _end(self, job, from_states, status, reason, result):
         """Move a job to FAILED or CANCELLED, and the jobs after it in its pipeline
@@ -1685,25 +1741,40 @@ class _Lifecycle:
             job = self.store.get(job_id)
             if job is None or job["status"] in FINISHED:
                 return job, False
-            claim = self.pool.take(job_id)
-            if claim is _SETTLING:  # a worker or the deadline thread is ending it
-                self._wait_for_settle(job_id)
+            claim, taken = self.pool.take(job_id)
+            if claim is not None and not taken:  # a worker or the deadline thread is
+                self._wait_for_release(claim)   # ending it
                 continue
+            if claim is None and job["status"] == IN_PROGRESS and self.recovered:
+                # Its claim was released as we looked: it has moved on. (Or another
+                # process runs it: wait, rather than spin, for it to move.)
+                self._wait_for_change(job_id, 1)
+                continue
+            # With its claim the job is this call's; without one, it may be cancelled
+            # only while no worker runs it: until a worker claims it, or before
+            # recover() has settled the jobs the last run left IN_PROGRESS.
+            states = UNFINISHED if claim is not None or not self.recovered else (
+                SCHEDULED, PENDING)
             try:
-                moved = self._cancel(claim.job if claim and claim.job else job, reason)
+                moved = self._cancel(claim.job if claim and claim.job else job, reason, states)
             finally:  # take() has withdrawn it from the queue: give back the claim
                 if claim is not None:
                     self.pool.release(claim)
                 self.wake(job_id)
             if moved is not None:
                 return moved, True
-            # it moved first (started, came due, finished): look again
+            # it moved first (a worker started it, or it finished): look again
 
-    def _wait_for_settle(self, job_id):
-        """Wait until whoever holds the running job's claim has settled it."""
-        with self.watching(job_id) as changed:
-            if self.pool.holds(job_id):  # settle() releases, then wakes: nothing is missed
+    def _wait_for_release(self, claim):
+        """Wait until the thread that took this claim has released it (or given it
+        back): release() comes before the wake, so nothing is missed."""
+        with self.watching(claim.job_id) as changed:
+            if claim.taken and not claim.released:
                 changed.wait()
+
+    def _wait_for_change(self, job_id, timeout):
+        with self.watching(job_id) as changed:
+            changed.wait(timeout)
 
     def cancel_pipeline(self, pipeline_id):
         """Cancel what is left of a pipeline (its current job, and with it the rest).
@@ -1832,21 +1903,24 @@ class Context:
 
 
 class _Claim:
-    """A job a worker thread took off the queue. It stays in the pool's `_running`
-    until the job is settled: the first thread to take it (the worker when its
-    task returns, the deadline thread, a cancel, stop) settles the job and then
-    releases it; the others leave the job alone."""
+    """A job a worker thread took off the queue. The first thread to take the claim
+    (the worker when its task returns, the deadline thread, a cancel, stop) writes
+    the job's end and then releases the claim; the others leave the job alone.
+    So while valet runs, a job that is IN_PROGRESS always has a claim: if the
+    write fails, the claim is given back, untaken and with no thread, for a
+    cancel or stop to settle."""
 
     __slots__ = ("thread", "job_id", "job", "cancelled", "progress", "taken",
-                 "abandoned", "deadline")
+                 "released", "abandoned", "deadline")
 
     def __init__(self, thread, job_id):
-        self.thread = thread
+        self.thread = thread    # None once its job's end could not be written
         self.job_id = job_id
         self.job = None         # its record, once it is IN_PROGRESS
         self.cancelled = threading.Event()
         self.progress = None
         self.taken = False      # a thread has taken it to settle the job
+        self.released = False   # its job is settled: the claim is done with
         self.abandoned = False  # taken from its thread, which left the pool
         self.deadline = False   # it has an entry in the pool's deadline heap
 
@@ -1861,8 +1935,7 @@ def _takes_context(fn):
                or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
-_STOP = object()      # put on the ready queue, one per worker, to end it
-_SETTLING = object()  # take()'s answer when another thread is settling the job
+_STOP = object()  # put on the ready queue, one per worker, to end it
 
 
 def _guarded(step, *args):
@@ -1961,44 +2034,53 @@ class _WorkerPool:
 
     def take(self, job_id):
         """Take a job out of the pool's hands, to cancel it: withdraw it from the
-        queue, or take the claim of the worker that runs it (the worker leaves the
-        pool, a replacement starts, and the task's context.cancelled is set).
-        Returns the claim, which the caller releases once it has settled the job;
-        None if no worker holds the job; _SETTLING if another thread has taken it."""
+        queue, or take the claim on it from the worker that runs it (the worker
+        leaves the pool, a replacement starts, and the task's context.cancelled is
+        set). Returns (claim, taken): (None, False) if no worker holds the job;
+        (claim, True) if this call took the claim, which the caller releases once
+        it has settled the job; (claim, False) if another thread took it first."""
         with self._lock:
             self._waiting.discard(job_id)
             claim = self._running.get(job_id)
-            if claim is None:
-                return None
-            if claim.taken:
-                return _SETTLING
-            self._take(claim)
-        self._replace()
-        return claim
+            if claim is None or claim.taken:
+                return claim, False
+            replace = self._take(claim)
+        if replace:
+            self._replace()
+        return claim, True
 
     def _take(self, claim):
-        """Take a claim from its thread, which leaves the pool (with the lock held)."""
-        claim.taken = claim.abandoned = True
+        """Take a claim, with the lock held. Its thread, if it has one, leaves the pool:
+        returns whether a replacement is due."""
+        claim.taken = True
         claim.cancelled.set()
+        if claim.thread is None:
+            return False
+        claim.abandoned = True
         self._abandoned += 1
         self._threads.discard(claim.thread)
         self._changed.notify_all()
+        return True
 
-    def release(self, claim):
-        """The job of a taken claim is settled: forget the claim. Idempotent."""
+    def release(self, claim, settled=True):
+        """Done with a taken claim: its job is settled, and the claim is forgotten
+        (idempotent). With settled=False, its job's end could not be written: the
+        claim is given back untaken and with no thread, and the job stays
+        IN_PROGRESS until a cancel, stop or the next start settles it."""
         with self._lock:
+            if claim.released:
+                return
+            if claim.abandoned:  # its worker waits for this, to log its late return
+                self._changed.notify_all()
+            if not settled:
+                claim.taken, claim.thread = False, None
+                return
+            claim.released = True
             if self._running.get(claim.job_id) is claim:
                 del self._running[claim.job_id]
-                if claim.abandoned:  # its worker waits for this, to log its late return
-                    self._changed.notify_all()
-                if claim.deadline:  # its entry in the heap is stale now
-                    self._stale += 1
-                    self._prune_deadlines()
-
-    def holds(self, job_id):
-        """Whether a worker's claim on the job is still unreleased."""
-        with self._lock:
-            return job_id in self._running
+            if claim.deadline:  # its entry in the heap is stale now
+                self._stale += 1
+                self._prune_deadlines()
 
     # -- a worker's single step
 
@@ -2022,8 +2104,8 @@ class _WorkerPool:
             return self._run(job, claim)
         finally:
             with self._lock:
-                if not claim.taken and self._running.get(job["id"]) is claim:
-                    del self._running[job["id"]]  # not started: an error, or cancelled
+                if claim.job is None and not claim.taken:  # not started: an error, or
+                    del self._running[job["id"]]           # cancelled or deleted first
                     self._changed.notify_all()
                 if claim.abandoned:
                     self._abandoned -= 1
@@ -2041,11 +2123,11 @@ class _WorkerPool:
         status, value, reason = self._call(started, context)
         with self._lock:
             mine, claim.taken = not claim.taken, True
-            if not mine:
-                self._changed.wait_for(lambda: self._running.get(claim.job_id) is not claim)
+            if not mine:  # log after the job's end, which the taker writes
+                self._changed.wait_for(lambda: claim.released or not claim.taken)
         if not mine:
-            log.info("job %s: the task returned after the job was settled; its result is "
-                     "discarded", started["id"])
+            log.info("job %s: the task returned after the job was taken from it; its "
+                     "result is discarded", started["id"])
             return False
         self._lifecycle.settle(claim, status, value, reason)
         return True
@@ -2069,8 +2151,7 @@ class _WorkerPool:
         busy server with long timeouts would otherwise hold an entry per job until
         its deadline."""
         if self._stale * 2 > len(self._deadlines):
-            self._deadlines = [d for d in self._deadlines
-                               if self._running.get(d[2].job_id) is d[2]]
+            self._deadlines = [d for d in self._deadlines if not d[2].released]
             heapq.heapify(self._deadlines)
             self._stale = 0
 
@@ -2111,16 +2192,16 @@ class _WorkerPool:
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, _, claim, reason = heapq.heappop(self._deadlines)
                 claim.deadline = False
-                if self._running.get(claim.job_id) is not claim:  # settled in time
+                if claim.released:  # settled in time
                     self._stale -= 1
                     continue
                 if claim.taken:  # another thread is settling it
                     continue
-                self._take(claim)
-                overdue.append((claim, reason))
-        for _ in overdue:
-            self._replace()
-        for claim, reason in overdue:  # one that cannot be written leaves the rest be
+                overdue.append((claim, reason, self._take(claim)))
+        for _, _, replace in overdue:
+            if replace:
+                self._replace()
+        for claim, reason, _ in overdue:  # one that cannot be written leaves the rest be
             _guarded(self._lifecycle.settle, claim, FAILED, None, reason)
         return len(overdue)
 
@@ -2158,7 +2239,12 @@ class _WorkerPool:
             if self._stopping:
                 return
             self._threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # the process can start no more threads: go on one short
+            log.exception("could not start a worker thread; the pool has one fewer")
+            with self._lock:
+                self._threads.discard(thread)
 
     def _work(self):
         # A thread stops when run_once says so, and also when it left the pool while
@@ -2527,13 +2613,15 @@ class HTTPError(Exception):
         return {"error": True, "code": self.status, "message": self.message}
 
 
-# The status code of each of valet's errors.
+# The status code of each of valet's errors. Any other exception is a 500.
 _ERROR_STATUS = {Invalid: 400, NotFound: 404, Conflict: 409, BacklogFull: 503,
                  ShuttingDown: 503}
+_ANSWERED = (HTTPError, *_ERROR_STATUS)
 
 
 def _http_error(exc):
-    """The HTTPError that answers a ValetError; a 503 says when to try again."""
+    """The HTTPError that answers one of _ERROR_STATUS's errors; a 503 says when to
+    try again."""
     status = next(code for kind, code in _ERROR_STATUS.items() if isinstance(exc, kind))
     return HTTPError(status, str(exc), {"Retry-After": "1"} if status == 503 else None)
 
@@ -2639,11 +2727,9 @@ def _found(value, what, item_id):
 
 
 def _listing(args):
-    """A listing's query as the facade takes it: limit as an integer when it is one."""
-    limit = args.get("limit", DEFAULT_PAGE_SIZE)
-    if isinstance(limit, str) and _DIGITS.fullmatch(limit):
-        limit = int(limit)
-    return {"status": args.get("status"), "limit": limit, "cursor": args.get("cursor")}
+    """A listing's query as the facade takes it."""
+    return {"status": args.get("status"), "limit": args.get("limit", DEFAULT_PAGE_SIZE),
+            "cursor": args.get("cursor")}
 
 
 def _wait_seconds(text):
@@ -2835,7 +2921,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status, payload, *rest = fn(app, request)
             headers = rest[0] if rest else {}
             data = b"" if payload is None else _encode(payload)
-        except (HTTPError, ValetError) as exc:
+        except _ANSWERED as exc:
             error = exc if isinstance(exc, HTTPError) else _http_error(exc)
             status, headers, data = error.status, error.headers, _encode(error.body())
         except Exception:
@@ -3073,8 +3159,8 @@ class Valet:
         return its JSON. Blocks until the job is stored (committed, on SQLite).
         Raises Invalid naming every field that is wrong, BacklogFull, or
         ShuttingDown; in any case nothing is stored."""
-        self._refuse_when_stopping()
         job = _new_job(fields, self.tasks, self.config["timeout_unit"], self.clock())
+        self._refuse_when_stopping()
         self.lifecycle.accept(job)
         log.debug("job %s: created %s (task %s)", job["id"], job["status"], job["task_name"])
         return _job_json(job)
@@ -3160,9 +3246,9 @@ class Valet:
     def submit_pipeline(self, fields: dict) -> dict:
         """Store a pipeline (the fields of a POST /pipelines body) and queue or schedule
         its first job; return its JSON with its jobs. Raises as submit() does."""
-        self._refuse_when_stopping()
         pipeline, jobs = _new_pipeline(fields, self.tasks, self.config["timeout_unit"],
                                        self.clock())
+        self._refuse_when_stopping()
         self.lifecycle.accept(*jobs, pipeline=pipeline)
         log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"], len(jobs),
                   jobs[0]["status"])
@@ -3302,6 +3388,7 @@ def main(argv=None) -> int:
         sys.path.insert(1, os.getcwd())
     try:
         config = load_config(path, overrides)
+        config.folder = config.folder or os.getcwd()  # without a file: where it runs
         _setup_logging(config)
         app = Valet(config)
     except ConfigError as exc:
