@@ -3391,6 +3391,21 @@ def test_the_facade_raises_what_the_http_api_answers(app, gate, act, error, meth
                                                    str(caught.value))
 
 
+def test_a_filtered_pipeline_listing_reads_on_until_its_page_is_full(make_app):
+    app = make_app(start=False)
+    for i in range(300):  # more than one read's worth; only two have FAILED
+        status = valet.FAILED if i in (7, 290) else valet.COMPLETED
+        job = dict(new_record(f"p{i}", status), pipeline_id=f"p{i}", completed_at=1.0)
+        app.lifecycle.store.add(job, pipeline={
+            "id": f"p{i}", "name": f"p{i}", "description": None, "priority": 0,
+            "run_at": None, "created_at": float(i)})
+    first = app.list_pipelines(status="failed", limit=1)
+    assert [p["id"] for p in first["pipelines"]] == ["p7"]
+    rest = app.list_pipelines(status="failed", limit=1, cursor=first["next_cursor"])
+    assert [p["id"] for p in rest["pipelines"]] == ["p290"] and rest["next_cursor"] is None
+    assert len(app.list_pipelines(limit=1000)["pipelines"]) == 300
+
+
 def test_a_stopped_valet_says_it_cannot_start_again(make_app):
     app = make_app()
     with pytest.raises(RuntimeError, match="^valet is already started$"):

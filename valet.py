@@ -499,11 +499,6 @@ class _Fields:
         return None
 
 
-def _first_status(run_at, now):
-    """A new job waits for its run_at if that is to come; else it is ready at once."""
-    return SCHEDULED if run_at is not None and run_at > now else PENDING
-
-
 def _is_priority(v):
     return _is_int(v) and abs(v) <= _MAX_PRIORITY
 
@@ -538,7 +533,7 @@ def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
         "metadata": fields.get("metadata", fields.get("task_params")),
         "timeout": check.timeout(timeout_unit),
         "priority": check.priority(),
-        "status": None,  # set below, from run_at
+        "status": PENDING,  # until the lifecycle accepts it
         "failure_reason": None,
         "attempts": 0,
         "max_retries": check.number("max_retries", 0, _is_retries, _RETRIES),
@@ -553,7 +548,6 @@ def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
     if "metadata" in fields and "task_params" in fields:
         check.problem("give metadata or task_params (its old name), not both")
     check.raise_problems()
-    job["status"] = _first_status(job["run_at"], now)
     return job
 
 
@@ -578,7 +572,7 @@ def _new_pipeline(fields, tasks, timeout_unit, now):
     for i, job in enumerate(jobs):
         job.update(pipeline_id=pipeline["id"], priority=pipeline["priority"])
         if i == 0:  # the pipeline's run_at is its first job's
-            job.update(run_at=pipeline["run_at"], status=_first_status(pipeline["run_at"], now))
+            job["run_at"] = pipeline["run_at"]
         else:
             job["previous_job_id"] = jobs[i - 1]["id"]
             jobs[i - 1]["next_job_id"] = job["id"]
@@ -604,6 +598,16 @@ def _pipeline_job(check, spec, i, tasks, timeout_unit, now):
                       f"with use_previous_results it is called as fn(metadata, "
                       f"previous_result)")
     return job
+
+
+def _takes_context(fn):
+    """True if fn accepts a `context` keyword argument."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    return any(p.name == "context" and p.kind != p.POSITIONAL_ONLY
+               or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 def _takes_previous(fn):
@@ -1561,12 +1565,15 @@ class _Lifecycle:
 
     def accept(self, *jobs, pipeline=None, fired=None) -> bool:
         """Store new jobs (one, or a pipeline's in order, with `pipeline`), then queue
-        the first, or schedule it if its run_at is to come. A job queued at once
-        takes a place in the backlog before it is stored (BacklogFull if there is
-        none), except a periodic firing: `fired`, (entry name, due time), which the
-        store records with the job. Returns False, storing nothing, if that firing
-        was recorded before."""
+        the first, or schedule it if its run_at is to come: it is SCHEDULED until
+        then, and every other job PENDING (a pipeline's later jobs wait for their
+        turn). A job queued at once takes a place in the backlog before it is
+        stored (BacklogFull if there is none), except a periodic firing: `fired`,
+        (entry name, due time), which the store records with the job. Returns
+        False, storing nothing, if that firing was recorded before."""
         first = jobs[0]
+        if first["run_at"] is not None and first["run_at"] > first["created_at"]:
+            first["status"] = SCHEDULED
         reserved = first["status"] == PENDING and fired is None
         if reserved:
             self.pool.reserve()
@@ -1923,16 +1930,6 @@ class _Claim:
         self.released = False   # its job is settled: the claim is done with
         self.abandoned = False  # taken from its thread, which left the pool
         self.deadline = False   # it has an entry in the pool's deadline heap
-
-
-def _takes_context(fn):
-    """True if fn accepts a `context` keyword argument."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # some builtins have no signature
-        return False
-    return any(p.name == "context" and p.kind != p.POSITIONAL_ONLY
-               or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 _STOP = object()  # put on the ready queue, one per worker, to end it
@@ -3272,13 +3269,14 @@ class Valet:
         list_jobs() for the rest."""
         status, limit, after = _page(status, limit, cursor)
         found = []
-        # A pipeline's status follows from its jobs, so a filtered page reads on until
-        # it has enough.
+        # A pipeline's status follows from its jobs, so a filtered page reads on, in
+        # larger steps, until it has enough.
+        step = limit + 1 if status is None else max(limit + 1, 250)
         while len(found) <= limit:
-            pipelines = self._store.list_pipelines(after, limit + 1)
+            pipelines = self._store.list_pipelines(after, step)
             found += [pipeline for pipeline in pipelines if pipeline["jobs"] and (
                 status is None or _pipeline_status(pipeline["jobs"]) == status)]
-            if len(pipelines) <= limit:
+            if len(pipelines) < step:
                 break
             after = pipelines[-1]["seq"]
         return {"pipelines": [self._json_of_pipeline(p) for p in found[:limit]],
