@@ -715,11 +715,14 @@ _MOVE_FIELDS = frozenset(("attempts", "started_at", "completed_at", "failure_rea
 _EDITABLE_FIELDS = frozenset(("name", "description"))
 
 
+_STATUS_SET = frozenset(STATUSES)
+
+
 def _check_fields(fields, allowed, what):
-    for name in fields or ():
-        if name not in allowed:
-            raise ValueError(f"{what} cannot write the field {name!r}; it writes "
-                             f"{', '.join(sorted(allowed))}")
+    if fields and not allowed.issuperset(fields):
+        unknown = sorted(set(fields) - allowed)
+        raise ValueError(f"{what} cannot write the field {unknown[0]!r}; it writes "
+                         f"{', '.join(sorted(allowed))}")
 
 
 def _check_moves(moves):
@@ -727,9 +730,9 @@ def _check_moves(moves):
     may make, before any of them is made."""
     for _, from_states, to_state, fields in moves:
         _check_fields(fields, _MOVE_FIELDS, "a transition")
-        for status in (*from_states, to_state):
-            if status not in STATUSES:
-                raise ValueError(f"{status!r} is not a status")
+        if to_state not in _STATUS_SET or not _STATUS_SET.issuperset(from_states):
+            raise ValueError(f"a move from {from_states} to {to_state!r} names a status "
+                             f"that is not one of {', '.join(STATUSES)}")
 
 
 def _kind(kind):
@@ -741,9 +744,9 @@ def _kind(kind):
 def _check_new(jobs):
     """ValueError for new job records that no store may add."""
     for job in jobs:
-        if job["status"] not in STATUSES:
+        if job["status"] not in _STATUS_SET:
             raise ValueError(f"{job['status']!r} is not a status")
-    if len({job["id"] for job in jobs}) < len(jobs):
+    if len(jobs) > 1 and len({job["id"] for job in jobs}) < len(jobs):
         raise ValueError("a job id is given twice")
 
 
@@ -898,9 +901,12 @@ class MemoryStore(Store):
         _check_new(jobs)
         records = [dict(job, metadata=json.dumps(job["metadata"])) for job in jobs]
         with self._lock:
-            if any(job["id"] in self._jobs for job in jobs) or (
-                    pipeline is not None and pipeline["id"] in self._pipelines):
-                raise ValueError("a job or pipeline with that id is already stored")
+            for job in jobs:
+                if job["id"] in self._jobs:
+                    raise ValueError(f"a job with the id {job['id']!r} is already stored")
+            if pipeline is not None and pipeline["id"] in self._pipelines:
+                raise ValueError(f"a pipeline with the id {pipeline['id']!r} is already "
+                                 f"stored")
             if fired is not None:
                 name, due = fired
                 if self._periodic.get(name, -math.inf) >= due:
