@@ -387,6 +387,15 @@ def test_config_accepts_nested_sections_and_dotted_overrides(tmp_path):
     assert config["storage.option"] == "sqlite"
 
 
+def test_a_config_error_names_every_key_at_fault():
+    with pytest.raises(valet.ConfigError) as caught:
+        valet.load_config({"server": {"prot": 80, "port": -1},
+                           "storage": {"sqlite": {"path": ":memory:"}}})
+    for problem in ("server.prot: unknown key", "server.port: -1 is not allowed",
+                    "storage.sqlite.path: \":memory:\" is not allowed"):
+        assert problem in str(caught.value)
+
+
 def test_overrides_may_be_nested_like_the_file_or_dotted():
     config = valet.load_config({"server": {"port": 9000}},
                                {"server": {"port": 0}, "worker_pool.workers": 2})
@@ -626,11 +635,17 @@ def test_list_pipelines_rejects_bad_query_parameters(app, query, message):
      ["name must be a non-empty string", "jobs[0]: name is required",
       "jobs[0]: task_name 'nope' is not a registered task",
       "jobs[1]: a job must be a JSON object"]),
+    ("POST", "/pipelines", {"name": "p", "jobs": [
+        stage(), stage("echo", colour="red", use_previous_results=True)]},
+     ["jobs[1]: unknown field 'colour'", "jobs[1]: task 'echo' cannot take the previous"]),
     ("PATCH", "/jobs/{id}", {"name": "", "status": "DONE", "colour": "red"},
      ["field 'status' cannot be changed", "unknown field 'colour'",
       "name must be a non-empty string"]),
     ("GET", "/jobs?status=DONE&limit=0&cursor=x", None,
      ["status must be one of", "limit must be an integer", "cursor must be a next_cursor"]),
+    ("GET", "/jobs?sort=name&verbose=1&limit=1&limit=2", None,
+     ["unknown query parameters 'sort', 'verbose'; it takes status, limit, cursor",
+      "query parameter 'limit' is given more than once"]),
 ])
 def test_an_error_names_every_field_at_fault_and_changes_nothing(app, method, path, body,
                                                                  problems):
@@ -980,15 +995,15 @@ def test_store_update_of_a_missing_pipeline_is_false_and_of_an_unknown_kind_an_e
         store.update("nope", {"name": "x"}, kind="pipelines")
 
 
-def test_every_store_implements_the_whole_interface():
+def test_every_store_implements_the_whole_interface(store):
     methods = [name for name, value in vars(valet.Store).items()
                if callable(value) and not name.startswith("_")]
     assert len(methods) == 14
-    for store_class in (valet.MemoryStore, valet.SqliteStore):
-        for name in methods:
-            assert getattr(store_class, name) is not getattr(valet.Store, name), \
-                f"{store_class.__name__} does not implement {name}"
-            assert getattr(valet.Store, name).__doc__, name
+    assert isinstance(store, valet.Store) and store.option
+    for name in methods:
+        assert getattr(type(store), name) is not getattr(valet.Store, name), \
+            f"{type(store).__name__} does not implement {name}"
+        assert getattr(valet.Store, name).__doc__, name
 
 
 # ---------------------------------------------------------- storage: SQLite --
@@ -1471,7 +1486,7 @@ def test_a_task_that_returns_after_its_cancel_is_logged_after_it(make_app, caplo
     assert started.wait(10)
     assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
     cancelled = f"job {job['id']}: IN_PROGRESS -> CANCELLED"
-    late = f"job {job['id']}: the task returned after the job was taken from it"
+    late = f"job {job['id']}: the task returned after the job was cancelled"
     wait_until(lambda: late in caplog.text, what="the late return to be logged")
     lines = [record.getMessage() for record in caplog.records]
     first = next(i for i, line in enumerate(lines) if line.startswith(cancelled))
@@ -3248,7 +3263,11 @@ def test_open_connection_gets_503_once_stop_has_begun(app):
         assert resp.body["message"] == "valet is shutting down"
     finally:
         conn.close()
-    assert app.lifecycle.store.list(None, 0, 10) == []  # the refused POST stored nothing
+    store = app.lifecycle.store  # closed: read the file anew, if it is one
+    if isinstance(store, valet.SqliteStore):
+        store = valet.SqliteStore(store.path)
+    assert store.list(None, 0, 10) == []  # the refused POST stored nothing
+    store.close()
 
 
 # -- logging
@@ -3262,6 +3281,7 @@ def test_info_logs_failures_and_refused_requests_not_each_success(app, caplog):
     assert f"job {bad['id']}: IN_PROGRESS -> FAILED (ValueError: boom)" in caplog.text
     wait_until(lambda: "POST /jobs 400" in caplog.text, what="the 400 to be logged")
     assert ok["id"] not in caplog.text and "POST /jobs 202" not in caplog.text
+    assert re.search(r"POST /jobs 400 [0-9.]+ms: task_name is required", caplog.text)
 
 
 def test_debug_logs_every_request_and_transition(app, caplog):
@@ -3319,6 +3339,17 @@ def test_wait_gives_up_after_its_timeout_and_wakes_when_the_job_is_deleted(make_
                                                            {"name": "b", "task_name": "echo"}]}),
     lambda app: app.cancel("any"),
     lambda app: app.cancel_pipeline("any"),
+    lambda app: app.update_job("any", {"name": "x"}),
+    lambda app: app.delete_job("any"),
+    lambda app: app.delete_result("any"),
+    lambda app: app.update_pipeline("any", {"name": "x"}),
+    lambda app: app.delete_pipeline("any"),
+    lambda app: app.job("any"),
+    lambda app: app.wait("any", 1),
+    lambda app: app.list_jobs(),
+    lambda app: app.result("any"),
+    lambda app: app.pipeline("any"),
+    lambda app: app.list_pipelines(),
 ])
 def test_embedded_calls_after_stop_answer_503_on_both_stores(make_app, call_it):
     app = make_app()
@@ -3404,6 +3435,24 @@ def test_a_filtered_pipeline_listing_reads_on_until_its_page_is_full(make_app):
     rest = app.list_pipelines(status="failed", limit=1, cursor=first["next_cursor"])
     assert [p["id"] for p in rest["pipelines"]] == ["p290"] and rest["next_cursor"] is None
     assert len(app.list_pipelines(limit=1000)["pipelines"]) == 300
+
+
+@pytest.mark.parametrize("metadata, problem", [
+    (float("nan"), "metadata must be plain JSON: Out of range float values"),
+    ({"ids": {1, 2}}, "metadata must be plain JSON: Object of type set"),
+    ([object()], "metadata must be plain JSON: Object of type object"),
+])
+def test_the_facade_refuses_what_json_cannot_hold_and_stores_nothing(app, metadata, problem):
+    with pytest.raises(valet.Invalid, match=re.escape(problem)):
+        app.submit({"name": "n", "task_name": "echo", "metadata": metadata})
+    with pytest.raises(valet.Invalid, match=re.escape(f"jobs[1]: {problem}")):
+        app.submit_pipeline({"name": "p", "jobs": [stage(), stage("echo", metadata)]})
+    for body in ("a job", ["a", "list"]):
+        with pytest.raises(valet.Invalid, match="must be a JSON object, got"):
+            app.submit(body)
+        with pytest.raises(valet.Invalid, match="must be a JSON object, got"):
+            app.submit_pipeline(body)
+    assert call(app, "GET", "/jobs").body == {"jobs": [], "next_cursor": None}
 
 
 def test_a_stopped_valet_says_it_cannot_start_again(make_app):
@@ -3598,6 +3647,7 @@ def test_signal_lets_the_running_job_finish_and_keeps_pending_jobs(tmp_path, pro
     proc.reader.join(10)
     records = [json.loads(line) for line in proc.lines]  # every line is JSON
     assert [r["message"] for r in records][-1] == "valet stopped"
+    assert f"{signal.Signals(signum).name} received" in [r["message"] for r in records]
 
 
 def test_port_in_use_exits_1_with_one_line(tmp_path):
@@ -3651,6 +3701,16 @@ def test_a_tasks_module_beside_the_config_wins_over_the_one_beside_valet_py(tmp_
     (tmp_path / "tasks.py").write_text("TASKS = {'mine': lambda metadata: metadata}\n")
     proc = processes(tmp_path, tasks_module="tasks")  # valet.py has a tasks.py too
     assert call(proc.port, "GET", "/tasks").body == {"tasks": ["mine"]}
+
+
+def test_a_database_folder_that_does_not_exist_is_named_in_one_line(tmp_path):
+    (tmp_path / "config.yaml").write_text("storage:\n  sqlite:\n    path: data/jobs.db\n")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == (f"valet: cannot open '{tmp_path / 'data' / 'jobs.db'}': unable "
+                           f"to open database file: its folder '{tmp_path / 'data'}' does "
+                           f"not exist\n")
 
 
 def test_valet_run_from_another_folder_uses_the_files_beside_its_config(tmp_path,

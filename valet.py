@@ -291,14 +291,17 @@ def load_config(source=None, overrides: dict | None = None) -> dict:
         config.folder = getattr(source, "folder", None)
     given = _flatten(tree)
     given.update(_flatten(overrides or {}))
+    problems = []
     for key, value in given.items():
         if key not in _SCHEMA:
-            raise ConfigError(f"{key}: unknown key; known keys are "
-                              f"{', '.join(_SCHEMA)}")
+            problems.append(f"{key}: unknown key; known keys are {', '.join(_SCHEMA)}")
+            continue
         _, check, allowed = _SCHEMA[key]
         if check is not None and not check(value):
-            raise ConfigError(f"{key}: {_show(value)} is not allowed; expected {allowed}")
+            problems.append(f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
+    if problems:
+        raise ConfigError("; ".join(problems))
     config["periodic"] = _periodic_entries(config["periodic"])
     return config
 
@@ -321,7 +324,8 @@ def _load_tasks(config):
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError(f"tasks_module: {module_name!r} cannot be imported: "
+        where = f" (looked for first in {folder})" if folder is not None else ""
+        raise ConfigError(f"tasks_module: {module_name!r} cannot be imported{where}: "
                           f"{type(exc).__name__}: {exc}") from None
     tasks = getattr(module, "TASKS", None)
     if not isinstance(tasks, dict):
@@ -399,6 +403,10 @@ def _job_json(job, progress=None):
     }
 
 
+# JSON as valet writes it: no NaN or Infinity, which other parsers refuse. Made once:
+# a JSONEncoder built per call costs more than a small job's whole encoding.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
 _JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params", "timeout",
               "priority", "run_at", "max_retries", "retry_backoff")
 _PIPELINE_JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params",
@@ -462,6 +470,19 @@ class _Fields:
         return self.number("timeout", None, lambda v: _is_number(v) and 0 < v <= longest,
                            f"a number greater than 0 and at most {longest} (in {unit}s)")
 
+    def metadata(self):
+        """The job's payload ("task_params" is its old name), which must be plain JSON:
+        an embedding program may hand valet what JSON cannot hold."""
+        value = self.fields.get("metadata", self.fields.get("task_params"))
+        if "metadata" in self.fields and "task_params" in self.fields:
+            self.problem("give metadata or task_params (its old name), not both")
+        try:
+            _ENCODER.encode(value)
+        except (TypeError, ValueError, RecursionError) as exc:
+            self.problem(f"metadata must be plain JSON: {exc}")
+            return None
+        return value
+
     def flag(self, key):
         value = self.fields.get(key, False)
         if not isinstance(value, bool):
@@ -523,14 +544,23 @@ def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
     `tasks` None skips the check that task_name is registered; `where` prefixes
     every message ("jobs[1]: "), for a job inside a pipeline or a config entry.
     """
+    if not isinstance(fields, dict):
+        raise Invalid(f"{where}a job must be a JSON object, got {_show(fields)}")
     check = _Fields(fields, where)
+    job = _job_record(check, tasks, timeout_unit, now, allowed)
+    check.raise_problems()
+    return job
+
+
+def _job_record(check, tasks, timeout_unit, now, allowed):
+    """A new job's record from the fields `check` holds, its problems kept there."""
     check.unknown(allowed, "a pipeline job" if allowed is _PIPELINE_JOB_INPUT else "a job")
-    job = {
+    return {
         "id": str(uuid.uuid4()),
         "name": check.text("name", required=True),
         "description": check.text("description", required=False),
         "task_name": check.task_name(tasks),
-        "metadata": fields.get("metadata", fields.get("task_params")),
+        "metadata": check.metadata(),
         "timeout": check.timeout(timeout_unit),
         "priority": check.priority(),
         "status": PENDING,  # until the lifecycle accepts it
@@ -545,15 +575,13 @@ def _new_job(fields, tasks, timeout_unit, now, allowed=_JOB_INPUT, where=""):
         "use_previous_results": (check.flag("use_previous_results")
                                  if "use_previous_results" in allowed else False),
     }
-    if "metadata" in fields and "task_params" in fields:
-        check.problem("give metadata or task_params (its old name), not both")
-    check.raise_problems()
-    return job
 
 
 def _new_pipeline(fields, tasks, timeout_unit, now):
     """Validate a submitted pipeline body: (pipeline record, its job records in order).
     Invalid names every field that is wrong, in the pipeline and in each job."""
+    if not isinstance(fields, dict):
+        raise Invalid(f"a pipeline must be a JSON object, got {_show(fields)}")
     check = _Fields(fields)
     check.unknown(_PIPELINE_INPUT, "a pipeline")
     pipeline = {"id": str(uuid.uuid4()), "name": check.text("name", required=True),
@@ -585,18 +613,16 @@ def _pipeline_job(check, spec, i, tasks, timeout_unit, now):
     if not isinstance(spec, dict):
         check.problem(f"{where}a job must be a JSON object, got {_show(spec)}")
         return None
-    try:
-        job = _new_job(spec, tasks, timeout_unit, now, _PIPELINE_JOB_INPUT, where)
-    except Invalid as exc:
-        check.problems.append(str(exc))
-        return None
+    own = _Fields(spec, where)
+    job = _job_record(own, tasks, timeout_unit, now, _PIPELINE_JOB_INPUT)
     if i == 0 and job["use_previous_results"]:
-        check.problem(f"{where}use_previous_results cannot be true for the first job: it "
-                      f"has no previous job")
-    elif job["use_previous_results"] and not _takes_previous(tasks[job["task_name"]]):
-        check.problem(f"{where}task {job['task_name']!r} cannot take the previous result: "
-                      f"with use_previous_results it is called as fn(metadata, "
-                      f"previous_result)")
+        own.problem("use_previous_results cannot be true for the first job: it has no "
+                    "previous job")
+    elif (job["use_previous_results"] and job["task_name"] is not None
+          and not _takes_previous(tasks[job["task_name"]])):
+        own.problem(f"task {job['task_name']!r} cannot take the previous result: with "
+                    f"use_previous_results it is called as fn(metadata, previous_result)")
+    check.problems += own.problems
     return job
 
 
@@ -627,14 +653,15 @@ def _takes_previous(fn):
 def _changes(fields, what, known):
     """The name/description changes a PATCH body asks for, or Invalid naming every
     field that is wrong."""
+    if not isinstance(fields, dict):
+        raise Invalid(f"a change must be a JSON object, got {_show(fields)}")
     check = _Fields(fields)
-    for key in fields:
-        if key not in known:
-            check.problem(f"unknown field {key!r}; a PATCH of a {what} may change only "
-                          f"name and description")
-        elif key not in ("name", "description"):
-            check.problem(f"field {key!r} cannot be changed; a PATCH of a {what} may "
-                          f"change only name and description")
+    refused = [f"unknown field {key!r}" if key not in known else
+               f"field {key!r} cannot be changed"
+               for key in fields if key not in ("name", "description")]
+    if refused:
+        check.problem(f"{'; '.join(refused)}; a PATCH of a {what} may change only name and "
+                      f"description")
     changes = {}
     if "name" in fields:
         changes["name"] = check.text("name", required=True)
@@ -1150,6 +1177,10 @@ class SqliteStore(Store):
 
     def __init__(self, path, synchronous="full"):
         self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):  # else sqlite3 says only "unable to open"
+            raise sqlite3.OperationalError(f"unable to open database file: its folder "
+                                           f"{folder!r} does not exist")
         self._synchronous = synchronous.upper()
         self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode = WAL")
@@ -1296,6 +1327,8 @@ class SqliteStore(Store):
 
     @contextlib.contextmanager
     def _reading(self):
+        if self._closed:
+            raise RuntimeError("the store is closed")
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
@@ -1476,9 +1509,9 @@ class SqliteStore(Store):
         try:
             with self._reading() as conn:
                 conn.execute("SELECT 1").fetchone()
-        except sqlite3.Error:
+        except (sqlite3.Error, RuntimeError):
             return False
-        return not self._closed
+        return True
 
     def close(self):
         with self._queue_lock:
@@ -2129,8 +2162,8 @@ class _WorkerPool:
             if not mine:  # log after the job's end, which the taker writes
                 self._changed.wait_for(lambda: claim.released or not claim.taken)
         if not mine:
-            log.info("job %s: the task returned after the job was taken from it; its "
-                     "result is discarded", started["id"])
+            log.info("job %s: the task returned after the job was cancelled, timed out "
+                     "or stopped; its result is discarded", started["id"])
             return False
         self._lifecycle.settle(claim, status, value, reason)
         return True
@@ -2633,9 +2666,6 @@ def _encode(payload):
     return _ENCODER.encode(payload).encode()
 
 
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))  # made once: reused
-
-
 # Parse hooks: what Python's json accepts but other parsers would not (or could
 # not give back) is refused, so whatever valet stores it can always answer with.
 
@@ -2828,6 +2858,7 @@ def _list_tasks(app, req):
 def _status(app, req):
     return 200, app.status()
 
+
 _LISTING = ("status", "limit", "cursor")
 
 # (method, path, route function, the query parameters it takes)
@@ -2880,14 +2911,20 @@ def _parse_query(query, allowed):
     HTTPError(400) for one the route does not take or one given twice."""
     if not query:
         return {}
-    args = {}
+    args, unknown, repeated = {}, [], []
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if name not in allowed:
-            takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
-            raise HTTPError(400, f"unknown query parameter {name!r}; {takes}")
-        if name in args:
-            raise HTTPError(400, f"query parameter {name!r} is given more than once")
+            unknown.append(repr(name))
+        elif name in args:
+            repeated.append(f"query parameter {name!r} is given more than once")
         args[name] = value
+    problems = repeated
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+        problems = [f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(unknown)}; {takes}", *repeated]
+    if problems:
+        raise HTTPError(400, "; ".join(problems))
     return {name: value for name, value in args.items() if value}
 
 
@@ -2913,6 +2950,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         started = time.perf_counter()
         app = self.server.app
         path, _, query = self.path.partition("?")
+        why = ""
         try:
             body = self._read_body()
             if app.stopping:  # a keep-alive connection that outlived the listener
@@ -2927,6 +2965,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except _ANSWERED as exc:
             error = exc if isinstance(exc, HTTPError) else _http_error(exc)
             status, headers, data = error.status, error.headers, _encode(error.body())
+            why = f": {error.message[:200]}"
         except Exception:
             if app.stopping:  # the store closed under the request, most likely
                 log.warning("%s %s: error while stopping", self.command, self.path,
@@ -2938,8 +2977,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 status, headers = 500, {}
                 data = _encode(HTTPError(500, "internal server error").body())
         self._send(status, data, headers)
-        log.log(logging.INFO if status >= 400 else logging.DEBUG, "%s %s %d %.2fms",
-                self.command, self.path, status, (time.perf_counter() - started) * 1000)
+        log.log(logging.INFO if status >= 400 else logging.DEBUG, "%s %s %d %.2fms%s",
+                self.command, self.path, status, (time.perf_counter() - started) * 1000, why)
 
     def _content_length(self):
         """The declared body length, or HTTPError (closing the connection, whose
@@ -3035,7 +3074,8 @@ class Valet:
     clock timeouts are measured on (tests pass their own); `store` is a Store to
     use instead of the one the config names. Constructing opens the store (and so
     may raise sqlite3.Error or ConfigError) but starts nothing else. Every method
-    is thread-safe.
+    is thread-safe. Once stop() has begun, a method that would change a job raises
+    ShuttingDown; one that reads works until stop() has closed the store.
     """
 
     def __init__(self, config=None, tasks: dict | None = None, clock=time.time,
@@ -3059,6 +3099,7 @@ class Valet:
         self.lifecycle.pool = self.pool
         self.started_at = None  # monotonic, once started
         self.stopping = False   # set first thing in stop(): requests then get 503
+        self._closed = False    # set once stop() closes the store
         self._recovered = False
         self._server = None
         self._state = threading.Lock()  # guards started_at and stopping
@@ -3147,12 +3188,19 @@ class Valet:
             self._server.server_close()
         if self.started_at is not None:
             self.pool.stop(grace)
+        self._closed = True
         self._store.close()
         if self.started_at is not None:
             log.info("valet stopped")
 
     def _refuse_when_stopping(self):
+        """What changes jobs is refused once stop() has begun."""
         if self.stopping:
+            raise _shutting_down()
+
+    def _refuse_when_closed(self):
+        """What reads them works until stop() has closed the store."""
+        if self._closed:
             raise _shutting_down()
 
     # -- jobs
@@ -3170,6 +3218,7 @@ class Valet:
 
     def job(self, job_id: str) -> dict | None:
         """The job's JSON (as GET /jobs/{id} gives it), or None."""
+        self._refuse_when_closed()
         job = self._store.get(job_id)
         return None if job is None else self._json_of_job(job)
 
@@ -3177,6 +3226,7 @@ class Valet:
         """Block until the job has finished, `timeout` seconds have passed, or valet is
         stopping; return its JSON then, whatever its status (None if there is no such
         job)."""
+        self._refuse_when_closed()
         deadline = None if timeout is None else self._monotonic() + timeout
         while True:
             with self.lifecycle.watching(job_id) as changed:
@@ -3192,6 +3242,7 @@ class Valet:
         """A page of jobs in submission order, as GET /jobs gives it: {"jobs": [...],
         "next_cursor": ...}; pass next_cursor as `cursor` for the next page. Raises
         Invalid for a status, limit or cursor that is wrong."""
+        self._refuse_when_closed()
         status, limit, after = _page(status, limit, cursor)
         found = self._store.list(status, after, limit + 1)
         return {"jobs": [self._json_of_job(job) for job in found[:limit]],
@@ -3200,12 +3251,14 @@ class Valet:
     def update_job(self, job_id: str, fields: dict):
         """Change a job's name and/or description. Raises Invalid or NotFound."""
         changes = _changes(fields, "job", (*JOB_FIELDS, *_JOB_INPUT))
+        self._refuse_when_stopping()
         if not self._store.update(job_id, changes):
             raise _not_found("job", job_id)
 
     def delete_job(self, job_id: str):
         """Delete a job that is not running, with its result. Raises NotFound, or
         Conflict if it is running or belongs to a pipeline."""
+        self._refuse_when_stopping()
         self.lifecycle.delete(job_id)
 
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> dict:
@@ -3225,6 +3278,7 @@ class Valet:
         """The finished job's {"job_id", "metadata", "error"} (as GET /jobs/{id}/results
         gives it), or None while it has none; with strict=True, NotFound saying why
         (no such job, not finished, cancelled, its result deleted)."""
+        self._refuse_when_closed()
         result = self._store.result(job_id)
         if result is None and strict:
             job = self._store.get(job_id)
@@ -3237,6 +3291,7 @@ class Valet:
 
     def delete_result(self, job_id: str):
         """Delete a finished job's result; the job stays. Raises NotFound."""
+        self._refuse_when_stopping()
         if not self._store.delete_result(job_id):
             job = self._store.get(job_id)
             if job is None:
@@ -3259,6 +3314,7 @@ class Valet:
 
     def pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline's JSON with its jobs (as GET /pipelines/{id} gives it), or None."""
+        self._refuse_when_closed()
         pipeline = self._store.get_pipeline(pipeline_id)
         if pipeline is None or not pipeline["jobs"]:
             return None
@@ -3273,6 +3329,7 @@ class Valet:
                        cursor: str | None = None) -> dict:
         """A page of pipelines in submission order, as GET /pipelines gives it; as
         list_jobs() for the rest."""
+        self._refuse_when_closed()
         status, limit, after = _page(status, limit, cursor)
         found = []
         # A pipeline's status follows from its jobs, so a filtered page reads on, in
@@ -3291,12 +3348,14 @@ class Valet:
     def update_pipeline(self, pipeline_id: str, fields: dict):
         """Change a pipeline's name and/or description. Raises Invalid or NotFound."""
         changes = _changes(fields, "pipeline", (*PIPELINE_FIELDS, *_PIPELINE_INPUT))
+        self._refuse_when_stopping()
         if not self._store.update(pipeline_id, changes, kind="pipeline"):
             raise _not_found("pipeline", pipeline_id)
 
     def delete_pipeline(self, pipeline_id: str):
         """Delete a pipeline that is not running, with its jobs and their results.
         Raises NotFound, or Conflict if it is running."""
+        self._refuse_when_stopping()
         self.lifecycle.delete_pipeline(pipeline_id)
 
     def cancel_pipeline(self, pipeline_id: str) -> dict:
@@ -3403,9 +3462,9 @@ def main(argv=None) -> int:
         print(f"valet: cannot open {path!r}: {exc}", file=sys.stderr)
         return 1
 
-    stopping = threading.Event()
+    stopping, received = threading.Event(), []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
+        signal.signal(signum, lambda number, _: received.append(number) or stopping.set())
     try:
         app.start()
     except OSError as exc:
@@ -3414,7 +3473,7 @@ def main(argv=None) -> int:
         app.stop()
         return 1
     stopping.wait()
-    log.info("signal received")
+    log.info("%s received", signal.Signals(received[0]).name)
     app.stop()
     return 0
 
