@@ -596,31 +596,28 @@ def test_rejected_pipeline_names_the_problem_and_stores_nothing(app, body, messa
     assert call(app, "GET", "/status").body["queue"]["depth"] == 0
 
 
-@pytest.mark.parametrize("query, message", [
-    ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, FAILED, "
-                    "CANCELLED"),
-    ("limit=0", "limit must be an integer from 1 to 1000"),
-    ("limit=1001", "limit must be an integer from 1 to 1000"),
-    ("limit=ten", "limit must be an integer"),
-    ("cursor=abc", "cursor must be a next_cursor"),
-    ("cursor=99999999999999999999", "cursor must be a next_cursor"),
-    ("limit=%C2%B2", "limit must be an integer"),  # '²' passes str.isdigit()
-    ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor"),
-    ("limit=1&limit=2", "query parameter 'limit' is given more than once"),
+@pytest.mark.parametrize("path, query, message", [
+    *(("/jobs", query, message) for query, message in [
+        ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, "
+                        "FAILED, CANCELLED"),
+        ("limit=0", "limit must be an integer from 1 to 1000"),
+        ("limit=1001", "limit must be an integer from 1 to 1000"),
+        ("limit=ten", "limit must be an integer"),
+        ("cursor=abc", "cursor must be a next_cursor"),
+        ("cursor=99999999999999999999", "cursor must be a next_cursor"),
+        ("limit=%C2%B2", "limit must be an integer"),  # '²' passes str.isdigit()
+        ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor"),
+        ("limit=1&limit=2", "query parameter 'limit' is given more than once"),
+    ]),
+    *(("/pipelines", query, message) for query, message in [
+        ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS"),
+        ("limit=0", "limit must be an integer from 1 to 1000"),
+        ("cursor=abc", "cursor must be a next_cursor"),
+        ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor"),
+    ]),
 ])
-def test_list_rejects_bad_query_parameters(app, query, message):
-    resp = call(app, "GET", f"/jobs?{query}")
-    assert resp.status == 400 and message in resp.body["message"]
-
-
-@pytest.mark.parametrize("query, message", [
-    ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS"),
-    ("limit=0", "limit must be an integer from 1 to 1000"),
-    ("cursor=abc", "cursor must be a next_cursor"),
-    ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor"),
-])
-def test_list_pipelines_rejects_bad_query_parameters(app, query, message):
-    resp = call(app, "GET", f"/pipelines?{query}")
+def test_listings_reject_bad_query_parameters(app, path, query, message):
+    resp = call(app, "GET", f"{path}?{query}")
     assert resp.status == 400 and message in resp.body["message"]
 
 

@@ -315,8 +315,7 @@ def _load_tasks(config):
     """Import the tasks_module (looked for first in the config file's folder) and
     return its TASKS dict; ConfigError if it cannot. A module is imported once per
     process: a second Valet naming the same module gets the same one."""
-    module_name = config["tasks_module"]
-    folder = getattr(config, "folder", None)
+    module_name, folder = config["tasks_module"], config.folder
     if folder is not None:  # where the config is, its tasks are: look there first
         if folder in sys.path:
             sys.path.remove(folder)
@@ -407,6 +406,12 @@ def _job_json(job, progress=None):
 # a JSONEncoder built per call costs more than a small job's whole encoding.
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
+
+class _JsonObject(dict):
+    """An object the HTTP layer's strict decoder built from a request body: whatever
+    it holds is plain JSON already, so a job made from it is not encoded again to
+    check (a dict from an embedding program is)."""
+
 _JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params", "timeout",
               "priority", "run_at", "max_retries", "retry_backoff")
 _PIPELINE_JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params",
@@ -476,6 +481,8 @@ class _Fields:
         value = self.fields.get("metadata", self.fields.get("task_params"))
         if "metadata" in self.fields and "task_params" in self.fields:
             self.problem("give metadata or task_params (its old name), not both")
+        if isinstance(self.fields, _JsonObject):
+            return value
         try:
             _ENCODER.encode(value)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -740,8 +747,6 @@ def _pipeline_json(pipeline, job_json=_job_json):
 _MOVE_FIELDS = frozenset(("attempts", "started_at", "completed_at", "failure_reason",
                           "run_at"))
 _EDITABLE_FIELDS = frozenset(("name", "description"))
-
-
 _STATUS_SET = frozenset(STATUSES)
 
 
@@ -1367,14 +1372,13 @@ class SqliteStore(Store):
         by_id = {pipeline["id"]: pipeline for pipeline in pipelines}
         for pipeline in pipelines:
             pipeline["jobs"] = []
-        if pipelines:
+        if pipelines:  # the page is every pipeline from its first seq to its last
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE pipeline_id IN (SELECT id FROM pipelines WHERE "
                 "seq BETWEEN ? AND ?) ORDER BY seq",
                 (pipelines[0]["seq"], pipelines[-1]["seq"]))
             for row in rows:
-                if row["pipeline_id"] in by_id:
-                    by_id[row["pipeline_id"]]["jobs"].append(self._out(row))
+                by_id[row["pipeline_id"]]["jobs"].append(self._out(row))
         return pipelines
 
     # -- the interface
@@ -2687,7 +2691,7 @@ def _bounded_int(text):
 
 
 def _unique_keys(pairs):
-    obj = dict(pairs)
+    obj = _JsonObject(pairs)
     if len(obj) < len(pairs):
         seen = set()
         duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
