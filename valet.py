@@ -47,7 +47,7 @@ __all__ = [
     "Valet", "load_config", "main", "Context",
     "Store", "MemoryStore", "SqliteStore",
     "ConfigError", "ValetError", "Invalid", "NotFound", "Conflict", "BacklogFull",
-    "ShuttingDown", "InvalidTransition",
+    "ShuttingDown", "StorageError", "StoreInUse", "InvalidTransition",
     "SCHEDULED", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "STATUSES",
 ]
 
@@ -56,10 +56,14 @@ import bisect
 import contextlib
 import datetime
 import functools
+import hashlib
 import heapq
+import hmac
 import http.server
 import importlib
 import inspect
+import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -69,6 +73,7 @@ import queue
 import random
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -125,6 +130,7 @@ _MAX_BACKOFF = 3600.0      # seconds: the longest wait before a retry, jitter in
 _DEFAULT_BACKOFF = 1.0     # seconds before the first retry, doubling after each
 _MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
 _MAX_PIPELINE_JOBS = 100
+_MAX_DEPTH = 64  # how deeply metadata and results may nest: far from Python's ~1000
 MAX_WAIT = 60  # seconds: the longest GET /jobs/{id}?wait= may hold a request
 
 
@@ -163,6 +169,22 @@ class BacklogFull(ValetError):
     shortly (HTTP 503 with Retry-After)."""
 
 
+class StorageError(ValetError):
+    """The store cannot read or write now: `cause` says why in a few words ("disk is
+    full", "database is read-only", "database is locked", "database is corrupt").
+    Nothing was changed; the same call may succeed once the fault clears."""
+
+    def __init__(self, cause, detail=""):
+        self.cause = cause
+        self.detail = detail if detail != cause else ""
+        super().__init__(f"storage is failing: {cause}; try again later"
+                         + (f" ({self.detail})" if self.detail else ""))
+
+
+class StoreInUse(RuntimeError):
+    """Another store (in this process or another) owns the database file."""
+
+
 class ShuttingDown(ValetError):
     """valet is stopping, or has stopped: it takes no more work (HTTP 503)."""
 
@@ -190,8 +212,56 @@ def _is_int(v):
 
 
 def _is_number(v):
+    # An int is always finite; math.isfinite() would overflow on a 400-digit one.
     return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v))
+            and (isinstance(v, int) or math.isfinite(v)))
+
+
+def _is_seconds(low, high):
+    """A check for a number of seconds in (low, high]."""
+    return lambda v: _is_number(v) and low < v <= high
+
+
+_DURATION = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_seconds(value):
+    """The seconds of a duration written as seconds (90) or a number and a unit
+    (1500ms, 30s, 5m, 2h, 1d), from 1 second to a year; ValueError if it is not one."""
+    if _is_number(value):
+        seconds = value
+    else:
+        found = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+        if found is None:
+            raise ValueError(f"{_show(value)} is not an interval; give seconds (90) "
+                             f"or a number and a unit: 90s, 5m, 2h, 1d")
+        seconds = float(found.group(1)) * _DURATION_UNITS[found.group(2) or "s"]
+    if not 1 <= seconds <= _MAX_TIMEOUT_SECONDS:
+        raise ValueError(f"{_show(value)} is not allowed; an interval runs from 1 "
+                         f"second to a year")
+    return seconds
+
+
+def _is_token(v):
+    return v is None or (isinstance(v, str) and _TOKEN.fullmatch(v) is not None)
+
+
+def _is_names(v):
+    return isinstance(v, list) and all(isinstance(n, str) and n.strip() for n in v)
+
+
+def _is_duration(v):
+    if v is None:
+        return True
+    try:
+        _duration_seconds(v)
+    except ValueError:
+        return False
+    return True
+
+
+_TOKEN = re.compile(r"[\x21-\x7e]{16,512}")  # printable ASCII, no spaces: a header value
 
 
 def _choice(*options):
@@ -205,14 +275,33 @@ _SCHEMA = {
                     "a host name or IP address"),
     "server.port": (8080, lambda v: _is_int(v) and 0 <= v <= 65535,
                     "an integer from 0 to 65535 (0 picks a free port)"),
-    "server.max_body_bytes": (1048576, lambda v: _is_int(v) and v >= 1024,
-                              "an integer >= 1024"),
+    "server.max_body_bytes": (1048576, lambda v: _is_int(v) and 1024 <= v <= 2**31,
+                              "an integer from 1024 to 2147483648"),
+    "server.auth_token": (None, _is_token, "null, or 16 to 512 printable ASCII characters "
+                          "without spaces (python -c 'import secrets; "
+                          "print(secrets.token_urlsafe())' makes one)"),
+    "server.allowed_hosts": (None, lambda v: v is None or _is_names(v),
+                             "null (the default list) or a list of host names"),
+    "server.cors_origins": ([], _is_names, "a list of origins such as "
+                            "\"https://example.com\", or [\"*\"]"),
+    "server.backlog": (1024, lambda v: _is_int(v) and 1 <= v <= 65535,
+                       "an integer from 1 to 65535"),
+    "server.max_connections": (512, lambda v: _is_int(v) and 1 <= v <= 100000,
+                               "an integer from 1 to 100000"),
+    "server.request_timeout": (10, _is_seconds(0, 3600), "a number of seconds from 0 "
+                               "(not included) to 3600"),
+    "server.keepalive_timeout": (30, _is_seconds(0, 3600), "a number of seconds from 0 "
+                                 "(not included) to 3600"),
     "worker_pool.workers": (4, lambda v: _is_int(v) and 1 <= v <= 256,
                             "an integer from 1 to 256"),
     "worker_pool.queue_capacity": (1000, lambda v: _is_int(v) and v >= 1,
                                    "an integer >= 1"),
-    "worker_pool.shutdown_grace": (10, lambda v: _is_number(v) and v >= 0,
-                                   "a number of seconds >= 0"),
+    "worker_pool.shutdown_grace": (10, lambda v: _is_number(v) and 0 <= v <= 86400,
+                                   "a number of seconds from 0 to 86400"),
+    "worker_pool.default_timeout": (None, lambda v: v is None or _is_seconds(
+                                        0, _MAX_TIMEOUT_SECONDS)(v),
+                                    f"null or a number of seconds greater than 0 and "
+                                    f"at most {_MAX_TIMEOUT_SECONDS}"),
     "storage.option": ("sqlite", *_choice("sqlite", "memory")),
     "storage.sqlite.path": ("valet.db",
                             lambda v: isinstance(v, str) and v not in ("", ":memory:"),
@@ -220,6 +309,8 @@ _SCHEMA = {
     "storage.sqlite.synchronous": ("full", *_choice("full", "normal")),
     "tasks_module": ("tasks", lambda v: isinstance(v, str) and v != "",
                      "an importable module name"),
+    "retention.finished_jobs": ("7d", _is_duration, "null (keep every job) or a "
+                                "duration such as 12h, 7d or 90m (at least 1 second)"),
     "timeout_unit": ("second", *_choice("second", "millisecond")),
     "logging_format": ("text", *_choice("text", "json")),
     "logging_level": ("info", *_choice("debug", "info", "warning", "error")),
@@ -271,12 +362,15 @@ def _read_yaml(path):
     return tree
 
 
-def load_config(source=None, overrides: dict | None = None) -> dict:
+def load_config(source=None, overrides: dict | None = None,
+                environ: dict | None = None) -> dict:
     """Return a validated config: a dict of every dotted key to its value.
 
     `source` is None (all defaults), a path to a YAML file, or a dict shaped like
     config.yaml (nested sections or dotted keys), such as an earlier result.
-    `overrides`, shaped the same way, win over the source. A relative
+    `overrides`, shaped the same way, win over the source, and the variable
+    VALET_AUTH_TOKEN of `environ` (main() passes os.environ; an embedding program
+    passes its own, or nothing) wins over both. A relative
     storage.sqlite.path, and the tasks_module, are looked for in the folder of the
     file (and, with a dict, in the working directory). Raises ConfigError naming
     the key, the value and what is allowed; a file that cannot be read or parsed
@@ -291,6 +385,8 @@ def load_config(source=None, overrides: dict | None = None) -> dict:
         config.folder = getattr(source, "folder", None)
     given = _flatten(tree)
     given.update(_flatten(overrides or {}))
+    if (environ or {}).get("VALET_AUTH_TOKEN"):  # so the secret need not sit in a file
+        given["server.auth_token"] = environ["VALET_AUTH_TOKEN"]
     problems = []
     for key, value in given.items():
         if key not in _SCHEMA:
@@ -298,7 +394,8 @@ def load_config(source=None, overrides: dict | None = None) -> dict:
             continue
         _, check, allowed = _SCHEMA[key]
         if check is not None and not check(value):
-            problems.append(f"{key}: {_show(value)} is not allowed; expected {allowed}")
+            shown = "(hidden)" if key == "server.auth_token" else _show(value)
+            problems.append(f"{key}: {shown} is not allowed; expected {allowed}")
         config[key] = value
     if problems:
         raise ConfigError("; ".join(problems))
@@ -481,6 +578,9 @@ class _Fields:
         value = self.fields.get("metadata", self.fields.get("task_params"))
         if "metadata" in self.fields and "task_params" in self.fields:
             self.problem("give metadata or task_params (its old name), not both")
+        if _too_deep(value):
+            self.problem(f"metadata is nested more than {_MAX_DEPTH} levels deep")
+            return None
         if isinstance(self.fields, _JsonObject):
             return value
         try:
@@ -525,6 +625,18 @@ class _Fields:
         else:
             return task_name
         return None
+
+
+def _too_deep(value, limit=_MAX_DEPTH):
+    """Whether arrays and objects nest more than `limit` levels deep in `value`
+    (walked without recursion, so any depth is safe to ask about)."""
+    level = [value]
+    for _ in range(limit):
+        level = [item for v in level if isinstance(v, (dict, list))
+                 for item in (v.values() if isinstance(v, dict) else v)]
+        if not level:
+            return False
+    return any(isinstance(v, (dict, list)) for v in level)
 
 
 def _is_priority(v):
@@ -767,6 +879,12 @@ def _check_moves(moves):
                              f"that is not one of {', '.join(STATUSES)}")
 
 
+def _check_finished(statuses):
+    if not statuses or not set(statuses) <= set(FINISHED):
+        raise ValueError(f"purge() deletes only finished jobs: statuses must be some of "
+                         f"{', '.join(FINISHED)}, not {statuses!r}")
+
+
 def _kind(kind):
     if kind not in ("job", "pipeline"):
         raise ValueError(f"kind must be job or pipeline, got {kind!r}")
@@ -807,6 +925,8 @@ class Store:
 
     Every method is thread-safe. Every write is atomic, all of it or none of it,
     and has committed when it returns; a write that raises has written nothing.
+    A method that cannot reach its storage (a full disk, a read-only or corrupt
+    file) raises StorageError with the cause.
     A method that finds no such job or pipeline returns None (False for those
     that answer whether they wrote). No method may be called after close(). To
     add a backend, implement every method below; the storage-contract tests in
@@ -815,13 +935,30 @@ class Store:
 
     option = None  # the storage.option that names this store
 
-    def add(self, *jobs, pipeline=None, fired=None) -> bool:
+    def add(self, *jobs, pipeline=None, fired=None, key=None) -> bool:
         """Store new job records, in the order given (a pipeline's jobs in their
         order, each with its pipeline_id); with `pipeline`, that pipeline record
         too. An id already stored, or given twice, raises an error. `fired`,
         (periodic entry name, due time), records a periodic firing with the jobs:
         if a firing of that entry at that due time or later is already recorded,
-        nothing is stored and add returns False. Returns True once stored."""
+        nothing is stored and add returns False. `key`, (idempotency key, request
+        digest), records the key for the pipeline, or else the one job: if that
+        key is stored already, nothing is stored and add returns False. Returns
+        True once stored."""
+        raise NotImplementedError
+
+    def find_key(self, key) -> dict | None:
+        """What an idempotency key created: {"kind": "job" or "pipeline", "id",
+        "digest"}, or None. A key goes when what it created is deleted."""
+        raise NotImplementedError
+
+    def purge(self, before, statuses=FINISHED, limit=500, pipelines=False) -> int:
+        """Delete up to `limit` finished jobs that are not in a pipeline, whose status
+        is one of `statuses` and whose completed_at is before `before` (any, if
+        None), with their results and idempotency keys, oldest first. With
+        pipelines=True, also delete the pipelines whose jobs have all finished
+        before `before`, with their jobs. Returns how many jobs it deleted: fewer
+        than `limit` when no more are due."""
         raise NotImplementedError
 
     def get(self, job_id) -> dict | None:
@@ -888,8 +1025,9 @@ class Store:
         is asked about, `now` is stored as its last firing and returned."""
         raise NotImplementedError
 
-    def ping(self) -> bool:
-        """Whether the store can be read now (for /status)."""
+    def health(self) -> str | None:
+        """None if the store can be read and written now, else the cause of its fault
+        ("disk is full"), for /status. It may write to find out, but not often."""
         raise NotImplementedError
 
     def close(self):
@@ -917,6 +1055,8 @@ class MemoryStore(Store):
         self._pipeline_ids = {}   # seq -> pipeline id
         self._next_pipeline_seq = itertools.count(1)
         self._periodic = {}    # periodic entry name -> due time of its last firing
+        self._keys = {}        # idempotency key -> {"kind", "id", "digest"}
+        self._key_of = {}      # job or pipeline id -> its idempotency key
 
     @staticmethod
     def _out(record):
@@ -929,10 +1069,12 @@ class MemoryStore(Store):
         pipeline["jobs"] = [self._out(self._jobs[i]) for i in self._pipeline_jobs[pipeline_id]]
         return pipeline
 
-    def add(self, *jobs, pipeline=None, fired=None):
+    def add(self, *jobs, pipeline=None, fired=None, key=None):
         _check_new(jobs)
         records = [dict(job, metadata=json.dumps(job["metadata"])) for job in jobs]
         with self._lock:
+            if key is not None and key[0] in self._keys:
+                return False
             for job in jobs:
                 if job["id"] in self._jobs:
                     raise ValueError(f"a job with the id {job['id']!r} is already stored")
@@ -956,7 +1098,45 @@ class MemoryStore(Store):
                 self._ids[seq] = record["id"]
                 self._seqs.append(seq)
                 self._by_status[record["status"]].append(seq)
+            if key is not None:
+                kind, item_id = ("job", jobs[0]["id"]) if pipeline is None else (
+                    "pipeline", pipeline["id"])
+                self._keys[key[0]] = {"kind": kind, "id": item_id, "digest": key[1]}
+                self._key_of[item_id] = key[0]
             return True
+
+    def find_key(self, key):
+        with self._lock:
+            found = self._keys.get(key)
+            return None if found is None else dict(found)
+
+    def purge(self, before, statuses=FINISHED, limit=500, pipelines=False):
+        _check_finished(statuses)
+        with self._lock:
+            doomed, whole = [], set()
+            for seq in self._seqs:  # oldest first; none created after `before` is due
+                record = self._jobs[self._ids[seq]]
+                if len(doomed) >= limit or (before is not None
+                                            and record["created_at"] >= before):
+                    break
+                if record["pipeline_id"] is None:
+                    if record["status"] in statuses and self._due(record, before):
+                        doomed.append(record)
+                elif pipelines and record["pipeline_id"] not in whole and all(
+                        self._due(self._jobs[i], before)
+                        for i in self._pipeline_jobs[record["pipeline_id"]]):
+                    whole.add(record["pipeline_id"])
+                    doomed += [self._jobs[i] for i in self._pipeline_jobs[record["pipeline_id"]]]
+            for record in doomed:
+                self._remove(record)
+            for pipeline_id in whole:
+                self._remove_pipeline(pipeline_id)
+            return len(doomed)
+
+    @staticmethod
+    def _due(record, before):
+        return record["status"] in FINISHED and (before is None or
+                                                 record["completed_at"] < before)
 
     def get(self, job_id):
         with self._lock:
@@ -1023,6 +1203,7 @@ class MemoryStore(Store):
         by_status = self._by_status[record["status"]]
         del by_status[bisect.bisect_left(by_status, seq)]
         self._results.pop(job_id, None)
+        self._keys.pop(self._key_of.pop(job_id, None), None)
 
     def result(self, job_id):
         with self._lock:
@@ -1055,17 +1236,22 @@ class MemoryStore(Store):
             if allowed(pipeline):
                 for job_id in list(self._pipeline_jobs[pipeline_id]):
                     self._remove(self._jobs[job_id])
-                seq = self._pipelines.pop(pipeline_id)["seq"]
-                del self._pipeline_jobs[pipeline_id], self._pipeline_ids[seq]
-                del self._pipeline_seqs[bisect.bisect_left(self._pipeline_seqs, seq)]
+                self._remove_pipeline(pipeline_id)
             return pipeline
+
+    def _remove_pipeline(self, pipeline_id):
+        """Forget a pipeline whose jobs are removed, with the lock held."""
+        seq = self._pipelines.pop(pipeline_id)["seq"]
+        del self._pipeline_jobs[pipeline_id], self._pipeline_ids[seq]
+        del self._pipeline_seqs[bisect.bisect_left(self._pipeline_seqs, seq)]
+        self._keys.pop(self._key_of.pop(pipeline_id, None), None)
 
     def periodic_last(self, name, now):
         with self._lock:
             return self._periodic.setdefault(name, now)
 
-    def ping(self):
-        return True
+    def health(self):
+        return None
 
     def close(self):
         pass
@@ -1107,6 +1293,16 @@ CREATE TABLE IF NOT EXISTS periodic (
     name     TEXT PRIMARY KEY,
     last_due REAL NOT NULL         -- the due time of its last firing
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS keys (  -- idempotency keys, deleted with what they made
+    key     TEXT PRIMARY KEY,
+    kind    TEXT NOT NULL,         -- job or pipeline
+    item_id TEXT NOT NULL,
+    digest  TEXT NOT NULL          -- of the request that made it
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS health (  -- one row, rewritten to prove a write works
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    written_at REAL NOT NULL
+);
 """
 
 _ADDED_COLUMNS = (  # (column, its declaration) added to jobs after 0.1.0
@@ -1125,6 +1321,9 @@ _SQL_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_pipeline ON jobs (pipeline_id, seq)
     WHERE pipeline_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (completed_at)
+    WHERE completed_at IS NOT NULL AND pipeline_id IS NULL;
+CREATE INDEX IF NOT EXISTS keys_by_item ON keys (item_id);
 """
 
 _JOB_COLUMNS = ("seq", "id", "name", "description", "task_name", "metadata", "timeout",
@@ -1137,6 +1336,58 @@ _PIPELINE_INSERT = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(_PIPELINE_COLUMNS))})")
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
+_PROBE_EVERY = 5.0  # seconds: health() writes to check, when no write has for this long
+
+# What a user is told of SQLite's errors (by the prefix of their extended code name).
+_CAUSES = {"SQLITE_FULL": "disk is full", "SQLITE_READONLY": "database is read-only",
+           "SQLITE_BUSY": "database is locked", "SQLITE_LOCKED": "database is locked",
+           "SQLITE_CORRUPT": "database is corrupt", "SQLITE_NOTADB": "database is corrupt",
+           "SQLITE_IOERR": "disk I/O error", "SQLITE_CANTOPEN": "cannot open the database file",
+           "SQLITE_PERM": "no permission to use the database file"}
+
+
+def _cause(exc):
+    """A few words for what went wrong in SQLite: "disk is full"."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return next((cause for prefix, cause in _CAUSES.items() if name.startswith(prefix)),
+                str(exc) or type(exc).__name__)
+
+
+def _is_fault(exc):
+    """Whether an error is the storage's (a full disk, a corrupt file), not a write's
+    own (a unique key taken)."""
+    return isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError)
+
+
+_LOCK_BYTE = 1 << 20  # Windows locks a byte range: one far past the pid written at 0
+
+
+def _lock_file(path):
+    """Open `path` and lock it for as long as it stays open; write our pid in it.
+    StoreInUse, naming the owner's pid, if another open file holds the lock (in
+    this process or another: the lock is an OS lock, gone when its owner dies)."""
+    lock = open(path, "a+b")
+    try:
+        if os.name == "nt":
+            import msvcrt  # on Windows only; both are the standard library's
+            lock.seek(_LOCK_BYTE)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read(20).decode("ascii", "replace").strip() or "unknown"
+        lock.close()
+        raise StoreInUse(f"the database {path[:-len('.lock')]!r} is in use by valet pid "
+                         f"{owner} (it holds {path!r}); one process at a time may own "
+                         f"a SQLite database: stop that one, or give this one another "
+                         f"storage.sqlite.path") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n".encode())
+    lock.flush()
+    return lock
 
 
 @functools.lru_cache(maxsize=64)
@@ -1176,6 +1427,13 @@ class SqliteStore(Store):
     serves many callers. If a write fails, the batch is applied again with each
     write in its own savepoint, so that one failing write cannot undo the others.
     Reads use a pool of their own connections, which WAL lets run during a write.
+
+    One store owns the file: opening it takes an OS lock on `path`.lock, held
+    until close() or the process ends; a second store, in any process, gets
+    StoreInUse. Opening checks the file (quick_check): StorageError if it is
+    corrupt. While SQLite fails (a full disk, a read-only file), every call
+    raises StorageError; the fault is logged once, when it begins, and once more
+    when a write succeeds again. New files give freed pages back to the disk.
     """
 
     option = "sqlite"
@@ -1184,14 +1442,23 @@ class SqliteStore(Store):
         self.path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):  # else sqlite3 says only "unable to open"
-            raise sqlite3.OperationalError(f"unable to open database file: its folder "
-                                           f"{folder!r} does not exist")
+            raise StorageError("cannot open the database file", f"its folder {folder!r} "
+                               f"does not exist")
         self._synchronous = synchronous.upper()
-        self._conn = self._connect()
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.executescript(_SQL_TABLES)
-        self._add_columns()
-        self._conn.executescript(_SQL_INDEXES)
+        self._fault = None       # the cause of the current fault, or None
+        self._fault_lock = threading.Lock()  # guards _fault
+        self._last_write = time.monotonic()  # when a write last committed
+        self._owner = _lock_file(self.path + ".lock")
+        try:
+            self._conn = self._connect()
+            self._prepare()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._owner.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(_cause(exc), str(exc)) from None
+            raise
         self._readers = queue.SimpleQueue()  # idle read connections
         self._queue_lock = threading.Lock()  # guards the three attributes below
         self._queued = []       # _Writes waiting for a commit, oldest first
@@ -1199,6 +1466,46 @@ class SqliteStore(Store):
         self._closed = False
         self._idle = threading.Condition(self._queue_lock)  # notified when none leads
         self.commits = 0  # transactions committed (counted by the leader of each)
+
+    def _prepare(self):
+        """Check the file and bring its tables up to date; StorageError if it cannot."""
+        conn = self._conn
+        try:
+            problem = conn.execute("PRAGMA quick_check(1)").fetchone()
+            problem = next(iter(problem.values()))
+            if problem != "ok":
+                raise StorageError("database is corrupt", problem)
+            if not conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall():
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a new file: give back
+            conn.execute("PRAGMA journal_mode = WAL")              # freed pages
+            conn.execute("PRAGMA journal_size_limit = 16777216")  # WAL kept below 16 MB
+            conn.executescript(_SQL_TABLES)
+            self._add_columns()
+            conn.executescript(_SQL_INDEXES)
+        except sqlite3.Error as exc:
+            raise StorageError(_cause(exc), str(exc)) from None
+
+    # -- faults
+
+    def _failed(self, exc):
+        """Note a fault of the storage, logging it if it is a new one; return the
+        StorageError to raise."""
+        cause = _cause(exc)
+        with self._fault_lock:
+            new, self._fault = self._fault != cause, cause
+        if new:
+            log.error("storage: %s (%s: %s); requests that need it get 503 until it "
+                      "clears", cause, type(exc).__name__, exc)
+        return StorageError(cause, str(exc))
+
+    def _wrote(self):
+        """A write committed: a fault, if there was one, is over."""
+        self._last_write = time.monotonic()
+        if self._fault is not None:
+            with self._fault_lock:
+                cause, self._fault = self._fault, None
+            if cause is not None:
+                log.warning("storage: working again (it had failed: %s)", cause)
 
     def _connect(self):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -1287,11 +1594,14 @@ class SqliteStore(Store):
                 try:  # again, so that the writes that can succeed do
                     outcomes = self._transaction(writes, savepoints=True)
                 except Exception as exc:  # the transaction failed: nothing was written
-                    log.exception("sqlite: a write transaction failed")
                     self._rollback()
+                    if not _is_fault(exc):
+                        log.exception("sqlite: a write transaction failed")
                     outcomes = [(None, exc)] * len(writes)
             for write, (value, error) in zip(writes, outcomes):
                 write.value, write.error = value, error
+                if _is_fault(error):
+                    write.error = self._failed(error)
         except BaseException:  # interrupted: leave no transaction open on the connection
             self._rollback()
             raise
@@ -1321,6 +1631,7 @@ class SqliteStore(Store):
                 outcomes.append((None, exc))
         conn.execute("COMMIT")
         self.commits += 1
+        self._wrote()
         return outcomes
 
     def _rollback(self):
@@ -1337,14 +1648,23 @@ class SqliteStore(Store):
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
-            conn = self._connect()
+            try:
+                conn = self._connect()
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from None
+        broken = False
         try:
             yield conn
+        except sqlite3.Error as exc:
+            broken = True  # the connection may be in a bad state: open another next time
+            if _is_fault(exc):
+                raise self._failed(exc) from None
+            raise
         finally:
-            if self._readers.qsize() < _IDLE_READERS:
-                self._readers.put(conn)
+            if broken or self._readers.qsize() >= _IDLE_READERS:
+                conn.close()  # (or a burst of readers is over)
             else:
-                conn.close()  # a burst of readers is over
+                self._readers.put(conn)
 
     @contextlib.contextmanager
     def _snapshot(self):
@@ -1387,16 +1707,23 @@ class SqliteStore(Store):
     def _job_row(job):
         return [json.dumps(job[c]) if c == "metadata" else job[c] for c in _JOB_COLUMNS[1:]]
 
-    def add(self, *jobs, pipeline=None, fired=None):
+    def add(self, *jobs, pipeline=None, fired=None, key=None):
         _check_new(jobs)
         rows = [self._job_row(job) for job in jobs]
         pipeline_row = None if pipeline is None else [pipeline[c] for c in _PIPELINE_COLUMNS]
+        if key is not None:
+            key_row = (key[0], *(("job", jobs[0]["id"]) if pipeline is None
+                                 else ("pipeline", pipeline["id"])), key[1])
 
         def insert(conn):
             if fired is not None and conn.execute(
                     "INSERT INTO periodic VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
                     "SET last_due = excluded.last_due WHERE last_due < excluded.last_due",
                     fired).rowcount == 0:
+                return False
+            if key is not None and conn.execute(
+                    "INSERT INTO keys VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    key_row).rowcount == 0:
                 return False
             if pipeline_row is not None:
                 conn.execute(_PIPELINE_INSERT, pipeline_row)
@@ -1456,6 +1783,7 @@ class SqliteStore(Store):
             if job is not None and allowed(job):
                 conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
                 conn.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+                conn.execute("DELETE FROM keys WHERE item_id = ?", (job_id,))
             return job
 
         return self._write(remove)
@@ -1497,7 +1825,50 @@ class SqliteStore(Store):
                              "(SELECT id FROM jobs WHERE pipeline_id = ?)", (pipeline_id,))
                 conn.execute("DELETE FROM jobs WHERE pipeline_id = ?", (pipeline_id,))
                 conn.execute("DELETE FROM pipelines WHERE id = ?", (pipeline_id,))
+                conn.execute("DELETE FROM keys WHERE item_id = ?", (pipeline_id,))
             return pipeline
+
+        return self._write(remove)
+
+    def find_key(self, key):
+        rows = self._read("SELECT kind, item_id AS id, digest FROM keys WHERE key = ?",
+                          (key,))
+        return rows[0] if rows else None
+
+    def purge(self, before, statuses=FINISHED, limit=500, pipelines=False):
+        _check_finished(statuses)
+        marks = ", ".join("?" * len(statuses))
+        before_sql, before_args = ("completed_at < ?", [before]) if before is not None else (
+            "completed_at IS NOT NULL", [])
+
+        def remove(conn):
+            ids = [row["id"] for row in conn.execute(
+                f"SELECT id FROM jobs WHERE {before_sql} AND pipeline_id IS NULL AND "
+                f"status IN ({marks}) ORDER BY completed_at LIMIT ?",
+                [*before_args, *statuses, limit])]
+            whole = []
+            if pipelines and len(ids) < limit:
+                whole = [row["id"] for row in conn.execute(
+                    "SELECT id FROM pipelines AS p WHERE created_at < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE pipeline_id = p.id AND (completed_at IS "
+                    "NULL OR completed_at >= ?)) ORDER BY seq LIMIT ?",
+                    (before, before, max(1, (limit - len(ids)) // _MAX_PIPELINE_JOBS)))]
+            for table, column, items in (("results", "job_id", ids), ("keys", "item_id", ids),
+                                         ("jobs", "id", ids), ("keys", "item_id", whole)):
+                for i in range(0, len(items), 500):
+                    chunk = items[i:i + 500]
+                    conn.execute(f"DELETE FROM {table} WHERE {column} IN "
+                                 f"({', '.join('?' * len(chunk))})", chunk)
+            deleted = len(ids)
+            for pipeline_id in whole:
+                conn.execute("DELETE FROM results WHERE job_id IN (SELECT id FROM jobs "
+                             "WHERE pipeline_id = ?)", (pipeline_id,))
+                deleted += conn.execute("DELETE FROM jobs WHERE pipeline_id = ?",
+                                        (pipeline_id,)).rowcount
+                conn.execute("DELETE FROM pipelines WHERE id = ?", (pipeline_id,))
+            if deleted:
+                conn.execute("PRAGMA incremental_vacuum")  # give the freed pages back
+            return deleted
 
         return self._write(remove)
 
@@ -1509,13 +1880,22 @@ class SqliteStore(Store):
 
         return self._write(anchor)
 
-    def ping(self):
+    def health(self):
+        """The fault, if one is known; else, if no write has committed for a while, a
+        small write that would fail as the others would (a full disk, a read-only
+        file), so that /status tells the truth on an idle server too."""
+        since = time.monotonic() - self._last_write
+        if since < (1 if self._fault is not None else _PROBE_EVERY):
+            return self._fault
         try:
-            with self._reading() as conn:
-                conn.execute("SELECT 1").fetchone()
-        except (sqlite3.Error, RuntimeError):
-            return False
-        return True
+            self._write(lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO health VALUES (1, ?)", (time.time(),)))
+        except StorageError as exc:
+            self._last_write = time.monotonic()  # probe again in a second, not at once
+            return exc.cause
+        except RuntimeError:
+            return "the store is closed"
+        return None
 
     def close(self):
         with self._queue_lock:
@@ -1530,6 +1910,7 @@ class SqliteStore(Store):
                 self._readers.get_nowait().close()
             except queue.Empty:
                 break
+        self._owner.close()  # and with it the lock: another store may open the file
 
 
 def _open_store(config):
@@ -1596,6 +1977,26 @@ class _Lifecycle:
         self._clock = clock  # the wall clock, for the times a job records
         self._lock = threading.Lock()  # guards _waiters
         self._waiters = {}  # job id -> Events of callers waiting for its next change
+        self._halted = threading.Event()  # valet is stopping: persist() gives up
+
+    def persist(self, step, *args, **kwargs):
+        """step(*args, **kwargs), again and again while the store fails, waiting 50 ms
+        at first and doubling up to 5 s, until it succeeds or valet stops (then the
+        StorageError is raised). For the writes no client is there to retry, those
+        of workers and the scheduler: when a fault clears, they go on by
+        themselves, and no job is left behind."""
+        delay = 0.05
+        while True:
+            try:
+                return step(*args, **kwargs)
+            except StorageError:
+                if self._halted.wait(delay):
+                    raise
+                delay = min(delay * 2, 5.0)
+
+    def halt(self):
+        """valet is stopping: persist() stops retrying."""
+        self._halted.set()
 
     def _transition(self, job_id, from_states, to_state, fields=None, result=None, then=()):
         """The one call of store.transition(): every move is checked against _MOVES."""
@@ -1668,7 +2069,7 @@ class _Lifecycle:
 
     def promote(self, job_id):
         """SCHEDULED -> PENDING: a scheduled job, or a retry, has come due; queue it."""
-        job = self._transition(job_id, (SCHEDULED,), PENDING)
+        job = self.persist(self._transition, job_id, (SCHEDULED,), PENDING)
         if job is not None:
             log.debug("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
             self.pool.enqueue(job, reserved=False)
@@ -1689,11 +2090,12 @@ class _Lifecycle:
     def settle(self, claim, status, value=None, reason=None):
         """End the running attempt a worker claimed, as whoever took the claim (the
         worker when its task returned, the deadline thread, stop): finish() it, then
-        release the claim and wake the job's waiters. If the write fails, the claim
-        is given back for a cancel or stop to settle, and the error raised."""
+        release the claim and wake the job's waiters. The write is retried while
+        the store fails (persist()); if valet stops first, the claim is given back
+        for stop or the next start to settle, and the error raised."""
         settled = False
         try:
-            moved = self.finish(claim.job, status, value, reason)
+            moved = self.persist(self.finish, claim.job, status, value, reason)
             settled = True
             return moved
         finally:
@@ -1717,8 +2119,8 @@ class _Lifecycle:
                                 result=(value, None))
         if done is not None:
             log.debug("job %s: %s -> %s", job["id"], IN_PROGRESS, COMPLETED)
-            if job["next_job_id"] is not None:
-                following = self.store.get(job["next_job_id"])
+            if job["next_job_id"] is not None:  # (retried: the move is made)
+                following = self.persist(self.store.get, job["next_job_id"])
                 if following is not None and following["status"] == PENDING:
                     self.pool.enqueue(following, reserved=False)
         return done
@@ -1805,11 +2207,13 @@ class _Lifecycle:
             # recover() has settled the jobs the last run left IN_PROGRESS.
             states = UNFINISHED if claim is not None or not self.recovered else (
                 SCHEDULED, PENDING)
+            settled = False
             try:
                 moved = self._cancel(claim.job if claim and claim.job else job, reason, states)
-            finally:  # take() has withdrawn it from the queue: give back the claim
-                if claim is not None:
-                    self.pool.release(claim)
+                settled = True
+            finally:  # take() has withdrawn it from the queue: give back the claim (if
+                if claim is not None:  # the write failed, untaken: a cancel may retry)
+                    self.pool.release(claim, settled)
                 self.wake(job_id)
             if moved is not None:
                 return moved, True
@@ -1983,6 +2387,9 @@ def _guarded(step, *args):
     the thread goes on. A job it left behind is settled at the next start."""
     try:
         return step(*args)
+    except StorageError as exc:  # valet is stopping while the store fails
+        log.warning("%s: %s", threading.current_thread().name, exc)
+        return True
     except Exception:
         log.exception("%s: unexpected error", threading.current_thread().name)
         return True
@@ -2002,9 +2409,10 @@ class _WorkerPool:
     """
 
     def __init__(self, lifecycle, tasks, workers, capacity, timeout_unit,
-                 clock=time.time, monotonic=time.monotonic):
+                 clock=time.time, monotonic=time.monotonic, default_timeout=None):
         self.size = workers
         self.capacity = capacity
+        self.default_timeout = default_timeout  # seconds, for a job that sets no timeout
         self._lifecycle = lifecycle
         self._tasks = tasks
         self._unit = timeout_unit
@@ -2151,7 +2559,7 @@ class _WorkerPool:
                     self._abandoned -= 1
 
     def _run(self, job, claim):
-        started = self._lifecycle.start(job)
+        started = self._lifecycle.persist(self._lifecycle.start, job)
         with self._lock:
             if started is None or claim.taken:  # cancelled or deleted before it started
                 return not claim.taken  # if taken, the canceller started a replacement
@@ -2176,10 +2584,15 @@ class _WorkerPool:
         """Put a started job with a timeout in the deadline heap (with the lock held);
         its deadline on the wall clock, for the task's context, or None."""
         timeout = claim.job["timeout"]
-        if timeout is None:
+        if timeout is None and self.default_timeout is None:
             return None
-        seconds = timeout / (1000 if self._unit == "millisecond" else 1)
-        reason = f"timed out after {timeout:g} {self._unit}{'' if timeout == 1 else 's'}"
+        if timeout is None:
+            seconds = self.default_timeout
+            reason = (f"timed out after {seconds:g} second{'' if seconds == 1 else 's'} "
+                      f"(worker_pool.default_timeout)")
+        else:
+            seconds = timeout / (1000 if self._unit == "millisecond" else 1)
+            reason = f"timed out after {timeout:g} {self._unit}{'' if timeout == 1 else 's'}"
         heapq.heappush(self._deadlines,
                        (self._monotonic() + seconds, next(self._order), claim, reason))
         claim.deadline = True
@@ -2215,6 +2628,8 @@ class _WorkerPool:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             return FAILED, None, f"the task's result is not JSON-serialisable: {exc}"
+        if _too_deep(value):
+            return FAILED, None, f"the task's result is nested more than {_MAX_DEPTH} deep"
         return COMPLETED, value, None
 
     # -- the deadline thread's single step
@@ -2449,10 +2864,6 @@ _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
                 ("month", 1, 12), ("day of week", 0, 7))
 _CRON_PART = re.compile(r"(\*|[0-9]{1,2})(?:-([0-9]{1,2}))?(?:/([0-9]{1,2}))?")
 _CRON_STEPS = 5000  # a search gives up after this many steps: about five years
-_EVERY = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
-_EVERY_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 class _Cron:
     """A standard five-field cron expression (minute hour day-of-month month
     day-of-week; numbers, *, ranges a-b, steps /n and lists a,b), in UTC. As in
@@ -2539,18 +2950,7 @@ class _Every:
     """A fixed interval, counted from the last due time."""
 
     def __init__(self, value):
-        if _is_number(value):
-            seconds = value
-        else:
-            found = _EVERY.fullmatch(value.strip()) if isinstance(value, str) else None
-            if found is None:
-                raise ValueError(f"{_show(value)} is not an interval; give seconds (90) "
-                                 f"or a number and a unit: 90s, 5m, 2h, 1d")
-            seconds = float(found.group(1)) * _EVERY_UNITS[found.group(2) or "s"]
-        if not 1 <= seconds <= _MAX_TIMEOUT_SECONDS:
-            raise ValueError(f"{_show(value)} is not allowed; an interval runs from 1 "
-                             f"second to a year")
-        self.seconds = seconds
+        self.seconds = _duration_seconds(value)
 
     def next_after(self, t):
         return t + self.seconds
@@ -2655,7 +3055,7 @@ class HTTPError(Exception):
 
 # The status code of each of valet's errors. Any other exception is a 500.
 _ERROR_STATUS = {Invalid: 400, NotFound: 404, Conflict: 409, BacklogFull: 503,
-                 ShuttingDown: 503}
+                 ShuttingDown: 503, StorageError: 503}
 _ANSWERED = (HTTPError, *_ERROR_STATUS)
 
 
@@ -2663,7 +3063,8 @@ def _http_error(exc):
     """The HTTPError that answers one of _ERROR_STATUS's errors; a 503 says when to
     try again."""
     status = next(code for kind, code in _ERROR_STATUS.items() if isinstance(exc, kind))
-    return HTTPError(status, str(exc), {"Retry-After": "1"} if status == 503 else None)
+    wait = "5" if isinstance(exc, StorageError) else "1"
+    return HTTPError(status, str(exc), {"Retry-After": wait} if status == 503 else None)
 
 
 def _encode(payload):
@@ -2718,13 +3119,14 @@ _SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")  # 2, 0.5: a plain, short de
 class _Request:
     """What a route function sees of a request."""
 
-    __slots__ = ("params", "args", "body", "prefix")
+    __slots__ = ("params", "args", "body", "prefix", "headers")
 
-    def __init__(self, params, args, body, prefix):
+    def __init__(self, params, args, body, prefix, headers=None):
         self.params = params  # from the path: {"id": ...}
         self.args = args      # from the query string, as the route allows them
         self.body = body
         self.prefix = prefix  # "/api" when the request came in under it, else ""
+        self.headers = headers if headers is not None else {}
 
     def json(self) -> dict:
         """The body as a JSON object, or HTTPError(400) saying what is wrong with it."""
@@ -2860,7 +3262,10 @@ def _list_tasks(app, req):
 
 
 def _status(app, req):
-    return 200, app.status()
+    status = app.status()
+    if status["storage"]["ok"]:
+        return 200, status
+    return 503, status, {"Retry-After": "5"}
 
 
 _LISTING = ("status", "limit", "cursor")
@@ -2932,13 +3337,96 @@ def _parse_query(query, allowed):
     return {name: value for name, value in args.items() if value}
 
 
+def _cut(text, limit=200):
+    """A path or id for a log line, cut short: a client may send 60 KB of it."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+class _Tally:
+    """Lines that can come thousands of times a second (503s from a full backlog or a
+    failing store, refused connections): the first of each kind is logged in full,
+    and the rest of that second as one line with their count. flush() is called
+    by the HTTP server's loop, a few times a second."""
+
+    def __init__(self, monotonic=time.monotonic):
+        self._monotonic = monotonic
+        self._lock = threading.Lock()  # guards _counts and _since
+        self._counts = {}  # kind -> how many came after the first was logged
+        self._since = monotonic()
+
+    def first(self, kind):
+        """Count one line of this kind; True if it is the first this second (log it)."""
+        with self._lock:
+            if kind in self._counts:
+                self._counts[kind] += 1
+                return False
+            self._counts[kind] = 0
+            return True
+
+    def flush(self):
+        with self._lock:
+            if self._monotonic() - self._since < 1:
+                return
+            counts, self._counts, self._since = self._counts, {}, self._monotonic()
+        for kind, count in counts.items():
+            if count:
+                log.info("%d more like this in the last second: %s", count, kind)
+
+
+def _host_name(host):
+    """The name in a Host header, without its port, lower case: "[::1]:80" -> "[::1]"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _is_loopback(host):
+    if host in ("localhost", "[::1]"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class _Reader(socket.SocketIO):
+    """A connection's reading side, with two clocks: an idle keep-alive connection
+    waits up to `idle` seconds for a request, and once a request's first byte has
+    come, its head and body must all come within `whole` seconds (socket timeouts
+    alone bound each read, so a byte every few seconds would hold a thread for
+    ever). A read past either raises TimeoutError."""
+
+    def __init__(self, sock, idle, whole):
+        super().__init__(sock, "rb")
+        self.idle, self.whole = idle, whole
+        self.deadline = None  # monotonic, once a request has begun
+
+    def readinto(self, buffer):
+        if self.deadline is None:
+            self._sock.settimeout(self.idle)
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self._sock.settimeout(left)
+        count = super().readinto(buffer)
+        if self.deadline is None and count:
+            self.deadline = time.monotonic() + self.whole
+        return count
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Reads a request, finds its route, and writes what the route returns."""
+    """Reads a request, checks its head (framing, Host, origin, token, content type),
+    finds its route, and writes what the route returns."""
 
     protocol_version = "HTTP/1.1"  # keep-alive
     server_version = f"valet/{__version__}"
     disable_nagle_algorithm = True
-    timeout = 60  # seconds a connection may stay idle before it is closed
 
     def do_GET(self):
         self._dispatch()
@@ -2949,52 +3437,167 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         threading.current_thread().name = "valet-http-connection"
+        config = self.server.app.config
+        self.rfile.close()
+        self._reader = _Reader(self.connection, config["server.keepalive_timeout"],
+                               config["server.request_timeout"])
+        self.rfile = io.BufferedReader(self._reader)
+        self._cors = None  # the allowed cross origin of the request, if it has one
+
+    def handle_one_request(self):
+        """http.server's, but an empty line before the request line is skipped (RFC
+        9112 allows it), and a request that does not arrive in time, or a client
+        that goes away, closes the connection with a log line, not a traceback."""
+        self._reader.deadline = None
+        self._cors = None
+        try:
+            line = self.rfile.readline(65537)
+            for _ in range(8):
+                if line not in (b"\r\n", b"\n"):
+                    break
+                line = self.rfile.readline(65537)
+            self.raw_requestline = line
+            if len(line) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414, "the request line is longer than 65536 bytes")
+                return
+            if not line:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            getattr(self, f"do_{self.command}", self._unknown_method)()
+        except TimeoutError:
+            self.close_connection = True
+            if self._reader.deadline is not None:  # a request had begun
+                log.info("closed a connection from %s: its request did not arrive "
+                         "within %gs (server.request_timeout)", self.client_address[0],
+                         self._reader.whole)
+        except OSError as exc:  # the client went away: reset, broken pipe
+            self.close_connection = True
+            log.debug("connection from %s ended: %s", self.client_address[0], exc)
+
+    def _unknown_method(self):
+        self.send_error(501, f"method {_cut(self.command, 40)!r} is not supported")
 
     def _dispatch(self):
         started = time.perf_counter()
         app = self.server.app
         path, _, query = self.path.partition("?")
-        why = ""
+        why, body = "", None
         try:
-            body = self._read_body()
-            if app.stopping:  # a keep-alive connection that outlived the listener
-                self.close_connection = True
-                raise _shutting_down()
-            fn, params, allowed = _match(self.command, path)
-            prefix = params.pop("prefix") or ""
-            request = _Request(params, _parse_query(query, allowed), body, prefix)
-            status, payload, *rest = fn(app, request)
-            headers = rest[0] if rest else {}
-            data = b"" if payload is None else _encode(payload)
+            self._check_head()
+            if self.command == "OPTIONS" and self.headers.get("Origin"):
+                status, headers, data = self._preflight()
+            else:
+                body = self._read_body()
+                if app.stopping:  # a keep-alive connection that outlived the listener
+                    self.close_connection = True
+                    raise _shutting_down()
+                fn, params, allowed = _match(self.command, path)
+                prefix = params.pop("prefix") or ""
+                request = _Request(params, _parse_query(query, allowed), body, prefix,
+                                   self.headers)
+                status, payload, *rest = fn(app, request)
+                headers = rest[0] if rest else {}
+                data = b"" if payload is None else _encode(payload)
         except _ANSWERED as exc:
             error = exc if isinstance(exc, HTTPError) else _http_error(exc)
             status, headers, data = error.status, error.headers, _encode(error.body())
-            why = f": {error.message[:200]}"
-        except Exception:
+            why = f": {_cut(error.message)}"
+        except Exception as exc:
+            if isinstance(exc, OSError) and body is None:
+                raise  # reading the request failed: handle_one_request closes it
             if app.stopping:  # the store closed under the request, most likely
-                log.warning("%s %s: error while stopping", self.command, self.path,
+                log.warning("%s %s: error while stopping", self.command, _cut(self.path),
                             exc_info=True)
                 error = _http_error(_shutting_down())
                 status, headers, data = error.status, error.headers, _encode(error.body())
             else:
-                log.exception("%s %s: internal error", self.command, self.path)
+                log.exception("%s %s: internal error", self.command, _cut(self.path))
                 status, headers = 500, {}
                 data = _encode(HTTPError(500, "internal server error").body())
         self._send(status, data, headers)
-        log.log(logging.INFO if status >= 400 else logging.DEBUG, "%s %s %d %.2fms%s",
-                self.command, self.path, status, (time.perf_counter() - started) * 1000, why)
+        level = logging.INFO if status >= 400 else logging.DEBUG
+        if status == 503 and not self.server.tally.first(f"{status}{why}"):
+            return
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %d %.2fms%s", self.command, _cut(self.path), status,
+                    (time.perf_counter() - started) * 1000, why)
+
+    def _check_head(self):
+        """Refuse, before its body is read, a request whose framing is ambiguous or
+        that may not come in (Host, Origin, token, content type). A refusal closes
+        the connection: the unread body cannot be told from a next request."""
+        try:
+            self._check_framing()
+            self._check_access()
+        except HTTPError:
+            self.close_connection = True
+            raise
+
+    def _check_framing(self):
+        for name in self.headers.keys():
+            if not _HEADER_NAME.fullmatch(name):
+                raise HTTPError(400, f"malformed header name {_cut(name, 40)!r}")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            raise HTTPError(400, "Content-Length is given more than once")
+        if "Transfer-Encoding" in self.headers:
+            if lengths:
+                raise HTTPError(400, "give Content-Length or Transfer-Encoding, not both")
+            raise HTTPError(411, "send the body with a Content-Length; transfer encodings "
+                                 "(chunked) are not supported")
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise HTTPError(400, "Host is given more than once")
+        if not hosts and self.request_version == "HTTP/1.1":
+            raise HTTPError(400, "an HTTP/1.1 request must have a Host header")
+
+    def _check_access(self):
+        server = self.server
+        host = self.headers.get("Host")
+        if host is not None and not server.allows_host(_host_name(host)):
+            raise HTTPError(403, f"Host {_cut(host, 80)!r} is not in server.allowed_hosts")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{host}":  # a cross-origin request
+            if not server.allows_origin(origin):
+                raise HTTPError(403, f"requests from origin {_cut(origin, 80)!r} are not "
+                                     f"allowed (server.cors_origins)")
+            self._cors = origin
+        if self.command == "OPTIONS" and origin is not None:
+            return  # a preflight: the browser sends no credentials with it
+        if server.token is not None:
+            given = self.headers.get("Authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode("utf-8", "replace"), server.token):
+                raise HTTPError(401, "a valid token is required: send the header "
+                                     "Authorization: Bearer <server.auth_token>",
+                                {"WWW-Authenticate": 'Bearer realm="valet"'
+                                 + (', error="invalid_token"' if given else "")})
+        if self._content_length() and not _is_json_type(self.headers.get("Content-Type")):
+            raise HTTPError(415, f"a body must be sent as Content-Type: application/json, "
+                                 f"not {_cut(self.headers.get('Content-Type') or 'none', 80)}")
+
+    def _preflight(self):
+        """Answer a CORS preflight from an allowed origin."""
+        self._read_body()
+        if self._cors is None:
+            raise HTTPError(403, "this is a same-origin request; it needs no preflight")
+        return 204, {"Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE",
+                     "Access-Control-Allow-Headers":
+                         "Authorization, Content-Type, Idempotency-Key",
+                     "Access-Control-Max-Age": "600"}, b""
 
     def _content_length(self):
         """The declared body length, or HTTPError (closing the connection, whose
-        framing can no longer be trusted) if it is missing its form or too large."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise HTTPError(411, "send the body with a Content-Length; chunked transfer "
-                                 "encoding is not supported")
+        framing can no longer be trusted) if it is not a number or too large."""
         length = self.headers.get("Content-Length", "0").strip() or "0"
         if not _DIGITS.fullmatch(length):
             self.close_connection = True
-            raise HTTPError(400, f"Content-Length must be a whole number, got {length!r}")
+            raise HTTPError(400, f"Content-Length must be a whole number, got "
+                                 f"{_cut(length, 40)!r}")
         length, limit = int(length), self.server.app.config["server.max_body_bytes"]
         if length > limit:
             self.close_connection = True
@@ -3005,10 +3608,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def handle_expect_100(self):
         """Refuse a bad body before the client sends it, rather than after."""
         try:
-            self._content_length()
+            self._check_head()
         except HTTPError as exc:
             self._send(exc.status, _encode(exc.body()), exc.headers)
-            log.info("%s %s %d (before the body)", self.command, self.path, exc.status)
+            log.info("%s %s %d (before the body): %s", self.command, _cut(self.path),
+                     exc.status, _cut(exc.message))
             return False
         return super().handle_expect_100()
 
@@ -3028,10 +3632,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if status != 204:
             lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
+        if self._cors is not None:
+            lines += [f"Access-Control-Allow-Origin: {self._cors}", "Vary: Origin",
+                      "Access-Control-Expose-Headers: Location, Retry-After"]
         if self.close_connection:
             lines.append("Connection: close")
         if self.command == "HEAD":
             data = b""
+        self.connection.settimeout(self._reader.whole)  # a client that will not read
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
 
     _last_date = (0, "")  # (epoch second, its Date header), shared by every connection
@@ -3044,23 +3652,122 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return _Handler._last_date[1]
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (a bad request line, an unknown method), as JSON."""
+        """http.server's own errors (a bad request line, too many headers), as JSON."""
         self.close_connection = True
         message = message or self.responses.get(code, ("error",))[0]
+        self._cors = None
         self._send(code, _encode(HTTPError(code, message).body()), {})
-        log.info("%s %s %d (%s)", self.command, getattr(self, "path", ""), code, message)
+        log.info("%s %s %d (%s)", _cut(getattr(self, "command", "") or ""),
+                 _cut(getattr(self, "path", "")), code, _cut(message))
 
     def log_message(self, format, *args):
-        log.debug(format, *args)
+        log.debug(format, *(_cut(str(arg)) for arg in args))
+
+
+def _is_json_type(value):
+    """Whether a Content-Type is application/json (in UTF-8, if it names a charset)."""
+    kind, *params = (value or "").lower().split(";")
+    if kind.strip() != "application/json":
+        return False
+    charset = [p.partition("=")[2].strip().strip('"') for p in params
+               if p.strip().startswith("charset=")]
+    return all(c in ("utf-8", "utf8") for c in charset)
+
+
+def _whole_response(status, message, headers):
+    """The bytes of a JSON error response, for a socket with no handler."""
+    body = _encode(HTTPError(status, message).body())
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+            "Content-Type: application/json", f"Content-Length: {len(body)}",
+            "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+# The whole answer to a connection past server.max_connections.
+_TOO_MANY = _whole_response(503, "too many connections (server.max_connections); try "
+                                 "again shortly", {"Retry-After": "1"})
 
 
 class _Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a listen backlog, a cap on connections (past it, a
+    quick 503 from the listening thread), and errors logged, not printed."""
+
     daemon_threads = True
     block_on_close = False  # stop() must not wait for idle keep-alive connections
 
     def __init__(self, address, app):
         self.app = app
+        config = app.config
+        self.request_queue_size = config["server.backlog"]  # listen()'s backlog
+        self.max_connections = config["server.max_connections"]
+        self.token = (None if config["server.auth_token"] is None
+                      else config["server.auth_token"].encode())
+        hosts = config["server.allowed_hosts"]
+        if hosts is None:  # the default: this machine's names, or any host with a token
+            hosts = None if self.token is not None else [
+                "localhost", "127.0.0.1", "[::1]", _host_name(config["server.host"])]
+        self.hosts = None if hosts is None else {h.strip().lower() for h in hosts}
+        self.origins = {o.strip().rstrip("/") for o in config["server.cors_origins"]}
+        self.tally = _Tally()
+        self._lock = threading.Lock()  # guards _connections
+        self._connections = 0
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def allows_host(self, name):
+        return self.hosts is None or "*" in self.hosts or name in self.hosts
+
+    def allows_origin(self, origin):
+        return "*" in self.origins or origin.rstrip("/") in self.origins
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            full = self._connections >= self.max_connections
+            self._connections += not full
+        if full:
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self._closed_one()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed_one()
+
+    def _closed_one(self):
+        with self._lock:
+            self._connections -= 1
+
+    def _refuse(self, request, client_address):
+        """Answer 503 and close, without a thread and without waiting on the client."""
+        request.setblocking(False)
+        with contextlib.suppress(OSError):
+            request.recv(65536)  # what it sent, so that closing does not reset
+        with contextlib.suppress(OSError):
+            request.send(_TOO_MANY)
+        self.shutdown_request(request)
+        kind = (f"refused a connection: server.max_connections ({self.max_connections}) "
+                f"are open")
+        if self.tally.first(kind):
+            log.warning("%s (from %s)", kind, client_address[0])
+
+    def service_actions(self):
+        self.tally.flush()
+
+    def handle_error(self, request, client_address):
+        """A connection's unexpected error, logged (socketserver would print it)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("connection from %s ended: %s", client_address[0], exc)
+        else:
+            log.error("connection from %s: unexpected error", client_address[0],
+                      exc_info=True)
 
 
 # ------------------------------------------------------------------- facade --
@@ -3099,7 +3806,8 @@ class Valet:
                                     self.scheduler, clock)
         self.pool = _WorkerPool(self.lifecycle, self.tasks, self.config["worker_pool.workers"],
                                 self.config["worker_pool.queue_capacity"],
-                                self.config["timeout_unit"], clock, monotonic)
+                                self.config["timeout_unit"], clock, monotonic,
+                                self.config["worker_pool.default_timeout"])
         self.lifecycle.pool = self.pool
         self.started_at = None  # monotonic, once started
         self.stopping = False   # set first thing in stop(): requests then get 503
@@ -3143,7 +3851,7 @@ class Valet:
         firing with the job, so that it happens once, even across restarts."""
         job = _new_job(entry.job_fields(), self.tasks, self.config["timeout_unit"],
                        self.clock())
-        if self.lifecycle.accept(job, fired=(entry["name"], due)):
+        if self.lifecycle.persist(self.lifecycle.accept, job, fired=(entry["name"], due)):
             log.info("job %s: created %s by periodic entry %r (due %s)", job["id"], PENDING,
                      entry["name"], _rfc3339(due))
 
@@ -3170,6 +3878,10 @@ class Valet:
         where = getattr(self._store, "path", None)
         log.info("valet %s listening on %s (storage: %s%s, workers: %d)", __version__,
                  self.url, self._store.option, f" {where}" if where else "", self.pool.size)
+        if self._server.token is None and not _is_loopback(self.config["server.host"]):
+            log.warning("listening on %s with no server.auth_token: anyone who can reach "
+                        "this port can submit, read and delete jobs; set one (or "
+                        "VALET_AUTH_TOKEN), or listen on 127.0.0.1", self.config["server.host"])
         return self
 
     def stop(self, grace: float | None = None):
@@ -3182,6 +3894,7 @@ class Valet:
             self.stopping = True
         if grace is None:
             grace = self.config["worker_pool.shutdown_grace"]
+        self.lifecycle.halt()
         self.pool.halt()
         self.lifecycle.wake_all()  # every wait() answers now, before the store closes
         self.scheduler.stop()
@@ -3379,14 +4092,17 @@ class Valet:
         return sorted(self.tasks)
 
     def status(self) -> dict:
-        """Version, time, uptime, storage, backlog and workers (GET /status)."""
+        """Version, time, uptime, storage (ok, or the cause of its fault), backlog and
+        workers (GET /status, which answers 503 while the storage is not ok)."""
         pool = self.pool.stats()
+        fault = "valet is stopped" if self._closed else self._store.health()
         return {
             "version": __version__,
             "time": _rfc3339(self.clock()),
             "uptime": (round(self._monotonic() - self.started_at, 3)
                        if self.started_at is not None else 0),
-            "storage": {"option": self._store.option, "ok": self._store.ping()},
+            "storage": {"option": self._store.option, "ok": fault is None,
+                        "error": fault},
             "queue": {"depth": pool["depth"], "capacity": self.pool.capacity,
                       "accepting": pool["depth"] < self.pool.capacity},
             "workers": {"busy": pool["busy"], "total": self.pool.size,
@@ -3436,6 +4152,31 @@ def _setup_logging(config):
     log.handlers[:] = [handler]
     log.setLevel(config["logging_level"].upper())
     log.propagate = False
+    # What would otherwise be printed to stderr goes through the logger too.
+    threading.excepthook = lambda args: log.error(
+        "thread %s: unexpected error", args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").handlers[:] = [handler]
+
+
+def _stop_on_signals(stopping, received):
+    """SIGINT, SIGTERM and SIGHUP set `stopping` (and are appended to `received`); a
+    second one while valet stops ends the process at once: the jobs still running
+    are settled at the next start, as after a crash."""
+    def on_signal(number, _):
+        received.append(number)
+        if not stopping.is_set():
+            stopping.set()
+            return
+        log.warning("%s received again: stopping at once; jobs still running are "
+                    "settled at the next start", signal.Signals(number).name)
+        logging.shutdown()
+        os._exit(1)
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # Windows has no SIGHUP
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
 
 
 def main(argv=None) -> int:
@@ -3454,30 +4195,38 @@ def main(argv=None) -> int:
     if os.getcwd() not in sys.path:  # so tasks_module is found where valet runs, too
         sys.path.insert(1, os.getcwd())
     try:
-        config = load_config(path, overrides)
+        config = load_config(path, overrides, os.environ)
         config.folder = config.folder or os.getcwd()  # without a file: where it runs
-        _setup_logging(config)
+    except ConfigError as exc:  # printed: the log format is part of the config
+        print(f"valet: config error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config)
+    try:
         app = Valet(config)
     except ConfigError as exc:
         print(f"valet: config error: {exc}", file=sys.stderr)
         return 2
-    except sqlite3.Error as exc:
+    except StorageError as exc:
         path = _in_folder(config, config["storage.sqlite.path"])
-        print(f"valet: cannot open {path!r}: {exc}", file=sys.stderr)
+        log.error("cannot open %r: %s%s", path, exc.cause,
+                  f" ({exc.detail})" if exc.detail else "")
+        return 1
+    except StoreInUse as exc:
+        log.error("%s", exc)
         return 1
 
     stopping, received = threading.Event(), []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, _: received.append(number) or stopping.set())
+    _stop_on_signals(stopping, received)
     try:
         app.start()
     except OSError as exc:
-        print(f"valet: cannot listen on {config['server.host']}:{config['server.port']}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        log.error("cannot listen on %s:%s: %s", config["server.host"], config["server.port"],
+                  exc.strerror or exc)
         app.stop()
         return 1
     stopping.wait()
-    log.info("%s received", signal.Signals(received[0]).name)
+    log.info("%s received: stopping (a second one stops at once)",
+             signal.Signals(received[0]).name)
     app.stop()
     return 0
 
