@@ -41,7 +41,7 @@ The sections, in order: constants, errors, config, job records, storage, the
 job lifecycle, workers, scheduler, HTTP, the Valet facade, main.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "Valet", "load_config", "main", "Context",
@@ -59,6 +59,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import http.client
 import http.server
 import importlib
 import inspect
@@ -132,6 +133,8 @@ _MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
 _MAX_PIPELINE_JOBS = 100
 _MAX_DEPTH = 64  # how deeply metadata and results may nest: far from Python's ~1000
 MAX_WAIT = 60  # seconds: the longest GET /jobs/{id}?wait= may hold a request
+_PURGE_BATCH = 500  # finished jobs deleted in one write, by retention or a bulk delete
+_SWEEP_EVERY = 60   # seconds between retention's sweeps, while there is nothing to delete
 
 
 # ------------------------------------------------------------------- errors --
@@ -639,6 +642,21 @@ def _too_deep(value, limit=_MAX_DEPTH):
     return any(isinstance(v, (dict, list)) for v in level)
 
 
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # an Idempotency-Key: printable ASCII
+
+
+def _digest(kind, fields):
+    """What identifies a request for its idempotency key: its kind and its body."""
+    text = json.dumps([kind, fields], sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _check_key(key):
+    if not (isinstance(key, str) and _KEY.fullmatch(key)):
+        raise Invalid(f"Idempotency-Key must be 1 to 255 printable ASCII characters "
+                      f"without spaces, got {_show(key)}")
+
+
 def _is_priority(v):
     return _is_int(v) and abs(v) <= _MAX_PRIORITY
 
@@ -809,6 +827,29 @@ def _page(status, limit, cursor):
         check.problem(f"cursor must be a next_cursor from an earlier page, got {cursor!r}")
     check.raise_problems()
     return status, size, int(cursor or 0)
+
+
+def _bulk_filter(status, finished_before):
+    """The (statuses, epoch second or None) of a bulk delete's filter, or Invalid."""
+    if status is None and finished_before is None:
+        raise Invalid("give status, finished_before or both: which finished jobs to delete")
+    problems, statuses, before = [], FINISHED, None
+    if status is not None and status not in FINISHED:
+        problems.append(f"status must be COMPLETED, FAILED or CANCELLED (jobs that have not "
+                        f"finished are never deleted in bulk), got {_show(status)}")
+    elif status is not None:
+        statuses = (status,)
+    if finished_before is not None:
+        try:
+            if not (isinstance(finished_before, str) and _RFC3339.fullmatch(finished_before)):
+                raise ValueError("not in that form")
+            before = _parse_time(finished_before)
+        except (ValueError, OverflowError, OSError):
+            problems.append(f"finished_before must be an RFC 3339 time such as "
+                            f"\"2026-11-28T09:30:00Z\", got {_show(finished_before)}")
+    if problems:
+        raise Invalid("; ".join(problems))
+    return statuses, before
 
 
 def _next_cursor(found, limit):
@@ -2007,14 +2048,15 @@ class _Lifecycle:
 
     # -- a new job
 
-    def accept(self, *jobs, pipeline=None, fired=None) -> bool:
+    def accept(self, *jobs, pipeline=None, fired=None, key=None) -> bool:
         """Store new jobs (one, or a pipeline's in order, with `pipeline`), then queue
         the first, or schedule it if its run_at is to come: it is SCHEDULED until
         then, and every other job PENDING (a pipeline's later jobs wait for their
         turn). A job queued at once takes a place in the backlog before it is
         stored (BacklogFull if there is none), except a periodic firing: `fired`,
         (entry name, due time), which the store records with the job. Returns
-        False, storing nothing, if that firing was recorded before."""
+        False, storing nothing, if that firing, or the idempotency `key` (key,
+        digest), was recorded before."""
         first = jobs[0]
         if first["run_at"] is not None and first["run_at"] > first["created_at"]:
             first["status"] = SCHEDULED
@@ -2022,12 +2064,14 @@ class _Lifecycle:
         if reserved:
             self.pool.reserve()
         try:
-            stored = self.store.add(*jobs, pipeline=pipeline, fired=fired)
+            stored = self.store.add(*jobs, pipeline=pipeline, fired=fired, key=key)
         except BaseException:
             if reserved:
                 self.pool.unreserve()
             raise
-        if not stored:
+        if not stored:  # the firing, or the idempotency key, was recorded before
+            if reserved:
+                self.pool.unreserve()
             return False
         if first["status"] == SCHEDULED:
             self.scheduler.at(first["run_at"], self.promote, first["id"])
@@ -3126,7 +3170,7 @@ class _Request:
         self.args = args      # from the query string, as the route allows them
         self.body = body
         self.prefix = prefix  # "/api" when the request came in under it, else ""
-        self.headers = headers if headers is not None else {}
+        self.headers = headers if headers is not None else http.client.HTTPMessage()
 
     def json(self) -> dict:
         """The body as a JSON object, or HTTPError(400) saying what is wrong with it."""
@@ -3182,9 +3226,30 @@ def _wait_seconds(text):
 # The routes: each calls one method of the app (a Valet) and turns its answer into
 # (status, JSON body[, headers]).
 
+def _idempotency_key(req):
+    """The request's Idempotency-Key, or None; HTTPError(400) if it is given twice."""
+    keys = req.headers.get_all("Idempotency-Key") or []
+    if len(keys) > 1:
+        raise HTTPError(400, "Idempotency-Key is given more than once")
+    return keys[0] if keys else None
+
+
+def _created(item, created, location):
+    """202 for what a POST created; 200, with the same body, for what a repeat of it
+    (the same Idempotency-Key and body) created before."""
+    headers = {"Location": location}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return (202 if created else 200), item, headers
+
+
 def _post_job(app, req):
-    job = app.submit(req.json())
-    return 202, job, {"Location": f"{req.prefix}/jobs/{job['id']}"}
+    job, created = app.submit_once(req.json(), _idempotency_key(req))
+    return _created(job, created, f"{req.prefix}/jobs/{job['id']}")
+
+
+def _delete_jobs(app, req):
+    return 200, app.delete_jobs(req.args.get("status"), req.args.get("finished_before"))
 
 
 def _list_jobs(app, req):
@@ -3222,8 +3287,8 @@ def _delete_result(app, req):
 
 
 def _post_pipeline(app, req):
-    pipeline = app.submit_pipeline(req.json())
-    return 202, pipeline, {"Location": f"{req.prefix}/pipelines/{pipeline['id']}"}
+    pipeline, created = app.submit_pipeline_once(req.json(), _idempotency_key(req))
+    return _created(pipeline, created, f"{req.prefix}/pipelines/{pipeline['id']}")
 
 
 def _list_pipelines(app, req):
@@ -3274,6 +3339,7 @@ _LISTING = ("status", "limit", "cursor")
 ROUTES = [
     ("POST", "/jobs", _post_job, ()),
     ("GET", "/jobs", _list_jobs, _LISTING),
+    ("DELETE", "/jobs", _delete_jobs, ("status", "finished_before")),
     ("GET", "/jobs/{id}", _get_job, ("wait",)),
     ("PATCH", "/jobs/{id}", _patch_job, ()),
     ("DELETE", "/jobs/{id}", _delete_job, ()),
@@ -3379,6 +3445,11 @@ def _host_name(host):
     if host.startswith("["):
         return host[:host.find("]") + 1]
     return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _exposed(config):
+    """Whether valet would listen beyond this machine with no token."""
+    return config["server.auth_token"] is None and not _is_loopback(config["server.host"])
 
 
 def _is_loopback(host):
@@ -3809,6 +3880,8 @@ class Valet:
                                 self.config["timeout_unit"], clock, monotonic,
                                 self.config["worker_pool.default_timeout"])
         self.lifecycle.pool = self.pool
+        keep = self.config["retention.finished_jobs"]
+        self.retention = None if keep is None else _duration_seconds(keep)  # seconds
         self.started_at = None  # monotonic, once started
         self.stopping = False   # set first thing in stop(): requests then get 503
         self._closed = False    # set once stop() closes the store
@@ -3869,6 +3942,8 @@ class Valet:
             self._server = _Server((self.config["server.host"], self.config["server.port"]),
                                    self)
             self.pool.start()
+            if self.retention is not None:
+                self.scheduler.at(self.clock(), self._sweep_and_plan)
             self.scheduler.start()
             # serve_forever notices shutdown() only between polls: a short interval
             # makes stop() quick at the cost of a few idle wake-ups a second.
@@ -3878,7 +3953,7 @@ class Valet:
         where = getattr(self._store, "path", None)
         log.info("valet %s listening on %s (storage: %s%s, workers: %d)", __version__,
                  self.url, self._store.option, f" {where}" if where else "", self.pool.size)
-        if self._server.token is None and not _is_loopback(self.config["server.host"]):
+        if _exposed(self.config):
             log.warning("listening on %s with no server.auth_token: anyone who can reach "
                         "this port can submit, read and delete jobs; set one (or "
                         "VALET_AUTH_TOKEN), or listen on 127.0.0.1", self.config["server.host"])
@@ -3920,18 +3995,79 @@ class Valet:
         if self._closed:
             raise _shutting_down()
 
+    def sweep(self) -> int:
+        """Delete one batch of the jobs and pipelines that finished more than
+        retention.finished_jobs ago, with their results and idempotency keys;
+        return how many jobs it deleted. start() runs it on the scheduler's
+        thread: once a minute, and again at once after a full batch."""
+        if self.retention is None:
+            return 0
+        return self._store.purge(self.clock() - self.retention, FINISHED, _PURGE_BATCH,
+                                 pipelines=True)
+
+    def _sweep_and_plan(self):
+        deleted = 0
+        try:
+            deleted = self.sweep()
+            if deleted:
+                log.info("retention: deleted %d job(s) that finished more than %s ago",
+                         deleted, self.config["retention.finished_jobs"])
+        except StorageError:
+            pass  # the store logs its fault; the next sweep tries again
+        finally:
+            if not self.stopping:
+                self.scheduler.at(self.clock() + (0 if deleted >= _PURGE_BATCH
+                                                  else _SWEEP_EVERY), self._sweep_and_plan)
+
     # -- jobs
 
-    def submit(self, fields: dict) -> dict:
+    def submit(self, fields: dict, idempotency_key: str | None = None) -> dict:
         """Store a job (the fields of a POST /jobs body) and queue or schedule it;
         return its JSON. Blocks until the job is stored (committed, on SQLite).
-        Raises Invalid naming every field that is wrong, BacklogFull, or
-        ShuttingDown; in any case nothing is stored."""
+        Raises Invalid naming every field that is wrong, BacklogFull, StorageError
+        or ShuttingDown; in any case nothing is stored. With an idempotency_key,
+        as submit_once()."""
+        return self.submit_once(fields, idempotency_key)[0]
+
+    def submit_once(self, fields: dict, key: str | None) -> tuple:
+        """submit() a job once per idempotency key (if not None): (its JSON, True)
+        when this call created it; (the JSON of the job the key created before,
+        False) when the same fields came with the key before. Raises Conflict if
+        the key was used for other fields, or for a pipeline. A key lives as
+        long as its job."""
+        if key is not None:
+            _check_key(key)
         job = _new_job(fields, self.tasks, self.config["timeout_unit"], self.clock())
         self._refuse_when_stopping()
-        self.lifecycle.accept(job)
-        log.debug("job %s: created %s (task %s)", job["id"], job["status"], job["task_name"])
-        return _job_json(job)
+
+        def accept(found=None):
+            if not self.lifecycle.accept(job, key=found):
+                return False
+            log.debug("job %s: created %s (task %s)", job["id"], job["status"],
+                      job["task_name"])
+            return True
+
+        if key is None:
+            accept()
+            return _job_json(job), True
+        return self._once(key, "job", fields, accept, lambda: _job_json(job), self.job)
+
+    def _once(self, key, kind, fields, accept, created, existing):
+        """What the key made before (its JSON, False), or accept(key) and (created(),
+        True); Conflict if the key was used for another request."""
+        digest = _digest(kind, fields)
+        while True:
+            found = self._store.find_key(key)
+            if found is not None and (found["kind"], found["digest"]) != (kind, digest):
+                raise Conflict(f"Idempotency-Key {key!r} was used for another request (it "
+                               f"made {found['kind']} {found['id']!r}); a new {kind} needs "
+                               f"a new key")
+            item = None if found is None else existing(found["id"])
+            if item is not None:
+                return item, False
+            if accept((key, digest)):
+                return created(), True
+            # another request with this key was stored first: answer with its item
 
     def job(self, job_id: str) -> dict | None:
         """The job's JSON (as GET /jobs/{id} gives it), or None."""
@@ -3964,6 +4100,24 @@ class Valet:
         found = self._store.list(status, after, limit + 1)
         return {"jobs": [self._json_of_job(job) for job in found[:limit]],
                 "next_cursor": _next_cursor(found, limit)}
+
+    def delete_jobs(self, status: str | None = None,
+                    finished_before: str | None = None) -> dict:
+        """Delete finished jobs that are not in a pipeline, with their results: those
+        with this status (COMPLETED, FAILED or CANCELLED) and/or finished before
+        this RFC 3339 time; at least one must be given. Returns {"deleted": N}.
+        Jobs that have not finished are never deleted by it. Raises Invalid."""
+        statuses, before = _bulk_filter(status, finished_before)
+        self._refuse_when_stopping()
+        deleted = 0
+        while True:  # in batches, so that other writes go on between them
+            batch = self._store.purge(before, statuses, _PURGE_BATCH)
+            deleted += batch
+            if batch < _PURGE_BATCH:
+                break
+        log.info("deleted %d finished job(s) (status %s, finished before %s)", deleted,
+                 status or "any", finished_before or "any time")
+        return {"deleted": deleted}
 
     def update_job(self, job_id: str, fields: dict):
         """Change a job's name and/or description. Raises Invalid or NotFound."""
@@ -4018,16 +4172,33 @@ class Valet:
 
     # -- pipelines
 
-    def submit_pipeline(self, fields: dict) -> dict:
+    def submit_pipeline(self, fields: dict, idempotency_key: str | None = None) -> dict:
         """Store a pipeline (the fields of a POST /pipelines body) and queue or schedule
         its first job; return its JSON with its jobs. Raises as submit() does."""
+        return self.submit_pipeline_once(fields, idempotency_key)[0]
+
+    def submit_pipeline_once(self, fields: dict, key: str | None) -> tuple:
+        """submit_pipeline() once per idempotency key (if not None), as submit_once()."""
+        if key is not None:
+            _check_key(key)
         pipeline, jobs = _new_pipeline(fields, self.tasks, self.config["timeout_unit"],
                                        self.clock())
         self._refuse_when_stopping()
-        self.lifecycle.accept(*jobs, pipeline=pipeline)
-        log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"], len(jobs),
-                  jobs[0]["status"])
-        return _pipeline_json(dict(pipeline, jobs=jobs))
+
+        def accept(found=None):
+            if not self.lifecycle.accept(*jobs, pipeline=pipeline, key=found):
+                return False
+            log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"],
+                      len(jobs), jobs[0]["status"])
+            return True
+
+        def created():
+            return _pipeline_json(dict(pipeline, jobs=jobs))
+
+        if key is None:
+            accept()
+            return created(), True
+        return self._once(key, "pipeline", fields, accept, created, self.pipeline)
 
     def pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline's JSON with its jobs (as GET /pipelines/{id} gives it), or None."""
