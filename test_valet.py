@@ -2887,7 +2887,7 @@ def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(app):
     assert resp.status == 404 and resp.body["message"] == "no such path: /nothing/here"
     resp = call(app, "PUT", "/jobs")
     assert resp.status == 405
-    assert resp.headers["Allow"] == "POST, GET"
+    assert resp.headers["Allow"] == "POST, GET, DELETE"
     resp = call(app, "POST", "/jobs/some-id")
     assert resp.status == 405 and resp.headers["Allow"] == "GET, PATCH, DELETE"
 
@@ -3249,7 +3249,7 @@ def test_head_and_options_get_405_with_allow_and_head_gets_no_body(app):
     try:
         conn.request("HEAD", "/jobs")
         resp = conn.getresponse()
-        assert resp.status == 405 and resp.getheader("Allow") == "POST, GET"
+        assert resp.status == 405 and resp.getheader("Allow") == "POST, GET, DELETE"
         assert resp.read() == b""
         assert request(conn, "OPTIONS", "/tasks").status == 405
     finally:

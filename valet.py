@@ -3884,6 +3884,7 @@ class Valet:
         self.retention = None if keep is None else _duration_seconds(keep)  # seconds
         self.started_at = None  # monotonic, once started
         self.stopping = False   # set first thing in stop(): requests then get 503
+        self._halted = threading.Event()  # set by stop(): the retention thread ends
         self._closed = False    # set once stop() closes the store
         self._recovered = False
         self._server = None
@@ -3942,9 +3943,10 @@ class Valet:
             self._server = _Server((self.config["server.host"], self.config["server.port"]),
                                    self)
             self.pool.start()
-            if self.retention is not None:
-                self.scheduler.at(self.clock(), self._sweep_and_plan)
             self.scheduler.start()
+            if self.retention is not None:
+                threading.Thread(target=self._sweep_forever, name="valet-retention",
+                                 daemon=True).start()
             # serve_forever notices shutdown() only between polls: a short interval
             # makes stop() quick at the cost of a few idle wake-ups a second.
             threading.Thread(target=self._server.serve_forever, args=(0.05,),
@@ -3969,6 +3971,7 @@ class Valet:
             self.stopping = True
         if grace is None:
             grace = self.config["worker_pool.shutdown_grace"]
+        self._halted.set()
         self.lifecycle.halt()
         self.pool.halt()
         self.lifecycle.wake_all()  # every wait() answers now, before the store closes
@@ -3999,25 +4002,23 @@ class Valet:
         """Delete one batch of the jobs and pipelines that finished more than
         retention.finished_jobs ago, with their results and idempotency keys;
         return how many jobs it deleted. start() runs it on the scheduler's
-        thread: once a minute, and again at once after a full batch."""
+        thread, valet-retention: once a minute, and again at once after a full batch
+        (a thread of its own, so that a long clean-up never delays a due job)."""
         if self.retention is None:
             return 0
         return self._store.purge(self.clock() - self.retention, FINISHED, _PURGE_BATCH,
                                  pipelines=True)
 
-    def _sweep_and_plan(self):
+    def _sweep_forever(self):
         deleted = 0
-        try:
-            deleted = self.sweep()
+        while not self._halted.wait(0 if deleted >= _PURGE_BATCH else _SWEEP_EVERY):
+            try:
+                deleted = self.sweep()
+            except (StorageError, RuntimeError):  # the store logs its fault; or it closed
+                deleted = 0
             if deleted:
                 log.info("retention: deleted %d job(s) that finished more than %s ago",
                          deleted, self.config["retention.finished_jobs"])
-        except StorageError:
-            pass  # the store logs its fault; the next sweep tries again
-        finally:
-            if not self.stopping:
-                self.scheduler.at(self.clock() + (0 if deleted >= _PURGE_BATCH
-                                                  else _SWEEP_EVERY), self._sweep_and_plan)
 
     # -- jobs
 
