@@ -27,4 +27,4 @@ bench-quick: $(STAMP)
 	$(VENV)/bin/python bench/bench_valet.py --quick $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__ valet.db valet.db-wal valet.db-shm
+	rm -rf $(VENV) .pytest_cache __pycache__ valet.db valet.db-wal valet.db-shm valet.db.lock

@@ -396,9 +396,11 @@ def load_config(source=None, overrides: dict | None = None,
             problems.append(f"{key}: unknown key; known keys are {', '.join(_SCHEMA)}")
             continue
         _, check, allowed = _SCHEMA[key]
-        if check is not None and not check(value):
-            shown = "(hidden)" if key == "server.auth_token" else _show(value)
-            problems.append(f"{key}: {shown} is not allowed; expected {allowed}")
+        if check is not None and not check(value) and key == "server.auth_token":
+            problems.append(f"{key} (or VALET_AUTH_TOKEN): the token given is not allowed "
+                            f"(it is not shown here); expected {allowed}")
+        elif check is not None and not check(value):
+            problems.append(f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
     if problems:
         raise ConfigError("; ".join(problems))
@@ -3540,10 +3542,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             getattr(self, f"do_{self.command}", self._unknown_method)()
         except TimeoutError:
             self.close_connection = True
-            if self._reader.deadline is not None:  # a request had begun
-                log.info("closed a connection from %s: its request did not arrive "
-                         "within %gs (server.request_timeout)", self.client_address[0],
-                         self._reader.whole)
+            kind = (f"closed a connection: its request did not arrive within "
+                    f"{self._reader.whole:g}s (server.request_timeout)")
+            if self._reader.deadline is not None and self.server.tally.first(kind):
+                log.info("%s (from %s)", kind, self.client_address[0])
         except OSError as exc:  # the client went away: reset, broken pipe
             self.close_connection = True
             log.debug("connection from %s ended: %s", self.client_address[0], exc)
