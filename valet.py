@@ -1381,10 +1381,12 @@ _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
 _PROBE_EVERY = 5.0  # seconds: health() writes to check, when no write has for this long
 
+_CORRUPT = "database is corrupt"
+
 # What a user is told of SQLite's errors (by the prefix of their extended code name).
 _CAUSES = {"SQLITE_FULL": "disk is full", "SQLITE_READONLY": "database is read-only",
            "SQLITE_BUSY": "database is locked", "SQLITE_LOCKED": "database is locked",
-           "SQLITE_CORRUPT": "database is corrupt", "SQLITE_NOTADB": "database is corrupt",
+           "SQLITE_CORRUPT": _CORRUPT, "SQLITE_NOTADB": _CORRUPT,
            "SQLITE_IOERR": "disk I/O error", "SQLITE_CANTOPEN": "cannot open the database file",
            "SQLITE_PERM": "no permission to use the database file"}
 
@@ -1409,7 +1411,11 @@ def _lock_file(path):
     """Open `path` and lock it for as long as it stays open; write our pid in it.
     StoreInUse, naming the owner's pid, if another open file holds the lock (in
     this process or another: the lock is an OS lock, gone when its owner dies)."""
-    lock = open(path, "a+b")
+    try:
+        lock = open(path, "a+b")
+    except OSError as exc:  # a read-only folder, say: valet could not write there either
+        raise StorageError("cannot write beside the database",
+                           f"{path!r}: {exc.strerror or exc}") from None
     try:
         if os.name == "nt":
             import msvcrt  # on Windows only; both are the standard library's
@@ -1517,7 +1523,7 @@ class SqliteStore(Store):
             problem = conn.execute("PRAGMA quick_check(1)").fetchone()
             problem = next(iter(problem.values()))
             if problem != "ok":
-                raise StorageError("database is corrupt", problem)
+                raise StorageError(_CORRUPT, problem)
             if not conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall():
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a new file: give back
             conn.execute("PRAGMA journal_mode = WAL")              # freed pages
@@ -1542,9 +1548,10 @@ class SqliteStore(Store):
         return StorageError(cause, str(exc))
 
     def _wrote(self):
-        """A write committed: a fault, if there was one, is over."""
+        """A write committed: a fault, if there was one, is over (but corruption,
+        which does not mend itself: a write may succeed beside a corrupt page)."""
         self._last_write = time.monotonic()
-        if self._fault is not None:
+        if self._fault is not None and self._fault != _CORRUPT:
             with self._fault_lock:
                 cause, self._fault = self._fault, None
             if cause is not None:
@@ -1938,7 +1945,7 @@ class SqliteStore(Store):
             return exc.cause
         except RuntimeError:
             return "the store is closed"
-        return None
+        return self._fault  # None, unless the file is corrupt
 
     def close(self):
         with self._queue_lock:
@@ -3651,7 +3658,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                  + (', error="invalid_token"' if given else "")})
         if self._content_length() and not _is_json_type(self.headers.get("Content-Type")):
             raise HTTPError(415, f"a body must be sent as Content-Type: application/json, "
-                                 f"not {_cut(self.headers.get('Content-Type') or 'none', 80)}")
+                                 f"not {_cut(self.headers.get('Content-Type') or 'none', 80)} "
+                                 f"(with curl: --json '{{...}}')")
 
     def _preflight(self):
         """Answer a CORS preflight from an allowed origin."""
