@@ -14,6 +14,7 @@ each with the Valet method that does the same for an embedding program:
 
     POST   /jobs                   submit(fields)          a job (run_at: later)    202
     GET    /jobs                   list_jobs(...)          ?status= ?limit= ?cursor= 200
+    DELETE /jobs                   delete_jobs(...)        finished ones, in bulk    200
     GET    /jobs/{id}              job(id), wait(id, s)    one job; ?wait=S waits    200
     PATCH  /jobs/{id}              update_job(id, fields)  its name, description     204
     DELETE /jobs/{id}              delete_job(id)          one that is not running   204
@@ -204,7 +205,10 @@ def _shutting_down():
 def _show(value, limit=60):
     """A value as JSON for an error message, cut short: it came from a user, who
     may have sent a megabyte of it."""
-    text = json.dumps(value, default=repr)
+    try:
+        text = json.dumps(value, default=repr)
+    except RecursionError:
+        return "(a value nested too deeply to show)"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -836,6 +840,8 @@ def _bulk_filter(status, finished_before):
     if status is None and finished_before is None:
         raise Invalid("give status, finished_before or both: which finished jobs to delete")
     problems, statuses, before = [], FINISHED, None
+    if isinstance(status, str):
+        status = status.upper()  # as in a listing: ?status=failed works
     if status is not None and status not in FINISHED:
         problems.append(f"status must be COMPLETED, FAILED or CANCELLED (jobs that have not "
                         f"finished are never deleted in bulk), got {_show(status)}")
@@ -1523,7 +1529,7 @@ class SqliteStore(Store):
             problem = conn.execute("PRAGMA quick_check(1)").fetchone()
             problem = next(iter(problem.values()))
             if problem != "ok":
-                raise StorageError(_CORRUPT, problem)
+                raise StorageError(_CORRUPT, " ".join(problem.split()))  # one line
             if not conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall():
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a new file: give back
             conn.execute("PRAGMA journal_mode = WAL")              # freed pages
@@ -1531,6 +1537,8 @@ class SqliteStore(Store):
             conn.executescript(_SQL_TABLES)
             self._add_columns()
             conn.executescript(_SQL_INDEXES)
+            self._vacuums = conn.execute("PRAGMA auto_vacuum").fetchone()[
+                "auto_vacuum"] == 2  # INCREMENTAL
         except sqlite3.Error as exc:
             raise StorageError(_cause(exc), str(exc)) from None
 
@@ -1676,6 +1684,8 @@ class SqliteStore(Store):
                 outcomes.append((write.fn(conn), None))
                 conn.execute("RELEASE one")
             except Exception as exc:
+                if not conn.in_transaction:  # SQLite gave up on all of it (a full disk):
+                    raise                    # that error, not a savepoint's, is the cause
                 conn.execute("ROLLBACK TO one")
                 conn.execute("RELEASE one")
                 outcomes.append((None, exc))
@@ -1916,8 +1926,12 @@ class SqliteStore(Store):
                 deleted += conn.execute("DELETE FROM jobs WHERE pipeline_id = ?",
                                         (pipeline_id,)).rowcount
                 conn.execute("DELETE FROM pipelines WHERE id = ?", (pipeline_id,))
-            if deleted:
-                conn.execute("PRAGMA incremental_vacuum")  # give the freed pages back
+            # Give the freed pages back to the disk. Each step of incremental_vacuum
+            # frees one page, and Python steps a statement without columns only once.
+            # (A file made before 0.5.0 keeps its freed pages for reuse: no vacuum.)
+            while deleted and self._vacuums and conn.execute(
+                    "PRAGMA freelist_count").fetchone()["freelist_count"]:
+                conn.execute("PRAGMA incremental_vacuum(1000)")
             return deleted
 
         return self._write(remove)
@@ -3201,6 +3215,13 @@ class _Request:
             raise HTTPError(400, "body is not valid JSON: nested too deeply") from None
         if not isinstance(value, dict):
             raise HTTPError(400, f"body must be a JSON object, got {_json_type(value)}")
+        # Deeper than any field may be (metadata in a pipeline's job sits 3 levels
+        # down), and before anything recursive (an error message, say) walks it.
+        deep = next((key for key, field in value.items()
+                     if _too_deep(field, _MAX_DEPTH + 3)), None)
+        if deep is not None:
+            raise HTTPError(400, f"{_cut(deep, 40)} is nested too deeply: metadata may "
+                                 f"nest {_MAX_DEPTH} levels, the other fields less")
         if "\\ud" in text.lower():  # a \uD800-\uDFFF escape must be half of a pair
             try:
                 json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -3449,11 +3470,14 @@ class _Tally:
 
 
 def _host_name(host):
-    """The name in a Host header, without its port, lower case: "[::1]:80" -> "[::1]"."""
+    """The name in a Host header, without its port, lower case: "[::1]:80" -> "[::1]";
+    a bare IPv6 address (as server.host gives it) is bracketed as a Host has it."""
     host = host.strip().lower()
     if host.startswith("["):
         return host[:host.find("]") + 1]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+    if host.count(":") > 1:
+        return f"[{host}]"
+    return host.rpartition(":")[0] if ":" in host else host
 
 
 def _exposed(config):
@@ -3465,9 +3489,11 @@ def _is_loopback(host):
     if host in ("localhost", "[::1]"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
@@ -3617,6 +3643,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise
 
     def _check_framing(self):
+        # A line the header parser could not read ("Content-Length : 5") ends its
+        # headers there, the rest kept aside as a payload: that must not be ignored.
+        if self.headers.defects or self.headers.get_payload():
+            line = (self.headers.get_payload() or "").partition("\r\n")[0]
+            raise HTTPError(400, f"malformed header line {_cut(line, 40)!r}")
         for name in self.headers.keys():
             if not _HEADER_NAME.fullmatch(name):
                 raise HTTPError(400, f"malformed header name {_cut(name, 40)!r}")
@@ -3787,7 +3818,8 @@ class _Server(http.server.ThreadingHTTPServer):
         if hosts is None:  # the default: this machine's names, or any host with a token
             hosts = None if self.token is not None else [
                 "localhost", "127.0.0.1", "[::1]", _host_name(config["server.host"])]
-        self.hosts = None if hosts is None else {h.strip().lower() for h in hosts}
+        self.hosts = None if hosts is None else {_host_name(h) if h != "*" else h
+                                                 for h in hosts}
         self.origins = {o.strip().rstrip("/") for o in config["server.cors_origins"]}
         self.tally = _Tally()
         self._lock = threading.Lock()  # guards _connections
