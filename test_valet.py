@@ -8,20 +8,31 @@ fixtures). Nothing waits a fixed time: tests wait on events set by their tasks o
 poll a condition with a deadline (wait_until).
 """
 
+import collections
+import contextlib
 import dataclasses
 import datetime
+import errno
 import http.client
 import json
 import logging
 import os
+import random
 import re
+import select
+import selectors
+import shutil
 import signal
 import socket
 import sqlite3
+import string
+import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import uuid
 
 import pytest
 
@@ -1182,6 +1193,501 @@ def test_sqlite_upgrade_that_fails_half_way_leaves_the_file_as_it_was(tmp_path,
     columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
     conn.close()
     assert "attempts" not in columns and "priority" not in columns
+
+
+# -- one owner per database, and storage faults: helpers
+
+SQLITE_ONLY = pytest.mark.parametrize("storage", ["sqlite"], indirect=True)
+BIG_METADATA = {"pad": "x" * 20_000}  # needs new pages: overflow pages of 4 KB each
+VALET = os.path.join(HERE, "valet.py")
+
+
+def on_writer(store, sql):
+    """Run one statement on the store's writer connection while no write is under
+    way (new writes wait on the queue lock meanwhile); its rows."""
+    with store._idle:
+        assert store._idle.wait_for(lambda: not store._leading, 10), "a write never ended"
+        return store._conn.execute(sql).fetchall()
+
+
+def pragma(store, name):
+    return next(iter(on_writer(store, f"PRAGMA {name}")[0].values()))
+
+
+class Fault:
+    """A real SQLite fault on the store's writer connection, injected on entering,
+    cleared by clear() or on leaving."""
+
+    CAUSES = {"read-only": "database is read-only", "full": "disk is full"}
+
+    def __init__(self, store, kind):
+        self.store, self.kind, self.cause, self.on = store, kind, self.CAUSES[kind], False
+
+    def __enter__(self):
+        if self.kind == "read-only":
+            on_writer(self.store, "PRAGMA query_only = 1")
+        else:
+            on_writer(self.store, f"PRAGMA max_page_count = {pragma(self.store, 'page_count')}")
+        self.on = True
+        return self
+
+    def clear(self):
+        if self.on:
+            on_writer(self.store, "PRAGMA query_only = 0" if self.kind == "read-only"
+                      else "PRAGMA max_page_count = 1073741823")
+            self.on = False
+
+    def __exit__(self, *exc):
+        self.clear()
+
+
+def post_job_with(app, metadata=None, **fields):
+    return call(app, "POST", "/jobs", {"name": "n", "task_name": "echo",
+                                       "metadata": metadata, **fields})
+
+
+def listed_ids(app):
+    resp = call(app, "GET", "/jobs?limit=100")
+    assert resp.status == 200, resp
+    return [job["id"] for job in resp.body["jobs"]]
+
+
+def result_of(app, job_id):
+    resp = call(app, "GET", f"/jobs/{job_id}/results")
+    assert resp.status == 200, resp
+    return resp.body["metadata"]
+
+
+def status_says(app, ok, error=None):
+    """GET /status if its storage says `ok` (with `error`), else None; forces the
+    probe due (as if no write had committed for a while)."""
+    store = app.lifecycle.store
+    store._last_write = time.monotonic() - 10
+    resp = call(app, "GET", "/status")
+    want = {"option": "sqlite", "ok": ok, "error": error}
+    if resp.body["storage"] == want and resp.status == (200 if ok else 503):
+        return resp
+    return None
+
+
+def storage_records(caplog, level=logging.WARNING):
+    return [r for r in caplog.records
+            if r.levelno >= level and r.getMessage().startswith("storage:")]
+
+
+def run_valet(folder, *args):
+    """A real `python valet.py --port 0` in `folder` (where its config.yaml is) that is
+    expected to end at once: (exit code, stderr lines, seconds it took)."""
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, VALET, "--port", "0", *args], cwd=folder,
+                          capture_output=True, text=True, timeout=20)
+    return done.returncode, done.stderr.splitlines(), time.monotonic() - began
+
+
+def stored_jobs(path, count, pad=2000):
+    """A real database file at `path` with `count` finished-looking jobs (several pages)."""
+    store = valet.SqliteStore(path)
+    try:
+        for i in range(count):
+            job = new_record(f"j{i}")
+            job["metadata"] = {"pad": "y" * pad, "i": i}
+            store.add(job)
+    finally:
+        store.close()
+
+
+GARBAGE = bytes(range(256)) * 64  # 16 KB that is no SQLite page
+
+
+def corrupt(path, start, end):
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(GARBAGE[:end - start])
+
+
+CORRUPTIONS = {"header": (0, 100), "pages": (4096, 8192), "table": (8192, 12288)}
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 2 MB tmpfs mounted at tmp_path/mnt (needs root), unmounted afterwards."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs: run the tests as root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"needs mount (CAP_SYS_ADMIN) for a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(folder):
+    """Write a file in `folder` until the disk is full; its path."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError) as full:
+            for _ in range(10_000):
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
+    assert full.value.errno == errno.ENOSPC, full.value
+    return filler
+
+
+# -- one owner per database
+
+def test_second_process_on_one_database_exits_1_naming_file_and_owner_pid(tmp_path,
+                                                                          processes):
+    first = processes(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    running = post(first.port, "block", {"fifo": str(tmp_path / "fifo")})
+    wait_until(lambda: call(first.port, "GET", f"/jobs/{running}").body["status"]
+               == valet.IN_PROGRESS, what="the first process's job to start")
+
+    code, lines, took = run_valet(tmp_path)  # the same config.yaml, the same folder
+    assert code == 1 and took < 5, (code, took)
+    assert len(lines) == 1, lines
+    assert str(tmp_path / "valet.db") in lines[0]
+    assert f"is in use by valet pid {first.proc.pid}" in lines[0]
+
+    assert first.proc.poll() is None  # the first keeps running, its job untouched
+    release(tmp_path / "fifo")
+    wait_until(lambda: call(first.port, "GET", f"/jobs/{running}").body["status"]
+               == valet.COMPLETED, what="the first process's job to complete")
+    assert result_of(first.port, running) == "released"
+    assert first.kill(signal.SIGTERM) == 0
+
+    after = processes(tmp_path)  # the file is free again
+    assert call(after.port, "GET", f"/jobs/{running}").body["status"] == valet.COMPLETED
+
+
+def test_sqlite_store_opened_twice_raises_store_in_use_until_the_first_closes(tmp_path):
+    path = tmp_path / "valet.db"
+    first = valet.SqliteStore(path)
+    try:
+        with pytest.raises(valet.StoreInUse, match=rf"in use by valet pid {os.getpid()}\b"):
+            valet.SqliteStore(path)
+        first.add(new_record("still mine"))  # the refused open left the owner working
+        assert first.health() is None
+    finally:
+        first.close()
+    again = valet.SqliteStore(path)
+    try:
+        assert [job["name"] for job in again.list()] == ["still mine"]
+    finally:
+        again.close()
+
+
+@SQLITE_ONLY
+def test_valet_built_twice_on_one_file_raises_store_in_use_until_the_first_stops(make_app):
+    first = make_app(start=False)
+    with pytest.raises(valet.StoreInUse, match=rf"in use by valet pid {os.getpid()}\b"):
+        make_app(start=False)
+    first.stop()
+    second = make_app()  # the lock went with the first's store
+    submit(second)
+
+
+def test_sigkill_releases_the_lock_and_the_next_process_recovers_its_job(tmp_path,
+                                                                        processes):
+    first = processes(tmp_path)
+    os.mkfifo(tmp_path / "never")
+    running = post(first.port, "block", {"fifo": str(tmp_path / "never")})
+    wait_until(lambda: call(first.port, "GET", f"/jobs/{running}").body["status"]
+               == valet.IN_PROGRESS, what="the block job to start")
+    assert first.kill(signal.SIGKILL) == -signal.SIGKILL
+
+    second = processes(tmp_path)  # the OS dropped the dead process's lock
+    crashed = call(second.port, "GET", f"/jobs/{running}").body
+    assert crashed["status"] == valet.FAILED
+    assert crashed["failure_reason"] == "the server stopped while the job was running"
+    assert second.proc.poll() is None
+
+
+# -- storage faults
+
+def test_status_reports_storage_ok_when_the_store_works(app):
+    store = app.lifecycle.store
+    if store.option == "sqlite":
+        store._last_write = time.monotonic() - 10  # the probe writes, and succeeds
+    resp = call(app, "GET", "/status")
+    assert resp.status == 200
+    assert resp.body["storage"] == {"option": store.option, "ok": True, "error": None}
+    assert valet.MemoryStore().health() is None  # a memory store never fails
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("kind", list(Fault.CAUSES))
+def test_post_during_a_fault_gets_503_naming_the_cause_and_creates_nothing(make_app, kind):
+    app = make_app(**{"worker_pool.queue_capacity": 2})
+    before = submit(app, metadata=BIG_METADATA)["id"]
+    wait_for_status(app, before, valet.COMPLETED)
+    with Fault(app.lifecycle.store, kind) as fault:
+        for _ in range(5):  # more than the backlog holds: each place is given back
+            resp = post_job_with(app, BIG_METADATA)
+            assert resp.status == 503, resp
+            assert resp.headers["Retry-After"] == "5"
+            assert resp.body["message"].startswith(
+                f"storage is failing: {fault.cause}; try again later")
+        assert listed_ids(app) == [before]
+        status = call(app, "GET", "/status")
+        assert status.status == 503
+        assert status.body["storage"] == {"option": "sqlite", "ok": False,
+                                          "error": fault.cause}
+        assert status.body["queue"]["depth"] == 0
+    after = submit(app, metadata=BIG_METADATA)["id"]
+    assert wait_for_status(app, after, valet.COMPLETED)["metadata"] == BIG_METADATA
+    assert listed_ids(app) == [before, after]
+
+
+@SQLITE_ONLY
+def test_status_probe_notices_a_fault_on_an_idle_server_and_its_end(make_app):
+    app = make_app()
+    assert status_says(app, True)
+    with Fault(app.lifecycle.store, "read-only") as fault:
+        wait_until(lambda: status_says(app, False, "database is read-only"),
+                   what="/status to say the storage is not ok")
+        fault.clear()
+        wait_until(lambda: status_says(app, True), what="/status to say ok again")
+
+
+@SQLITE_ONLY
+def test_a_fault_is_logged_once_per_episode_and_its_end_once(make_app, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    app = make_app()
+    for episode in (1, 2):
+        with Fault(app.lifecycle.store, "read-only") as fault:
+            for _ in range(20):
+                assert post_job_with(app).status == 503
+                assert call(app, "GET", "/status").status == 503
+            errors = [r for r in storage_records(caplog) if r.levelno == logging.ERROR]
+            assert len(errors) == episode, [r.getMessage() for r in errors]
+            assert errors[-1].getMessage().startswith("storage: database is read-only")
+            fault.clear()
+            submit(app)  # a write succeeds: the fault is over
+        warnings = [r for r in storage_records(caplog) if r.levelno == logging.WARNING]
+        assert len(warnings) == episode, [r.getMessage() for r in warnings]
+        assert warnings[-1].getMessage().startswith("storage: working again")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert "Traceback" not in caplog.text
+
+
+@SQLITE_ONLY
+def test_running_job_whose_completion_write_fails_completes_after_the_fault(make_app, gate):
+    app = make_app()
+    store = app.lifecycle.store
+    job_id = submit(app, "gate")["id"]
+    assert gate.entered.wait(10)
+    with Fault(store, "read-only") as fault:
+        gate.opened.set()
+        assert gate.returned.wait(10)
+        wait_until(lambda: store._fault == fault.cause,
+                   what="the completion write to fail")  # nothing else writes
+        assert job_status(app, job_id) == valet.IN_PROGRESS
+        fault.clear()
+    done = wait_for_status(app, job_id, valet.COMPLETED, valet.FAILED)
+    assert done["status"] == valet.COMPLETED and done["failure_reason"] is None
+    assert result_of(app, job_id) == {"gate": "passed"}
+
+
+@SQLITE_ONLY
+def test_queued_jobs_whose_start_write_fails_run_after_the_fault(make_app, tmp_path, ran):
+    store = valet.SqliteStore(tmp_path / "valet.db")  # left PENDING by a previous run
+    jobs = [new_record("a"), new_record("b")]
+    for job in jobs:
+        store.add(job)
+    store.close()
+    app = make_app(start=False, **{"worker_pool.workers": 1})
+    with Fault(app.lifecycle.store, "read-only") as fault:
+        app.start()  # reads only; the worker's start (PENDING -> IN_PROGRESS) fails
+        wait_until(lambda: app.lifecycle.store._fault == fault.cause,
+                   what="the start write to fail")
+        assert [job_status(app, job["id"]) for job in jobs] == [valet.PENDING] * 2
+        assert ran == []
+        fault.clear()
+    for job in jobs:
+        assert wait_for_status(app, job["id"], valet.COMPLETED)["attempts"] == 1
+        assert result_of(app, job["id"]) == job["metadata"]
+    assert ran == [{"n": "a"}, {"n": "b"}]
+
+
+@SQLITE_ONLY
+def test_scheduled_job_whose_promotion_falls_in_a_fault_runs_after_it(make_app):
+    app = make_app()
+    run_at = time.time() + 0.5
+    job = submit(app, metadata={"s": 1}, run_at=valet._rfc3339(run_at))
+    assert job["status"] == valet.SCHEDULED
+    with Fault(app.lifecycle.store, "read-only") as fault:
+        wait_until(lambda: app.lifecycle.store._fault == fault.cause,
+                   what="the promotion to fail")
+        assert time.time() >= run_at
+        assert job_status(app, job["id"]) == valet.SCHEDULED
+        fault.clear()
+    assert wait_for_status(app, job["id"], valet.COMPLETED)["failure_reason"] is None
+    assert result_of(app, job["id"]) == {"s": 1}
+
+
+@SQLITE_ONLY
+def test_periodic_firing_that_falls_in_a_fault_creates_its_job_after_it(make_app):
+    beat = {"name": "beat", "task_name": "echo", "every": 1, "metadata": {"beat": True}}
+    app = make_app(start=False, periodic=[beat])
+    last = time.time() - 0.6  # its last firing: the next is due in 0.4 s
+    assert app.lifecycle.store.periodic_last("beat", last) == last
+    app.start()
+    [entry] = call(app, "GET", "/periodic").body["periodic"]
+    due = epoch(entry["next_run_at"])
+    assert abs(due - (last + 1)) < 0.001
+    with Fault(app.lifecycle.store, "read-only") as fault:
+        wait_until(lambda: app.lifecycle.store._fault == fault.cause,
+                   what="the firing to fail")
+        assert time.time() >= due and listed_ids(app) == []
+        fault.clear()
+    first = wait_until(lambda: listed_ids(app), what="the firing's job")[0]
+    job = wait_for_status(app, first, valet.COMPLETED)
+    assert job["name"] == "beat"
+    assert result_of(app, first) == {"beat": True}
+
+
+# -- real disk faults
+
+@SQLITE_ONLY
+def test_full_tmpfs_answers_503_disk_is_full_and_recovers_when_space_is_freed(
+        make_app, tmpfs, gate):
+    app = make_app(**{"storage.sqlite.path": str(tmpfs / "valet.db")})
+    try:
+        running = submit(app, "gate")["id"]
+        assert gate.entered.wait(10)
+        queued = submit(app, metadata={"q": 1})["id"]  # accepted before the fault
+        filler = fill(tmpfs)
+        resp = post_job_with(app, BIG_METADATA)
+        assert resp.status == 503, resp
+        assert resp.body["message"].startswith("storage is failing: disk is full")
+        assert resp.headers["Retry-After"] == "5"
+        status = call(app, "GET", "/status")
+        assert status.status == 503
+        assert status.body["storage"] == {"option": "sqlite", "ok": False,
+                                          "error": "disk is full"}
+        gate.opened.set()  # its job ends while the disk is full
+        os.remove(filler)
+        assert submit(app, metadata=BIG_METADATA)["status"] == valet.PENDING
+        wait_for_status(app, running, valet.COMPLETED)
+        assert result_of(app, running) == {"gate": "passed"}
+        wait_for_status(app, queued, valet.COMPLETED)
+        assert result_of(app, queued) == {"q": 1}
+        wait_until(lambda: status_says(app, True), what="/status to say ok again")
+    finally:
+        gate.opened.set()
+        app.stop()  # before the tmpfs is unmounted
+
+
+def test_read_only_database_at_start_stops_with_exit_1_and_one_line(tmp_path, tmpfs):
+    path = tmpfs / "valet.db"
+    stored_jobs(path, 3)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    (tmp_path / "config.yaml").write_text(json.dumps({"storage": {"sqlite": {
+        "path": str(path)}}, "tasks_module": "valet_process_tasks"}))
+    (tmp_path / "valet_process_tasks.py").write_text(PROCESS_TASKS)
+    code, lines, took = run_valet(tmp_path, "--config", str(tmp_path / "config.yaml"))
+    # What happens: the lock file beside the database cannot be opened for writing.
+    assert code == 1 and took < 5, (code, lines)
+    assert len(lines) == 1, lines
+    assert "ERROR" in lines[0] and str(path) in lines[0]
+    assert "read-only" in lines[0].lower(), lines[0]
+    with pytest.raises(valet.StorageError) as refused:  # not an OSError or sqlite3.Error
+        valet.SqliteStore(path)
+    assert "read-only" in str(refused.value).lower()
+
+
+# -- corruption
+
+@pytest.mark.parametrize("where", list(CORRUPTIONS))
+def test_corrupt_database_stops_a_process_with_exit_1_and_one_line(tmp_path, where):
+    path = tmp_path / "valet.db"
+    stored_jobs(path, 30)
+    corrupt(path, *CORRUPTIONS[where])
+    (tmp_path / "config.yaml").write_text(json.dumps({"tasks_module": "valet_process_tasks"}))
+    (tmp_path / "valet_process_tasks.py").write_text(PROCESS_TASKS)
+    code, lines, took = run_valet(tmp_path, "--config", str(tmp_path / "config.yaml"))
+    assert code == 1 and took < 5, (code, lines)
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0] and "database is corrupt" in lines[0]
+
+
+@pytest.mark.parametrize("where", list(CORRUPTIONS))
+def test_corrupt_database_file_raises_storage_error_database_is_corrupt(tmp_path, where):
+    path = tmp_path / "valet.db"
+    stored_jobs(path, 30)
+    corrupt(path, *CORRUPTIONS[where])
+    for _ in range(2):  # a refused open releases the lock: the second is refused alike
+        with pytest.raises(valet.StorageError) as refused:
+            valet.SqliteStore(path)
+        assert refused.value.cause == "database is corrupt"
+        assert str(refused.value).startswith("storage is failing: database is corrupt")
+
+
+def corrupt_jobs_table(app, count=100):
+    """Store `count` jobs, let them finish, then write garbage over the jobs table's
+    root page in the file (after checkpointing the WAL into it, on a connection of
+    the test's own): every read of the table meets it."""
+    ids = [submit(app, metadata={"pad": "z" * 500, "i": i})["id"] for i in range(count)]
+    wait_until(lambda: not call(app, "GET", "/jobs?status=pending").body["jobs"]
+               and not call(app, "GET", "/jobs?status=in_progress").body["jobs"],
+               what="every job to finish")
+    path = app.lifecycle.store.path
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+        root = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'jobs'"
+                            ).fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        assert conn.execute("PRAGMA page_count").fetchone()[0] > root + 10
+    corrupt(path, (root - 1) * size, root * size)
+    return ids
+
+
+@SQLITE_ONLY
+def test_corruption_met_at_run_time_answers_503_and_is_logged_once(make_app, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    app = make_app()
+    ids = corrupt_jobs_table(app)
+    caplog.clear()
+    for i in range(50):
+        resp = call(app, "GET", "/jobs" if i % 2 else f"/jobs/{ids[i]}")
+        assert resp.status == 503, resp
+        assert resp.body["message"].startswith("storage is failing: database is corrupt")
+        assert resp.headers["Retry-After"] == "5"
+    status = call(app, "GET", "/status")
+    assert status.status == 503
+    assert status.body["storage"] == {"option": "sqlite", "ok": False,
+                                      "error": "database is corrupt"}
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) <= 3, loud
+    assert loud[0].startswith("storage: database is corrupt")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+@SQLITE_ONLY
+def test_corrupt_database_stays_not_ok_when_a_probe_write_succeeds(make_app, caplog):
+    """The health probe writes one row of its own table, which corruption of the
+    jobs table does not stop: /status must not flip to ok (and log the fault over
+    again) while every read of the jobs fails."""
+    caplog.set_level(logging.INFO, logger="valet")
+    app = make_app()
+    corrupt_jobs_table(app)
+    caplog.clear()
+    answers = []
+    for _ in range(10):  # a client reading jobs, and a monitor polling /status
+        assert call(app, "GET", "/jobs").status == 503
+        answers.append(bool(status_says(app, False, "database is corrupt")))
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert all(answers), f"/status said ok while the database is corrupt: {answers}"
+    assert len(loud) <= 3, loud
 
 
 # ---------------------------------------------------------------- lifecycle --
@@ -2425,6 +2931,124 @@ def test_stop_sets_the_cancelled_flag_of_tasks_still_running(make_app):
     assert told.wait(10)
 
 
+# -- helpers for default_timeout, idempotency, retention, bulk delete, shutdown
+
+DAY = 86400
+
+
+def keyed(app, path, body, key):
+    """POST `body` to `path` with this Idempotency-Key."""
+    return call(app, "POST", path, body, headers={"Idempotency-Key": key})
+
+
+def post_with_headers(app, path, body, pairs):
+    """POST with headers given as (name, value) pairs: a name may come twice."""
+    data = json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(data)))
+        for name, value in pairs:
+            conn.putheader(name, value)
+        conn.endheaders(data)
+        resp = conn.getresponse()
+        text = resp.read()
+        return Response(resp.status, json.loads(text) if text else None,
+                        dict(resp.getheaders()))
+    finally:
+        conn.close()
+
+
+def job_ids(app):
+    """The ids of every job in the store (standalone and in pipelines)."""
+    return {job["id"] for job in app._store.list(limit=10_000)}
+
+
+def finished_record(when, status=valet.COMPLETED, metadata=None):
+    """A job record created and finished at `when`, to add to a store directly."""
+    job = valet._new_job({"name": "old", "task_name": "echo", "metadata": metadata},
+                         {"echo": None}, "second", when)
+    job.update(status=status, attempts=1, started_at=when, completed_at=when,
+               failure_reason="boom" if status == valet.FAILED else None)
+    return job
+
+
+def unfinished_record(when, status):
+    job = valet._new_job({"name": "old", "task_name": "echo", "metadata": None},
+                         {"echo": None}, "second", when)
+    job["status"] = status
+    return job
+
+
+def cancelled_job(app, clock=None):
+    """A job cancelled while SCHEDULED: it finished with status CANCELLED."""
+    run_at = at(clock, DAY) if clock else valet._rfc3339(time.time() + DAY)
+    job = submit(app, run_at=run_at)
+    assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
+    return job
+
+
+def started_with_fake_deadlines(make_app, **overrides):
+    """A started app whose pool reads deadlines on a monotonic clock that stays at
+    1000.0: only the test's calls of app.pool.tick(now) time jobs out."""
+    app = make_app(start=False, **overrides)
+    app.pool._monotonic = lambda: 1000.0
+    app.start()
+    return app
+
+
+def bulk_delete(app, **query):
+    return call(app, "DELETE", "/jobs?" + urllib.parse.urlencode(query))
+
+
+# -- worker_pool.default_timeout
+
+def test_default_timeout_fails_a_job_without_timeout_and_keeps_the_pool_full(make_app,
+                                                                             gate):
+    pair = threading.Barrier(2)
+
+    def together(metadata):  # completes only if two workers run it at the same time
+        pair.wait(10)
+        return "together"
+
+    app = started_with_fake_deadlines(make_app, tasks={"together": together},
+                                      **{"worker_pool.default_timeout": 0.2})
+    job = submit(app, "gate")
+    assert gate.entered.wait(10)
+    assert app.pool.tick(1000.15) == 0  # before the default deadline
+    assert job_status(app, job["id"]) == valet.IN_PROGRESS
+    assert app.pool.tick(1000.25) == 1
+    failed = wait_for_status(app, job["id"], valet.FAILED)
+    assert failed["failure_reason"] == ("timed out after 0.2 seconds "
+                                        "(worker_pool.default_timeout)")
+    workers = call(app, "GET", "/status").body["workers"]
+    assert workers["abandoned"] == 1 and workers["total"] == 2
+    # Both workers are free while the abandoned thread still blocks in its task.
+    pairs = [submit(app, "together")["id"] for _ in range(2)]
+    for job_id in pairs:
+        assert wait_for_status(app, job_id, valet.COMPLETED,
+                               valet.FAILED)["status"] == valet.COMPLETED
+    assert gate.thread.is_alive() and not gate.returned.is_set()
+    gate.opened.set()
+    wait_until(lambda: call(app, "GET", "/status").body["workers"]["abandoned"] == 0,
+               what="the abandoned thread's task to return")
+    gate.thread.join(10)
+    assert not gate.thread.is_alive()
+    assert call(app, "GET", f"/jobs/{job['id']}").body == failed  # late result discarded
+
+
+def test_job_with_its_own_timeout_keeps_it_over_the_default(make_app, gate):
+    app = started_with_fake_deadlines(make_app, **{"worker_pool.default_timeout": 0.2})
+    job = submit(app, "gate", timeout=5)
+    assert gate.entered.wait(10)
+    assert app.pool.tick(1001.0) == 0  # past the default, before its own
+    assert job_status(app, job["id"]) == valet.IN_PROGRESS
+    assert app.pool.tick(1005.1) == 1
+    assert wait_for_status(app, job["id"], valet.FAILED)["failure_reason"] == \
+        "timed out after 5 seconds"
+
+
 # ---------------------------------------------------------------- scheduler --
 
 def test_scheduler_tick_runs_due_actions_in_time_order_and_survives_a_failing_one():
@@ -3299,6 +3923,1768 @@ def test_debug_logs_every_request_and_transition(app, caplog):
                what="every line")
 
 
+# -- access: token, Host, origin, content type
+
+TOKEN = "s3cret-Token_0123456789~!"  # 25 printable ASCII characters, no space
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# how a config error says that it leaves the token out
+HIDDEN = re.compile(r"it is not shown here")
+NEW_JOB = {"name": "n", "task_name": "echo", "metadata": {"x": 1}}
+NEW_JOB_BYTES = json.dumps(NEW_JOB).encode()
+
+
+def raw(port, data, addr="127.0.0.1"):
+    """Send these exact request bytes on a new connection; the parsed answer."""
+    with socket.create_connection((addr, port), timeout=10) as sock:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        text = resp.read()
+        return Response(resp.status, json.loads(text) if text else None,
+                        dict(resp.getheaders()))
+
+
+def get_status(port, host, *extra, addr="127.0.0.1"):
+    """GET /status with this Host header (None: no Host header) and extra lines."""
+    lines = ["GET /status HTTP/1.1", *([] if host is None else [f"Host: {host}"]), *extra,
+             "Connection: close"]
+    return raw(port, ("\r\n".join(lines) + "\r\n\r\n").encode(), addr)
+
+
+def post_job_as(port, host, *extra):
+    """POST /jobs with a JSON body and this Host header."""
+    lines = ["POST /jobs HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+             f"Content-Length: {len(NEW_JOB_BYTES)}", *extra, "Connection: close"]
+    return raw(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + NEW_JOB_BYTES)
+
+
+def no_jobs(app, headers=None):
+    resp = call(app, "GET", "/jobs", headers=headers)
+    assert resp.status == 200, resp
+    return resp.body["jobs"] == []
+
+
+def read_to_eof(sock):
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+# -- access: the token in the config
+
+def test_env_token_wins_over_config_source_and_overrides():
+    source = {"server": {"auth_token": "f" * 16}}
+    overrides = {"server.auth_token": "o" * 16}
+    assert valet.load_config(source)["server.auth_token"] == "f" * 16
+    assert valet.load_config(source, overrides)["server.auth_token"] == "o" * 16
+    assert valet.load_config(source, overrides, {"VALET_AUTH_TOKEN": "e" * 16})[
+        "server.auth_token"] == "e" * 16
+    assert valet.load_config(None, None, {"VALET_AUTH_TOKEN": "e" * 16})[
+        "server.auth_token"] == "e" * 16
+    # an environment without the variable (or with it empty) leaves the config's token
+    assert valet.load_config(source, None, {"PATH": "/bin"})["server.auth_token"] == "f" * 16
+    assert valet.load_config(source, None, {"VALET_AUTH_TOKEN": ""})[
+        "server.auth_token"] == "f" * 16
+    assert valet.load_config()["server.auth_token"] is None
+
+
+def test_load_config_does_not_read_the_process_environment(monkeypatch):
+    monkeypatch.setenv("VALET_AUTH_TOKEN", "e" * 16)
+    assert valet.load_config({})["server.auth_token"] is None
+    assert valet.load_config({"server.port": 0})["server.auth_token"] is None
+
+
+@pytest.mark.parametrize("token", ["a" * 16, "z" * 512, "!\"#$%&'()*+,-./09:;<=>?@AZ[\\]^_`az{|}~"])
+def test_token_of_16_to_512_printable_ascii_characters_is_accepted(token):
+    assert valet.load_config({"server": {"auth_token": token}})["server.auth_token"] == token
+
+
+@pytest.mark.parametrize("token", ["short", "a" * 15, "a" * 513, "has a space in it ok",
+                                   "tab\tinside-the-token", "non-ascii-\u00e9-token-xx",
+                                   "new\nline-inside-the-token"])
+def test_bad_token_is_a_config_error_that_hides_the_token(token):
+    for config, environ in (({"server": {"auth_token": token}}, None),
+                            ({}, {"VALET_AUTH_TOKEN": token})):
+        with pytest.raises(valet.ConfigError) as caught:
+            valet.load_config(config, None, environ)
+        message = str(caught.value)
+        assert "server.auth_token" in message and HIDDEN.search(message), message
+        assert token not in message and repr(token) not in message
+
+
+def test_non_string_token_is_a_config_error():
+    with pytest.raises(valet.ConfigError) as caught:
+        valet.load_config({"server": {"auth_token": 1234567890123456789}})
+    message = str(caught.value)
+    assert "server.auth_token" in message and HIDDEN.search(message), message
+    assert "1234567890123456789" not in message
+
+
+# -- access: listening beyond this machine
+
+@pytest.mark.parametrize("host, token, exposed", [
+    ("0.0.0.0", None, True), ("192.168.1.5", None, True), ("::", None, True),
+    ("example.com", None, True),
+    ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
+    ("[::1]", None, False), ("127.0.0.2", None, False),
+    ("0.0.0.0", TOKEN, False), ("192.168.1.5", TOKEN, False)])
+def test_exposed_only_for_a_non_loopback_host_without_a_token(host, token, exposed):
+    config = valet.load_config({"server": {"host": host, "auth_token": token}})
+    assert valet._exposed(config) is exposed
+
+
+def test_loopback_start_logs_no_exposed_warning(make_app, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    make_app()
+    assert "listening on" in caplog.text  # the start was logged...
+    assert "no server.auth_token" not in caplog.text  # ...without the warning
+
+
+# -- access: the token
+
+def test_request_without_token_gets_401_with_www_authenticate(make_app):
+    app = make_app(**{"server.auth_token": TOKEN})
+    for method, path, body in (("GET", "/status", None), ("GET", "/jobs", None),
+                               ("GET", "/tasks", None), ("GET", "/no/such/path", None),
+                               ("POST", "/jobs", NEW_JOB)):
+        resp = call(app, method, path, body)
+        assert resp.status == 401, (method, path, resp)
+        assert resp.headers["WWW-Authenticate"] == 'Bearer realm="valet"', (method, path)
+        assert resp.body["code"] == 401 and "Authorization: Bearer" in resp.body["message"]
+        assert TOKEN not in json.dumps(resp.body)
+    assert no_jobs(app, AUTH)  # the refused POST created nothing
+
+
+def test_wrong_token_gets_401_with_invalid_token_error(make_app):
+    app = make_app(**{"server.auth_token": TOKEN})
+    for given in (f"Bearer {'x' * len(TOKEN)}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
+                  f"Basic {TOKEN}", TOKEN, "Bearer", "Bearer "):
+        resp = call(app, "GET", "/status", headers={"Authorization": given})
+        assert resp.status == 401, (given, resp)
+        www = resp.headers["WWW-Authenticate"]
+        assert www.startswith('Bearer realm="valet"') and 'error="invalid_token"' in www, www
+        assert TOKEN not in json.dumps(resp.body)
+    resp = call(app, "POST", "/jobs", NEW_JOB, headers={"Authorization": "Bearer wrong-token"})
+    assert resp.status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert no_jobs(app, AUTH)
+
+
+def test_non_ascii_authorization_gets_401_not_500(make_app):
+    app = make_app(**{"server.auth_token": TOKEN})
+    resp = raw(app.port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Authorization: Bearer \xe9\xff" + TOKEN.encode()[2:] +
+               b"\r\nConnection: close\r\n\r\n")
+    assert resp.status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+
+
+def test_right_token_is_served_on_every_request(make_app):
+    app = make_app(**{"server.auth_token": TOKEN})
+    assert call(app, "GET", "/status", headers=AUTH).status == 200
+    created = call(app, "POST", "/jobs", NEW_JOB, headers=AUTH)
+    assert created.status == 202, created
+    job = call(app, "GET", f"/jobs/{created.body['id']}", headers=AUTH)
+    assert job.status == 200 and job.body["id"] == created.body["id"]
+    # the scheme is case-insensitive (RFC 9110) and extra spaces are tolerated
+    for given in (f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer  {TOKEN} "):
+        assert call(app, "GET", "/status", headers={"Authorization": given}).status == 200, given
+    listed = call(app, "GET", "/jobs", headers=AUTH)
+    assert [j["id"] for j in listed.body["jobs"]] == [created.body["id"]]
+
+
+def test_token_never_appears_in_log_lines_or_error_bodies(make_app, caplog):
+    caplog.set_level(logging.DEBUG, logger="valet")
+    app = make_app(**{"server.auth_token": TOKEN})
+    bodies = []
+    for headers in ({}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": TOKEN},
+                    {"Authorization": f"Basic {TOKEN}"}, AUTH):
+        for method, path, body in (("GET", "/status", None), ("POST", "/jobs", {"bad": 1}),
+                                   ("GET", "/jobs/nope", None)):
+            resp = call(app, method, path, body, headers=headers)
+            bodies.append(json.dumps(resp.body))
+    # a refused body with the token: 415 before it is read
+    resp = call(app, "POST", "/jobs", raw=TOKEN.encode(),
+                headers={**AUTH, "Content-Type": "text/plain"})
+    assert resp.status == 415
+    bodies.append(json.dumps(resp.body))
+    app.stop()  # every line is written
+    assert any("401" in r.getMessage() for r in caplog.records)  # the refusals were logged
+    assert TOKEN not in caplog.text
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage()
+    assert not any(TOKEN in b for b in bodies)
+
+
+def test_expect_100_continue_without_token_gets_401_before_the_body(make_app):
+    app = make_app(**{"server.auth_token": TOKEN})
+    head = (f"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(NEW_JOB_BYTES)}\r\n"
+            f"Expect: 100-continue\r\n").encode()
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+        sock.sendall(head + b"\r\n")  # headers only: the body is never sent
+        answer = read_to_eof(sock)  # the server answers and closes
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 401"), answer
+    assert b"100 Continue" not in answer
+    assert b'WWW-Authenticate: Bearer realm="valet"' in rest
+    # with the token, the same head gets 100 Continue, and the body is then taken
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+        sock.sendall(head + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        first = b""
+        while b"\r\n\r\n" not in first:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before 100 Continue: {first!r}"
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 100"), first
+        sock.sendall(NEW_JOB_BYTES)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 202, resp.read()
+    assert len(call(app, "GET", "/jobs", headers=AUTH).body["jobs"]) == 1
+
+
+# -- access: content type
+
+def test_body_without_json_content_type_gets_415_creates_nothing_and_closes(make_app):
+    app = make_app()
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x", "application/json; charset=latin-1",
+                         "application/json; charset=utf-16", "application/jsonx", "text/json"):
+        lines = ["POST /jobs HTTP/1.1", f"Host: 127.0.0.1:{app.port}",
+                 f"Content-Length: {len(NEW_JOB_BYTES)}"]
+        if content_type is not None:
+            lines.append(f"Content-Type: {content_type}")
+        with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+            # a second request right behind: it must not be served, the connection closes
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + NEW_JOB_BYTES
+                         + b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = read_to_eof(sock)
+        assert answer.startswith(b"HTTP/1.1 415"), (content_type, answer)
+        assert answer.count(b"HTTP/1.1 ") == 1, answer  # one answer, then closed
+        assert b"Connection: close" in answer
+        assert b"application/json" in answer.partition(b"\r\n\r\n")[2]  # says what to send
+    assert no_jobs(app)
+
+
+def test_json_content_type_with_utf8_charset_or_any_case_is_accepted(make_app):
+    app = make_app()
+    for content_type in ("application/json", "application/json; charset=utf-8",
+                         "application/json;charset=UTF-8", 'application/json; charset="utf-8"',
+                         "Application/JSON", "application/json; charset=utf8"):
+        resp = call(app, "POST", "/jobs", raw=NEW_JOB_BYTES,
+                    headers={"Content-Type": content_type})
+        assert resp.status == 202, (content_type, resp)
+    assert len(call(app, "GET", "/jobs").body["jobs"]) == 6
+
+
+def test_bodyless_post_needs_no_content_type(make_app, gate):
+    app = make_app()
+    job = call(app, "POST", "/jobs", {"name": "n", "task_name": "gate"}).body
+    assert gate.entered.wait(10)
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        conn.request("POST", f"/jobs/{job['id']}/cancel")  # no body, no Content-Type
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200, resp.status
+    finally:
+        conn.close()
+    # Content-Length: 0 with another type is no body either
+    other = call(app, "POST", "/jobs", {"name": "n", "task_name": "gate"}).body
+    resp = raw(app.port, f"POST /jobs/{other['id']}/cancel HTTP/1.1\r\n"
+                         f"Host: 127.0.0.1\r\nContent-Length: 0\r\nContent-Type: text/plain"
+                         f"\r\nConnection: close\r\n\r\n".encode())
+    assert resp.status == 200, resp
+
+
+# -- access: Host
+
+def test_default_allowed_hosts_are_the_loopback_names_with_any_port(make_app):
+    app = make_app()
+    for host in ("localhost", "localhost:1", f"127.0.0.1:{app.port}", "127.0.0.1",
+                 "[::1]", "[::1]:8080", "LOCALHOST:99"):
+        assert get_status(app.port, host).status == 200, host
+
+
+def test_other_host_gets_403_naming_allowed_hosts_and_creates_nothing(make_app):
+    app = make_app()
+    for host in ("evil.example", f"evil.example:{app.port}", "127.0.0.1.evil.example",
+                 "localhost.evil.example:80", "10.0.0.1", "[::2]"):
+        resp = get_status(app.port, host)
+        assert resp.status == 403, (host, resp)
+        assert "server.allowed_hosts" in resp.body["message"]
+    resp = post_job_as(app.port, "evil.example")
+    assert resp.status == 403 and "server.allowed_hosts" in resp.body["message"]
+    assert no_jobs(app)
+
+
+def test_server_host_itself_is_an_allowed_host(make_app):
+    try:
+        app = make_app(**{"server.host": "127.0.0.2"})
+    except OSError as exc:
+        pytest.skip(f"cannot listen on 127.0.0.2 ({exc}): needs Linux's whole 127/8 "
+                    f"loopback")
+    assert get_status(app.port, f"127.0.0.2:{app.port}", addr="127.0.0.2").status == 200
+    assert get_status(app.port, "localhost", addr="127.0.0.2").status == 200
+    assert get_status(app.port, "127.0.0.3", addr="127.0.0.2").status == 403
+
+
+def test_ipv6_server_host_itself_is_an_allowed_host(make_app):
+    """An IPv6 literal in server.host comes bracketed in the Host header: [addr]:port.
+    ::ffff:127.0.0.1 is an IPv6 address that this machine can listen on and that is
+    not in the default list."""
+    try:
+        app = make_app(**{"server.host": "::ffff:127.0.0.1"})
+    except OSError as exc:
+        pytest.skip(f"cannot listen on ::ffff:127.0.0.1 ({exc}): needs IPv6 enabled")
+    addr = "::ffff:127.0.0.1"
+    assert get_status(app.port, "localhost", addr=addr).status == 200  # it is reachable
+    resp = get_status(app.port, f"[::ffff:127.0.0.1]:{app.port}", addr=addr)
+    assert resp.status == 200, resp
+
+
+def test_with_token_and_default_allowed_hosts_any_host_is_allowed(make_app):
+    app = make_app(**{"server.auth_token": TOKEN})
+    for host in ("jobs.example", "jobs.example:8443", "10.1.2.3", "localhost"):
+        assert get_status(app.port, host, f"Authorization: Bearer {TOKEN}").status == 200, host
+    assert post_job_as(app.port, "jobs.example", f"Authorization: Bearer {TOKEN}").status == 202
+
+
+def test_explicit_allowed_hosts_allow_that_host_and_refuse_others_even_with_token(make_app):
+    app = make_app(**{"server.auth_token": TOKEN, "server.allowed_hosts": ["jobs.example"]})
+    auth = f"Authorization: Bearer {TOKEN}"
+    for host in ("jobs.example", "jobs.example:8443", "JOBS.example:1"):
+        assert get_status(app.port, host, auth).status == 200, host
+    for host in ("other.example", "jobs.example.evil", f"127.0.0.1:{app.port}"):
+        resp = get_status(app.port, host, auth)
+        assert resp.status == 403 and "server.allowed_hosts" in resp.body["message"], host
+    assert post_job_as(app.port, "other.example", auth).status == 403
+    assert post_job_as(app.port, "jobs.example", auth).status == 202
+    resp = post_job_as(app.port, "jobs.example", auth)
+    assert resp.status == 202
+    listed = raw(app.port, f"GET /jobs HTTP/1.1\r\nHost: jobs.example\r\n{auth}\r\n"
+                           f"Connection: close\r\n\r\n".encode())
+    assert len(listed.body["jobs"]) == 2  # the refused one was not created
+
+
+def test_star_allowed_hosts_allows_any_host(make_app):
+    app = make_app(**{"server.allowed_hosts": ["*"]})
+    for host in ("anything.example", "10.0.0.1:80", "localhost"):
+        assert get_status(app.port, host).status == 200, host
+
+
+def test_http11_request_without_host_gets_400(make_app):
+    app = make_app()
+    resp = get_status(app.port, None)
+    assert resp.status == 400 and "Host" in resp.body["message"]
+    resp = raw(app.port, b"POST /jobs HTTP/1.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(NEW_JOB_BYTES) + NEW_JOB_BYTES)
+    assert resp.status == 400
+    assert no_jobs(app)
+
+
+def test_two_host_headers_get_400(make_app):
+    app = make_app()
+    for second in ("127.0.0.1", "evil.example"):
+        resp = get_status(app.port, "127.0.0.1", f"Host: {second}")
+        assert resp.status == 400 and "Host" in resp.body["message"], second
+
+
+def test_http10_request_without_host_is_served(make_app):
+    app = make_app()
+    resp = raw(app.port, b"GET /status HTTP/1.0\r\n\r\n")
+    assert resp.status == 200 and "storage" in resp.body
+    resp = raw(app.port, b"POST /jobs HTTP/1.0\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(NEW_JOB_BYTES) + NEW_JOB_BYTES)
+    assert resp.status == 202, resp
+    assert len(call(app, "GET", "/jobs").body["jobs"]) == 1
+
+
+# -- access: origin and CORS
+
+def test_cross_site_simple_post_is_refused_with_403_and_creates_nothing(make_app):
+    app = make_app()
+    form = b"name=n&task_name=echo"
+    for origin, content_type, body in (
+            ("http://evil.example", "text/plain", form),
+            ("http://evil.example", "application/x-www-form-urlencoded", form),
+            ("http://evil.example", "application/json", NEW_JOB_BYTES),
+            (f"http://127.0.0.1:{app.port + 1 if app.port < 65535 else 1}",
+             "application/json", NEW_JOB_BYTES),
+            (f"https://127.0.0.1:{app.port}", "application/json", NEW_JOB_BYTES),
+            ("null", "text/plain", form)):
+        resp = raw(app.port, (f"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
+                              f"Origin: {origin}\r\nContent-Type: {content_type}\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        assert resp.status == 403, (origin, resp)
+        assert "server.cors_origins" in resp.body["message"]
+        assert "Access-Control-Allow-Origin" not in resp.headers
+    assert no_jobs(app)
+
+
+def test_same_origin_request_is_allowed(make_app):
+    app = make_app()
+    origin = {"Origin": f"http://127.0.0.1:{app.port}"}  # http.client sends Host 127.0.0.1:PORT
+    resp = call(app, "POST", "/jobs", NEW_JOB, headers=origin)
+    assert resp.status == 202, resp
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    assert call(app, "GET", "/status", headers=origin).status == 200
+    resp = call(app, "GET", "/status",
+                headers={"Host": "localhost:7", "Origin": "http://localhost:7"})
+    assert resp.status == 200
+
+
+def test_preflight_from_listed_origin_gets_204_with_cors_headers_and_needs_no_token(make_app):
+    app = make_app(**{"server.cors_origins": ["https://app.example"],
+                      "server.auth_token": TOKEN})
+    resp = call(app, "OPTIONS", "/jobs", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"})
+    assert resp.status == 204, resp
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    methods = {m.strip() for m in resp.headers["Access-Control-Allow-Methods"].split(",")}
+    assert "POST" in methods and "GET" in methods
+    allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"]
+               .split(",")}
+    assert {"authorization", "content-type", "idempotency-key"} <= allowed
+    assert "Origin" in [v.strip() for v in resp.headers["Vary"].split(",")]
+    assert "WWW-Authenticate" not in resp.headers
+
+
+def test_request_from_listed_origin_gets_allow_origin_and_expose_headers(make_app):
+    app = make_app(**{"server.cors_origins": ["https://app.example"],
+                      "server.auth_token": TOKEN})
+    origin = {"Origin": "https://app.example"}
+    resp = call(app, "POST", "/jobs", NEW_JOB, headers={**origin, **AUTH})
+    assert resp.status == 202, resp
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    exposed = {h.strip().lower() for h in resp.headers["Access-Control-Expose-Headers"]
+               .split(",")}
+    assert "location" in exposed
+    assert "Origin" in resp.headers.get("Vary", "")
+    resp = call(app, "GET", "/status", headers={**origin, **AUTH})
+    assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == \
+        "https://app.example"
+    # still needs the token: only the preflight goes without
+    assert call(app, "POST", "/jobs", NEW_JOB, headers=origin).status == 401
+    assert len(call(app, "GET", "/jobs", headers=AUTH).body["jobs"]) == 1
+
+
+def test_preflight_from_unlisted_origin_gets_403_without_cors_headers(make_app):
+    app = make_app(**{"server.cors_origins": ["https://app.example"],
+                      "server.auth_token": TOKEN})
+    for origin in ("https://evil.example", "http://app.example", "https://app.example.evil"):
+        resp = call(app, "OPTIONS", "/jobs",
+                    headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert resp.status == 403, (origin, resp)
+        assert not any(name.startswith("Access-Control-") for name in resp.headers), resp.headers
+        resp = call(app, "POST", "/jobs", NEW_JOB, headers={"Origin": origin, **AUTH})
+        assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
+    assert no_jobs(app, AUTH)
+
+
+def test_star_cors_origins_allows_any_origin(make_app):
+    app = make_app(**{"server.cors_origins": ["*"]})
+    resp = call(app, "POST", "/jobs", NEW_JOB, headers={"Origin": "https://any.example"})
+    assert resp.status == 202, resp
+    assert resp.headers["Access-Control-Allow-Origin"] in ("https://any.example", "*")
+    resp = call(app, "OPTIONS", "/jobs", headers={"Origin": "https://other.example",
+                                                  "Access-Control-Request-Method": "POST"})
+    assert resp.status == 204
+
+
+@pytest.mark.parametrize("cors", [[], ["https://app.example"]])
+def test_options_without_origin_is_still_405_with_allow(make_app, cors):
+    app = make_app(**{"server.cors_origins": cors})
+    resp = call(app, "OPTIONS", "/jobs")
+    assert resp.status == 405 and resp.headers["Allow"] == "POST, GET, DELETE"
+    assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+# -- access: a real process
+
+def test_process_takes_its_token_from_the_environment_and_never_logs_it(tmp_path, processes,
+                                                                         monkeypatch):
+    env_token, file_token = "env-token-0123456789-abc", "file-token-0123456789-xyz"
+    monkeypatch.setenv("VALET_AUTH_TOKEN", env_token)  # inherited by the child only
+    proc = processes(tmp_path, server={"auth_token": file_token}, logging_level="debug")
+    with_env = {"Authorization": f"Bearer {env_token}"}
+    assert call(proc.port, "GET", "/status", headers=with_env).status == 200
+    created = call(proc.port, "POST", "/jobs", {"name": "n", "task_name": "echo"},
+                   headers=with_env)
+    assert created.status == 202, created
+    refused = call(proc.port, "GET", "/status",
+                   headers={"Authorization": f"Bearer {file_token}"})
+    assert refused.status == 401
+    assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
+    assert call(proc.port, "GET", "/status").status == 401
+    assert call(proc.port, "POST", "/jobs", {"name": "n", "task_name": "echo"},
+                headers={"Authorization": f"Bearer {file_token}"}).status == 401
+    assert proc.kill(signal.SIGTERM) == 0
+    proc.reader.join(10)
+    assert not proc.reader.is_alive()
+    text = "".join(proc.lines)
+    assert "401" in text  # the refusals were logged...
+    assert env_token not in text and file_token not in text  # ...without either token
+
+
+def test_process_with_a_bad_env_token_exits_2_without_showing_it(tmp_path):
+    token = "bad token with spaces in it"
+    (tmp_path / "config.yaml").write_text(json.dumps({"storage": {"option": "memory"}}))
+    done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
+                          cwd=tmp_path, env={**os.environ, "VALET_AUTH_TOKEN": token},
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert "server.auth_token" in done.stderr and HIDDEN.search(done.stderr), done.stderr
+    assert "bad token" not in done.stderr and "spaces in it" not in done.stderr
+
+
+HUGE = int("7" * 400)  # a 400-digit integer
+GET_STATUS = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+# -- hostile clients: helpers
+
+def connect(app_or_port, timeout=10):
+    port = app_or_port if isinstance(app_or_port, int) else app_or_port.port
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def read_response(reader):
+    """One response from a binary file on a socket: (status, headers, body)."""
+    status_line = reader.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = reader.read(int(headers.get("content-length", 0)))
+    return int(status_line.split()[1]), headers, body
+
+
+def exchange(app, data):
+    """Send raw bytes on a new connection; (status, headers, body, closed): the
+    first response, and whether the server then closed the connection."""
+    with connect(app) as sock:
+        sock.sendall(data)
+        reader = sock.makefile("rb")
+        status, headers, body = read_response(reader)
+        return status, headers, body, server_closed(sock, reader)
+
+
+def server_closed(sock, reader=None):
+    """Whether the server closed the connection (EOF or a reset) with nothing more
+    to say; the socket's timeout bounds the wait."""
+    try:
+        rest = reader.read(1) if reader is not None else sock.recv(1)
+    except ConnectionResetError:
+        return True
+    return rest == b""
+
+
+def reset(sock):
+    """Close with SO_LINGER 0, which sends RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def nest(depth, inner="x"):
+    """`depth` arrays and objects nested in one another around `inner`."""
+    value = inner
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+def job_body(**fields):
+    return {"name": "n", "task_name": "echo", **fields}
+
+
+def assert_nothing_stored(app):
+    assert call(app, "GET", "/jobs").body["jobs"] == []
+    assert call(app, "GET", "/pipelines").body["pipelines"] == []
+
+
+def completed_job(app):
+    job = submit(app, "echo")
+    wait_for_status(app, job["id"], valet.COMPLETED)
+    return job["id"]
+
+
+# -- hostile clients: backlog and connections
+
+def test_300_clients_connecting_at_once_are_all_answered_200(make_app):
+    app = make_app(**{"server.max_connections": 1000})
+    address = ("127.0.0.1", app.port)
+    selector = selectors.DefaultSelector()
+    replies = {}
+    socks = []
+    try:
+        # All 300 SYNs go out within milliseconds, faster than the one listening
+        # thread accepts: those not yet accepted wait in the listen backlog.
+        for _ in range(300):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(address)
+            socks.append(sock)
+            selector.register(sock, selectors.EVENT_WRITE)
+        deadline = time.monotonic() + 10
+        while len(replies) < len(socks) and time.monotonic() < deadline:
+            for key, events in selector.select(timeout=0.5):
+                sock = key.fileobj
+                if events & selectors.EVENT_WRITE:
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                    sock.send(GET_STATUS)  # 41 bytes: fits any send buffer
+                    selector.modify(sock, selectors.EVENT_READ, b"")
+                    continue
+                data = key.data + sock.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"Content-Length: (\d+)", head)
+                if length and len(body) >= int(length.group(1)):
+                    replies[sock] = head.split(b"\r\n")[0]
+                    selector.unregister(sock)
+                else:
+                    selector.modify(sock, selectors.EVENT_READ, data)
+    finally:
+        selector.close()
+        for sock in socks:
+            sock.close()
+    assert len(replies) == 300, f"only {len(replies)} of 300 clients were answered in 10s"
+    assert set(replies.values()) == {b"HTTP/1.1 200 OK"}
+
+
+def test_backlog_is_the_listen_queue_length_the_kernel_reports(make_app, tmp_path):
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss to read a listening socket's backlog: apt-get install iproute2")
+    second = {"server.backlog": 77, "storage.sqlite.path": str(tmp_path / "second.db")}
+    for overrides, backlog in (({}, 1024), (second, 77)):
+        app = make_app(**overrides)
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{app.port}"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        # State Recv-Q Send-Q ...: for a listening socket, Send-Q is its backlog.
+        assert out[0] == "LISTEN" and int(out[2]) == backlog, out
+
+
+def hold_idle_connections(app, count):
+    """`count` keep-alive connections, each left idle after one answered request."""
+    held = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+        held.append(conn)
+        assert request(conn, "GET", "/status").status == 200
+    return held
+
+
+def refused(app):
+    """Connect, ask for /status, read until the server closes: the response."""
+    with connect(app) as sock:
+        sock.sendall(GET_STATUS)
+        reader = sock.makefile("rb")
+        answer = read_response(reader)
+        assert server_closed(sock, reader)
+    return answer
+
+
+def test_connection_past_max_connections_gets_quick_503_and_a_freed_one_is_served(
+        make_app):
+    app = make_app(**{"server.max_connections": 4})
+    held = hold_idle_connections(app, 4)
+    try:
+        started = time.monotonic()
+        status, headers, body = refused(app)  # also asserts the server closed it
+        assert time.monotonic() - started < 2  # no waiting for an idle connection
+        assert status == 503 and headers["retry-after"] == "1"
+        assert headers["connection"] == "close"
+        assert "server.max_connections" in json.loads(body)["message"]
+        held.pop().close()
+
+        def served():
+            with connect(app) as sock:
+                sock.sendall(GET_STATUS)
+                return read_response(sock.makefile("rb"))[0] == 200
+        wait_until(served, what="a connection to be served once one of 4 closed")
+        # The held ones were kept, and still work.
+        assert all(request(conn, "GET", "/status").status == 200 for conn in held)
+    finally:
+        for conn in held:
+            conn.close()
+
+
+# -- hostile clients: time limits
+
+def trickle_until_cut(app, data, before=b""):
+    """Send `before` at once, then `data` a byte every 0.05 s until the server closes
+    the connection: (seconds from the first byte to the close, bytes trickled)."""
+    with connect(app) as sock:
+        started = time.monotonic()
+        sock.sendall(before)
+        for sent, byte in enumerate(data, 1):
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - started, sent - 1
+            # Paces the trickle, and notices the close as soon as it comes.
+            if select.select([sock], [], [], 0.05)[0]:
+                assert server_closed(sock), "the server answered instead of closing"
+                return time.monotonic() - started, sent
+        pytest.fail(f"the server never closed the connection ({len(data)} bytes sent)")
+
+
+def cut_after_idle(app, data):
+    """Send `data` at once, then nothing: seconds until the server closes."""
+    with connect(app) as sock:
+        sock.sendall(data)
+        started = time.monotonic()
+        reader = sock.makefile("rb")
+        if data.startswith(b"GET"):  # a whole request: read its answer first
+            assert read_response(reader)[0] == 200
+            started = time.monotonic()
+        assert server_closed(sock, reader), "the server sent more than its answer"
+        return time.monotonic() - started
+
+
+def test_slow_requests_and_idle_keep_alive_connections_are_cut(make_app, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    app = make_app(**{"server.request_timeout": 0.5, "server.keepalive_timeout": 0.5})
+    head = b"GET /status HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100 + b"\r\n\r\n"
+    body = json.dumps(job_body(metadata="x" * 100)).encode()
+    stalled = (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % (len(body) + 10))
+    results = {}
+    clients = {
+        "trickled head": lambda: trickle_until_cut(app, head),
+        "trickled body": lambda: trickle_until_cut(app, body, before=stalled),
+        "stalled body": lambda: (cut_after_idle(app, stalled + body), None),
+        "idle keep-alive": lambda: (cut_after_idle(app, GET_STATUS), None),
+    }
+
+    def run(name):
+        results[name] = clients[name]()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+        assert not t.is_alive(), "a client was never cut off"
+    assert set(results) == set(clients), results
+    for name, (seconds, sent) in results.items():
+        assert 0.4 < seconds < 5, (name, seconds)
+        if sent is not None:  # it kept sending: more than a byte every 0.1 s would
+            assert sent > 5, (name, sent)  # send in request_timeout (0.5 s)
+    assert_nothing_stored(app)
+    wait_until(lambda: "within 0.5s (server.request_timeout)" in caplog.text,
+               what="the cut requests to be logged")
+
+
+# -- hostile clients: framing
+
+SMUGGLING_HEADS = {
+    "two equal Content-Lengths": "Content-Length: {n}\r\nContent-Length: {n}\r\n",
+    "two different Content-Lengths": "Content-Length: {n}\r\nContent-Length: 2\r\n",
+    "Content-Length and Transfer-Encoding": "Content-Length: {n}\r\n"
+                                            "Transfer-Encoding: chunked\r\n",
+    "Transfer-Encoding and Content-Length": "Transfer-Encoding: chunked\r\n"
+                                            "Content-Length: {n}\r\n",
+}
+
+
+def test_ambiguous_framing_gets_400_closes_and_smuggles_nothing(make_app):
+    app = make_app()
+    victim = completed_job(app)
+    body = json.dumps(job_body()).encode()
+    smuggled = f"DELETE /jobs/{victim} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    for framing, lengths in SMUGGLING_HEADS.items():
+        head = ("POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                "\r\n" + lengths.format(n=len(body)) + "\r\n").encode()
+        status, headers, reply, closed = exchange(app, head + body + smuggled)
+        assert status == 400 and headers["connection"] == "close", (framing, reply)
+        assert closed, framing  # and nothing more answered: the DELETE was never read
+        assert [j["id"] for j in call(app, "GET", "/jobs").body["jobs"]] == [victim], framing
+
+
+def test_chunked_body_alone_gets_411_and_closes(app):
+    status, headers, reply, closed = exchange(app, (
+        b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"))
+    assert status == 411 and headers["connection"] == "close", reply
+    assert closed
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["before Host", "after Host"])
+def test_header_name_with_a_space_before_its_colon_gets_400_and_smuggles_nothing(
+        make_app, first):
+    app = make_app()
+    victim = completed_job(app)
+    smuggled = f"DELETE /jobs/{victim} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    malformed = b"Content-Length : %d\r\n" % len(smuggled)
+    host = b"Host: localhost\r\n"
+    head = (b"POST /jobs HTTP/1.1\r\n" + (malformed + host if first else host + malformed)
+            + b"Content-Type: application/json\r\n\r\n")
+    with connect(app) as sock:
+        sock.sendall(head + smuggled)
+        reader = sock.makefile("rb")
+        status, headers, reply = read_response(reader)
+        assert status == 400, reply
+        assert headers.get("connection") == "close", reply
+        assert server_closed(sock, reader)  # and no answer to a DELETE
+    assert call(app, "GET", f"/jobs/{victim}").status == 200
+
+
+def test_empty_line_before_the_request_line_is_skipped(app):
+    with connect(app) as sock:
+        sock.sendall(b"\r\n" + GET_STATUS)
+        status, _, body = read_response(sock.makefile("rb"))
+    assert status == 200 and json.loads(body)["version"] == valet.__version__
+
+
+# -- hostile clients: resets
+
+BIG = 6_000_000  # bytes of metadata: more than the kernel buffers a reset client's reply
+
+
+def reset_clients(port):
+    """Three clients that reset: mid-head, mid-body, and mid-response (asking for a
+    listing of 6 MB with a tiny receive window)."""
+    with connect(port) as sock:
+        sock.sendall(b"GET /status HTTP/1.1\r\nHo")
+        reset(sock)
+    body = json.dumps(job_body()).encode()
+    with connect(port) as sock:
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body[:len(body) // 2])
+        reset(sock)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /jobs HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert sock.recv(1) == b"H"  # the server has begun to answer
+    reset(sock)
+
+
+def store_big_job(port):
+    resp = call(port, "POST", "/jobs", job_body(metadata="x" * BIG,
+                                                run_at="2099-01-01T00:00:00Z"))
+    assert resp.status == 202, resp
+
+
+def test_resetting_clients_leave_no_traceback_and_the_server_answers(make_app, caplog):
+    caplog.set_level(logging.DEBUG, logger="valet")
+    app = make_app(**{"server.max_body_bytes": 2 * BIG})
+    store_big_job(app.port)
+    reset_clients(app.port)
+    wait_until(lambda: caplog.text.count("connection from 127.0.0.1 ended: ") >= 3,
+               what="the three resets to be handled")
+    assert call(app, "GET", "/status").status == 200
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert loud == [], [r.getMessage() for r in loud]
+    assert "Traceback" not in caplog.text
+
+
+def test_resetting_clients_make_a_process_write_nothing_outside_its_logger(tmp_path,
+                                                                           processes):
+    proc = processes(tmp_path, logging_format="json", logging_level="debug",
+                     server={"max_body_bytes": 2 * BIG})
+    store_big_job(proc.port)
+    reset_clients(proc.port)
+    wait_until(lambda: sum("connection from 127.0.0.1 ended: " in line
+                           for line in proc.lines) >= 3, what="the three resets to be handled")
+    assert call(proc.port, "GET", "/status").status == 200
+    assert proc.kill(signal.SIGTERM) == 0
+    proc.reader.join(10)
+    assert proc.lines
+    for line in proc.lines:
+        record = json.loads(line)  # fails on any line valet's logger did not write
+        assert record["level"] in ("DEBUG", "INFO"), record
+        assert "exception" not in record, record
+
+
+# -- hostile clients: huge numbers, deep JSON
+
+def test_400_digit_integers_are_a_400_naming_the_field(make_app):
+    app = make_app()
+    for field in ("timeout", "retry_backoff", "priority", "max_retries"):
+        resp = call(app, "POST", "/jobs", job_body(**{field: HUGE}))
+        assert resp.status == 400, resp
+        assert resp.body["message"].startswith(f"{field} must be"), resp
+    resp = call(app, "POST", "/pipelines", {"name": "p", "jobs": [stage(timeout=HUGE),
+                                                                   stage()]})
+    assert resp.status == 400, resp
+    assert resp.body["message"].startswith("jobs[0]: timeout must be"), resp
+    assert_nothing_stored(app)
+
+
+def test_400_digit_timeout_in_a_periodic_entry_stops_the_process_with_exit_2(tmp_path):
+    settings = {"storage": {"sqlite": {"path": "valet.db"}},
+                "tasks_module": "valet_process_tasks",
+                "periodic": [{"name": "p", "task_name": "echo", "every": "1h",
+                              "timeout": HUGE}]}
+    (tmp_path / "config.yaml").write_text(json.dumps(settings))  # JSON is YAML
+    (tmp_path / "valet_process_tasks.py").write_text(PROCESS_TASKS)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=10)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "valet: config error: periodic[0]: timeout must be"), lines
+    assert not (tmp_path / "valet.db").exists()
+
+
+def test_metadata_64_levels_deep_round_trips_and_65_is_a_400(make_app):
+    app = make_app()
+    deep = nest(64)
+    too_deep = call(app, "POST", "/jobs", job_body(metadata=nest(65)))
+    assert too_deep.status == 400
+    assert too_deep.body["message"] == "metadata is nested more than 64 levels deep"
+    assert_nothing_stored(app)
+    job = submit(app, "echo", metadata=deep, run_at="2099-01-01T00:00:00Z")
+    assert call(app, "GET", f"/jobs/{job['id']}").body["metadata"] == deep
+    assert [j["id"] for j in call(app, "GET", "/jobs").body["jobs"]] == [job["id"]]
+
+
+def test_json_nested_near_and_past_the_recursion_limit_is_a_400(make_app):
+    app = make_app()
+
+    def arrays(n):
+        return "[" * n + "]" * n
+
+    for depth in (979, 980, 981, 982, 983, 100_000):
+        # Each body is `depth` arrays and objects deep, counting its own object.
+        job = '{"name": "n", "task_name": "echo", "metadata": %s}' % arrays(depth - 1)
+        pipeline = ('{"name": "p", "jobs": [{"name": "a", "task_name": "echo", "metadata": '
+                    '%s}, {"name": "b", "task_name": "echo"}]}' % arrays(depth - 3))
+        for path, raw in (("/jobs", job), ("/pipelines", pipeline)):
+            resp = call(app, "POST", path, raw=raw.encode())
+            assert resp.status == 400, (depth, path, resp)
+    assert_nothing_stored(app)
+
+
+# -- hostile clients: log lines
+
+def test_huge_id_or_path_gets_404_and_only_short_log_lines(make_app, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    app = make_app()
+    for path in ("/jobs/" + "i" * 60_000, "/" + "p" * 60_000):
+        caplog.clear()
+        resp = call(app, "GET", path)
+        assert resp.status == 404, resp
+        wait_until(lambda: " 404 " in caplog.text, what="the 404 to be logged")
+        for record in caplog.records:
+            assert len(record.getMessage()) < 1000, record.getMessage()[:300]
+
+
+def logged(caplog, line, kind):
+    """For one kind of line: (the lines logged in full, which match the regex `line`;
+    the counts of the summary lines of `kind`)."""
+    messages = [r.getMessage() for r in caplog.records]
+    summary = re.compile(r"(\d+) more like this in the last second: " + re.escape(kind))
+    return ([m for m in messages if re.match(line, m)],
+            [int(found.group(1)) for found in map(summary.match, messages) if found])
+
+
+def test_floods_of_503s_are_logged_as_the_first_line_then_a_count_a_second(
+        make_app, gate, caplog):
+    """Backlog 503s and refused connections: each kind is logged once, then counted
+    in one summary line a second (one server for both, so one second of waiting)."""
+    caplog.set_level(logging.INFO, logger="valet")
+    app = make_app(**{"worker_pool.workers": 1, "worker_pool.queue_capacity": 1,
+                      "server.max_connections": 4})
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    submit(app, "echo")  # the one place in the backlog
+    held = hold_idle_connections(app, 4)
+    try:
+        for _ in range(200):
+            resp = request(held[0], "POST", "/jobs", job_body())
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1", resp
+        for _ in range(50):
+            assert refused(app)[0] == 503
+        refusals = [r.getMessage() for r in caplog.records
+                    if "max_connections" in r.getMessage()]
+        assert 1 <= len(refusals) <= 3, refusals
+    finally:
+        for conn in held:
+            conn.close()
+    floods = {  # kind: (its line logged in full, how many came)
+        "503: the backlog is full": (r"POST /jobs 503 [0-9.]+ms: the backlog is full", 200),
+        "refused a connection: server.max_connections (4) are open":
+            (r"refused a connection: server\.max_connections \(4\) are open \(from ", 50),
+    }
+    for kind, (line, count) in floods.items():
+        wait_until(lambda: (lambda lines, counts: len(lines) + sum(counts) >= count)(
+            *logged(caplog, line, kind)), what=f"every {kind!r} to be logged or counted")
+        lines, counts = logged(caplog, line, kind)
+        assert len(lines) + sum(counts) == count, (kind, lines, counts)
+        assert counts and len(lines) + len(counts) <= 6, (kind, lines, counts)
+    gate.opened.set()
+
+
+# The fuzz test sends thousands of random and mutated requests (request lines,
+# headers, bodies, framing) over raw sockets, checks each answer, then checks the
+# server is alive. Besides 503 with Retry-After, two 5xx are right: 501 for a
+# method valet does not know and 505 for HTTP/2 or later (RFC 9110). A failure
+# names its seed: VALET_FUZZ_SEED=<seed> pytest test_valet.py -k fuzz replays it.
+# Per store, so that each run is one fixed sequence; VALET_FUZZ_SEED replays another.
+SEEDS = {"memory": 5150, "sqlite": 1906}
+REQUESTS_PER_STORE = 3000
+SOCKET_TIMEOUT = 5.0
+
+KNOWN_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+GARBAGE_METHODS = ("FOO", "get", "Post", "BREW", "TRACE", "CONNECT", "PRI", "G\x00T", "GET\x7f",
+                   "_dispatch", "__init__", "M" * 300, "GÉT")
+GARBAGE_VERSIONS = ("HTTP/2.0", "HTTP/3", "HTTP/1.2", "HTTP/0.9", "HTTP/1", "HTTP/1.1.1",
+                    "http/1.1", "HTTP/x.y", "HTTP/01.01", "HTTP/1.10", "HTTP/99999999999.1",
+                    "HTTP/-1.1", "HTTP/1.1\x00", "", "HTTP/1.1 HTTP/1.1", "HTTP/ 1.1")
+JOB_STATUSES = ("SCHEDULED", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED")
+JOB_KEYS = ("name", "description", "task_name", "metadata", "task_params", "timeout",
+            "priority", "run_at", "max_retries", "retry_backoff")
+STAGE_KEYS = ("name", "description", "task_name", "metadata", "timeout", "max_retries",
+              "retry_backoff", "use_previous_results")
+PIPELINE_KEYS = ("name", "description", "priority", "run_at", "jobs")
+# Nesting depths of a field's value: around _MAX_DEPTH (64), past Python's recursion
+# limit (1000), and, most often, just under it (from 960 to 1000).
+DEPTHS = (2, 63, 64, 65, 200, 500, 1200)
+PLACEHOLDER = "@@raw-json@@"
+POST_JOBS, POST_PIPELINES = (next(r for r in valet.ROUTES if r[:2] == ("POST", path))
+                             for path in ("/jobs", "/pipelines"))
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([0-9]{3}) [^\r\n]*")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+# -- fuzz: the requests
+
+@dataclasses.dataclass
+class Req:
+    data: bytes
+    framed: bool  # its end is certain: the next request on the connection can follow
+    what: str     # what the generator did, for the failure message
+
+    @property
+    def head_only(self):
+        """Whether valet takes it as a HEAD request (no body in its answer), as
+        http.server's parse_request would: up to 8 empty lines skipped, 3 words,
+        and a version it takes (a bad one is refused before the method is set)."""
+        lines = self.data.split(b"\n", 9)
+        i = 0
+        while i < 8 and i < len(lines) - 1 and lines[i] in (b"", b"\r"):
+            i += 1
+        words = lines[i].decode("latin-1").rstrip("\r\n").split()
+        if len(words) != 3 or words[0] != "HEAD":
+            return False
+        return bool(re.fullmatch(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})", words[2])
+                    and int(words[2][5:].split(".")[0]) < 2)
+
+
+def random_text(rng, size=None):
+    size = rng.randint(0, 24) if size is None else size
+    pool = rng.choice([string.ascii_letters + string.digits + " -_.",
+                       "\u00e9\u20ac\u30b8\u30e7\u30d6\U0001F600\u202e\u0000\t\n\"\\/",
+                       string.printable])
+    return "".join(rng.choice(pool) for _ in range(size))
+
+
+def random_json(rng, depth):
+    """A random JSON value (as Python), nested at most `depth` levels."""
+    kinds = ["null", "bool", "int", "float", "str"] + (["list", "dict"] * 2 if depth else [])
+    kind = rng.choice(kinds)
+    if kind == "null":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.choice([0, -1, 1, 2**31, -2**63, 2**64, 10**rng.randint(1, 400),
+                           rng.randint(-10**6, 10**6)])
+    if kind == "float":
+        return rng.choice([0.5, -0.0, 1e308, -1e308, 5e-324, 1e-7, rng.uniform(-1e6, 1e6)])
+    if kind == "str":
+        return random_text(rng)
+    if kind == "list":
+        return [random_json(rng, depth - 1) for _ in range(rng.randint(0, 4))]
+    return {random_text(rng, rng.randint(0, 8)): random_json(rng, depth - 1)
+            for _ in range(rng.randint(0, 4))}
+
+
+def deep_text(rng, depth):
+    """JSON text nested `depth` levels deep (arrays, objects or both)."""
+    kind = rng.choice(["array", "object", "mixed"])
+    if kind == "array":
+        return "[" * depth + "]" * depth
+    if kind == "object":
+        return '{"a":' * depth + "1" + "}" * depth
+    half = depth // 2
+    return '[{"a":' * half + "[]" + "}]" * half
+
+
+def rfc3339(rng):
+    return rng.choice(["2020-01-01T00:00:00Z", "2999-12-31T23:59:59Z", "2026-02-30T00:00:00Z",
+                       "0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59",
+                       "2026-11-28T09:30:00.123456789+01:00", "2026-11-28 09:30:00",
+                       "yesterday", "", "2026-13-01T00:00:00Z", "1970-01-01T00:00:00Z"])
+
+
+def wrong_value(rng):
+    return rng.choice([None, True, False, 0, -1, 1.5, 10**30, "", "x", [], {}, [1, "a"],
+                       {"a": {"b": None}}, random_text(rng, 300), "-" * 5000,
+                       random_json(rng, 3)])
+
+
+def valid_job(rng):
+    job = {"name": random_text(rng, rng.randint(1, 20)) or "job", "task_name": "echo",
+           "metadata": random_json(rng, rng.randint(0, 4))}
+    for key, values in (("description", [None, "d", random_text(rng)]),
+                        ("timeout", [1, 30, 0.5, 3600]),
+                        ("priority", [0, 5, -1000000, 1000000]),
+                        ("run_at", [None, "2020-01-01T00:00:00Z"]),
+                        ("max_retries", [0, 1]),
+                        ("retry_backoff", [0, 1.5])):
+        if rng.random() < 0.2:
+            job[key] = rng.choice(values)
+    if not job["name"].strip():
+        job["name"] = "job"
+    return job
+
+
+def valid_pipeline(rng):
+    jobs = [{"name": f"stage {i}", "task_name": "echo", "metadata": random_json(rng, 2)}
+            for i in range(rng.randint(2, 4))]
+    pipeline = {"name": "fuzz pipeline", "jobs": jobs}
+    if rng.random() < 0.3:
+        pipeline["priority"] = rng.choice([0, 3, -3])
+    if rng.random() < 0.2:
+        pipeline["description"] = random_text(rng)
+    return pipeline
+
+
+class Fuzzer:
+    """Builds random requests for one server and sends them, checking every answer."""
+
+    def __init__(self, port, rng):
+        self.port, self.rng = port, rng
+        self.job_ids, self.pipeline_ids, self.keys = [], [], []
+        self.counts = collections.Counter()  # what happened: statuses, closes, ...
+        self.problems = []
+
+    # -- request lines
+
+    def pick_id(self):
+        rng = self.rng
+        r = rng.random()
+        if r < 0.45 and self.job_ids:
+            return rng.choice(self.job_ids)
+        if r < 0.6 and self.pipeline_ids:
+            return rng.choice(self.pipeline_ids)
+        return rng.choice([
+            str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            random_text(rng).replace(" ", "_").replace("/", "-"),
+            "x" * rng.choice([300, 5000, 70000]), "%2e%2e", "%00", "%ff%fe", "%2F",
+            "..", ".", "\u30b8\u30e7\u30d6", "\U0001F600", "\u202eevil", "id?x=1",
+            "a b", "a/b", "%" + "".join(rng.choice("0123456789abcdefXYZ") for _ in range(6)),
+            "null", "0", "-1", "'; DROP TABLE jobs; --", "\x00", "\x7f\xff"])
+
+    def query(self, allowed):
+        rng = self.rng
+        names = list(allowed) + ["status", "limit", "cursor", "wait", "finished_before",
+                                 "unknown", "", "x" * 100, "st\u00e4tus", "%73tatus"]
+        values = {
+            "status": lambda: rng.choice(JOB_STATUSES + ("completed", "done", "", "PENDING,x")),
+            "limit": lambda: rng.choice(["1", "2", "5", "0", "-1", "1000", "1001", "abc", "1.5",
+                                         "9" * 30, "", "\u0663"]),
+            "cursor": lambda: rng.choice(["0", "1", "10", "9" * 18, "9" * 19, "-1", "abc", ""]),
+            # a real wait holds the request: only short ones, and refused ones
+            "wait": lambda: rng.choice(["0", "0.01", "0.05", "", "61", "-1", "1e1", "nan",
+                                        "0.0000001", "x"]),
+            "finished_before": lambda: rfc3339(rng),
+        }
+        parts = []
+        for _ in range(rng.randint(0, 4)):
+            name = rng.choice(names)
+            value = values.get(name, lambda: random_text(rng))()
+            if rng.random() < 0.5:
+                value = urllib.parse.quote(value, safe="")
+            parts.append(rng.choice([f"{name}={value}", f"{name}=", name, f"={value}"]))
+            if rng.random() < 0.1:
+                parts.append(parts[-1])  # repeated
+        return rng.choice(["&", "&", ";", "&&"]).join(parts)
+
+    def request_line(self):
+        """(method, target, version, route pattern)."""
+        rng = self.rng
+        r = rng.random()
+        route = (POST_JOBS if r < 0.25 else POST_PIPELINES if r < 0.35
+                 else rng.choice(valet.ROUTES))
+        route_method, pattern, _, allowed = route
+        r = rng.random()
+        if r < 0.8:
+            method = route_method
+        elif r < 0.96:
+            method = rng.choice(KNOWN_METHODS)
+        else:
+            method = rng.choice(GARBAGE_METHODS)
+        path = pattern
+        while "{id}" in path:
+            path = path.replace("{id}", self.pick_id(), 1)
+        if rng.random() < 0.2:
+            path = "/api" + path
+        r = rng.random()
+        if r < 0.05:
+            path = "//" + path.lstrip("/")
+        elif r < 0.08:
+            path = path.replace("/", "//")
+        elif r < 0.11:
+            path = path + "/"
+        elif r < 0.13:
+            path = path.upper()
+        elif r < 0.15:
+            path = "/jobs/../" + path.lstrip("/")
+        elif r < 0.17:
+            path = rng.choice(["*", "http://127.0.0.1" + path, "", "jobs", "/\u00e9",
+                               "/%2e%2e/%2e%2e/etc/passwd", path + "#frag"])
+        if rng.random() < 0.35:
+            path += "?" + self.query(allowed)
+        r = rng.random()
+        version = ("HTTP/1.1" if r < 0.8 else "HTTP/1.0" if r < 0.9
+                   else rng.choice(GARBAGE_VERSIONS))
+        return method, path, version, pattern
+
+    # -- bodies
+
+    def body_for(self, method, pattern):
+        """A valid body for the route, as a dict, or None."""
+        rng = self.rng
+        if pattern == "/jobs" and method == "POST":
+            return valid_job(rng)
+        if pattern == "/pipelines" and method == "POST":
+            return valid_pipeline(rng)
+        if method == "PATCH":
+            return {"name": random_text(rng, 5) or "n", "description": random_text(rng)}
+        if method in ("POST", "PUT") or rng.random() < 0.05:
+            return rng.choice([valid_job(rng), valid_pipeline(rng), {}])
+        return None
+
+    def mutate_fields(self, body):
+        """Change the fields of a body (a dict): wrong types, unknown and missing fields,
+        random values, or one value as raw JSON text (deep, NaN, huge, ...); returns
+        (dict, raw text for PLACEHOLDER or None, what)."""
+        rng = self.rng
+        keys = (PIPELINE_KEYS if "jobs" in body else JOB_KEYS) + ("unknown",)
+        r = rng.random()
+        target = body
+        if "jobs" in body and isinstance(body["jobs"], list) and body["jobs"] and r < 0.3:
+            target = rng.choice(body["jobs"])  # a stage of the pipeline
+            keys = STAGE_KEYS + ("priority", "run_at")
+        key = rng.choice(keys)
+        r = rng.random()
+        if r < 0.25:
+            target[key] = wrong_value(rng)
+            return body, None, f"wrong type in {key}"
+        if r < 0.35:
+            target.pop(rng.choice(list(target) or ["name"]), None)
+            return body, None, "a field removed"
+        if r < 0.45:
+            for k in list(target):
+                if rng.random() < 0.5:
+                    target[k] = wrong_value(rng)
+            return body, None, "wrong types in several fields"
+        if r < 0.5:
+            target[key] = random_json(rng, rng.randint(0, 6))
+            return body, None, f"random JSON in {key}"
+        raw = rng.choice([
+            lambda: deep_text(rng, rng.choice(DEPTHS)),
+            *[lambda: deep_text(rng, rng.randint(960, 1000))] * 5,
+            lambda: rng.choice(["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]),
+            lambda: rng.choice(["9" * rng.choice([19, 400, 999, 1000, 1001, 5000]),
+                                "-" + "9" * 1001, "1" + "0" * 400 + ".5", "1E400",
+                                "0.0000000000000000000001", "1e-400"]),
+            lambda: rng.choice(['"\\ud800"', '"a\\udfffb"', '"\\ud83d\\ude00"',
+                                '"\\ud83d"', '"\\u0000"', '["\\udc00", 1]']),
+            lambda: rng.choice(['"\\x41"', "'single'", "undefined", "01", "+1", ".5", "1.",
+                                '"unterminated', "[1,]", '{"a":1,}', "tru", "nul"]),
+        ])()
+        target[key] = PLACEHOLDER
+        return body, raw, f"raw {raw[:30]!r}... ({len(raw)} chars) in {key}"
+
+    def mutate_bytes(self, data):
+        """Byte-level mutations of an encoded body."""
+        rng = self.rng
+        r = rng.random()
+        if r < 0.25 and data:
+            data = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            return bytes(data), "bytes flipped"
+        if r < 0.4 and data:
+            return data[:rng.randrange(len(data))], "truncated"
+        if r < 0.5:
+            i, j = sorted(rng.randrange(len(data) + 1) for _ in range(2))
+            return rng.choice([data + data, data[:j] + data[i:]]), "duplicated"
+        if r < 0.65:
+            bad = rng.choice([b"\xff", b"\xc3\x28", b"\xc0\xaf", b"\xed\xa0\x80",
+                              b"\xf4\x90\x80\x80", b"\x80", b"\xe2\x82"])
+            i = data.find(b'"') + 1
+            return data[:i] + bad + data[i:], "invalid UTF-8"
+        if r < 0.75:
+            return rng.choice([b"", b"   ", b"\r\n", b"[]", b"1", b'"s"', b"null", b"true",
+                               b'{"name":"a","name":"b","task_name":"echo"}', b"\xef\xbb\xbf{}",
+                               b"\xef\xbb\xbf" + data, b"{}" * 3, b"{" * 1200,
+                               b"\x00" * 16]), "replaced"
+        if r < 0.8:
+            return data + b" " * rng.randint(1, 10) + rng.choice([b"", b"x", b"{}"]), "trailing"
+        return data, "as is"
+
+    def body(self, method, pattern):
+        """(bytes, what) of a request's body: valid, or mutated."""
+        rng = self.rng
+        fields = self.body_for(method, pattern)
+        if fields is None:
+            return b"", "no body"
+        what = "valid body"
+        raw = None
+        if rng.random() < 0.6:
+            fields, raw, what = self.mutate_fields(fields)
+        text = json.dumps(fields, ensure_ascii=rng.random() < 0.5)
+        if raw is not None:
+            text = text.replace(f'"{PLACEHOLDER}"', raw)
+        data = text.encode("utf-8", "surrogatepass")
+        if rng.random() < (0.15 if raw else 0.35):
+            data, how = self.mutate_bytes(data)
+            what += ", " + how
+        return data, what
+
+    # -- headers
+
+    def headers(self, method, body):
+        """(header lines, framed, what)."""
+        rng, port = self.rng, self.port
+        lines, what, framed = [], [], True
+        r = rng.random()
+        if r < 0.9:
+            lines.append(f"Host: {rng.choice(['127.0.0.1', 'localhost', f'127.0.0.1:{port}'])}")
+        elif r < 0.93:
+            what.append("no Host")
+        elif r < 0.95:
+            lines += [f"Host: 127.0.0.1:{port}"] * 2
+            what.append("Host twice")
+        else:
+            host = rng.choice(["evil.example", "[::1]:80", "LOCALHOST:1", "[", "", ":", "::1",
+                               "127.0.0.1.evil.example", "\u00e9", "localhost:99999", "[::1"])
+            lines.append(f"Host: {host}")
+            what.append(f"Host {host!r}")
+        if body or rng.random() < 0.1:
+            r = rng.random()
+            if r < 0.9:
+                kind = rng.choice(["application/json"] * 4 + [
+                    "application/json; charset=utf-8", "APPLICATION/JSON",
+                    'application/json; charset="UTF-8"', "application/json;;;"])
+            else:
+                kind = rng.choice([None, "text/plain", "application/x-www-form-urlencoded",
+                                   "", "application/json; charset=latin-1", "application/jsonx",
+                                   "multipart/form-data; boundary=x"])
+            if kind is not None:
+                lines.append(f"Content-Type: {kind}")
+            if not kind or kind.split(";")[0].lower() != "application/json":
+                what.append(f"Content-Type {kind!r}")
+        r = rng.random()
+        if r < 0.92:
+            if body or rng.random() < 0.3:
+                lines.append(f"Content-Length: {rng.choice(['', ' '])}{len(body)}")
+        else:
+            framed = False
+            length = rng.choice([
+                str(max(0, len(body) - rng.randint(1, 10))), str(len(body) + rng.randint(1, 50)),
+                "-1", "-0", "99999999999", str(2**64), "9" * 40, "abc", "0x10", "+5", "1e3",
+                "\u00b2", "\u0663", "", f"{len(body)}, {len(body)}", None, "twice"])
+            if length == "twice":
+                lines += [f"Content-Length: {len(body)}"] * 2
+            elif length is not None:
+                lines.append(f"Content-Length: {length}")
+            what.append(f"Content-Length {length!r}")
+        origins = ["http://evil.example", "null", f"http://127.0.0.1:{port}",
+                   "http://localhost", random_text(rng)]
+        extras = [  # (chance, whether its request stays framed, a header line)
+            (0.04, False, lambda: "Transfer-Encoding: "
+                                  + rng.choice(["chunked", "identity", "gzip, chunked"])),
+            (0.08, True, lambda: "Expect: " + rng.choice(["100-continue", "100-CONTINUE",
+                                                          "200-ok"])),
+            (0.12, True, lambda: f"Idempotency-Key: {self.idempotency_key()}"),
+            (0.05, True, lambda: f"Origin: {rng.choice(origins)}"),
+            (0.04, True, lambda: "Authorization: " + rng.choice(["Bearer x", "Basic",
+                                                                 random_text(rng)])),
+            (0.06, True, lambda: "Connection: " + rng.choice(["close", "keep-alive", "upgrade",
+                                                              "Close"])),
+            (0.03, False, lambda: "NoColonHere"),
+            (0.02, False, lambda: f"X-Long: {'v' * rng.choice([1000, 60000, 70000])}"),
+            (0.02, False, lambda: "\r\n".join(  # more than 100 is refused with 431
+                f"X-H{i}: {i}" for i in range(rng.choice([50, 99, 101, 150])))),
+            (0.02, False, lambda: rng.choice(["Bad Name: x", ": empty", "X-\u00e9: v",
+                                              "X\x00: v", " folded: continuation",
+                                              "X-A:\x00\x01"])),
+            (0.03, True, lambda: f"X-Random-{rng.randint(0, 9)}: {random_text(rng)}"),
+        ]
+        for chance, stays_framed, make in extras:
+            if rng.random() < chance:
+                line = make()
+                lines.append(line)
+                framed = framed and stays_framed
+                what.append(line[:40])
+        if method == "POST" and rng.random() < 0.05:
+            key = self.idempotency_key()
+            lines += [f"Idempotency-Key: {key}"] * 2
+            what.append("Idempotency-Key twice")
+        rng.shuffle(lines)
+        return lines, framed, what
+
+    def idempotency_key(self):
+        rng = self.rng
+        r = rng.random()
+        if r < 0.3 and self.keys:
+            return rng.choice(self.keys)  # reused: a replay, or 409 with another body
+        key = rng.choice([f"{rng.getrandbits(128):032x}", "k" * rng.choice([255, 256, 5000]),
+                          "\u00e9t\u00e9", "a b", "", "\x7f", f"{rng.getrandbits(64):x}"])
+        self.keys.append(key)
+        return key
+
+    # -- one request
+
+    def build(self):
+        rng = self.rng
+        if rng.random() < 0.02:
+            data = rng.choice([
+                bytes(rng.randrange(256) for _ in range(rng.randint(1, 200))),
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),
+                b"\r\n" * rng.randint(8, 12) + b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                b"GET " + b"/" * 70000 + b" HTTP/1.1\r\n\r\n",
+                b"GET /status\r\n", b"GET\r\n\r\n", b" \r\n\r\n", b"\x00\r\n\r\n"])
+            return Req(data, False, "garbage bytes")
+        method, target, version, pattern = self.request_line()
+        body, body_what = self.body(method, pattern)
+        lines, framed, what = self.headers(method, body)
+        framed = framed and version in ("HTTP/1.1", "HTTP/1.2", "HTTP/1.0")  # 1.0: then closed
+        eol = "\r\n" if rng.random() < 0.95 else rng.choice(["\n", "\r\n\n"])
+        framed = framed and eol == "\r\n"
+        line = " ".join(x for x in (method, target, version) if x)
+        if any(c in text for text in (line, *lines) for c in "\r\n"):
+            framed = False  # a line break inside a line: where it ends is unsure
+        head = line + eol + "".join(h + eol for h in lines) + eol
+        if rng.random() < 0.05:
+            head = rng.choice(["\r\n", "\n", "\r\n\r\n"]) + head
+            what.append("empty line first")
+        data = head.encode("utf-8", "surrogatepass") + body
+        if rng.random() < 0.03:
+            data = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            data, framed = bytes(data), False
+            what.append("request bytes flipped")
+        return Req(data, framed, f"{line[:120]!r} {body_what}; {', '.join(what)}")
+
+    # -- sending and reading
+
+    def run(self, total):
+        sent = 0
+        while sent < total:
+            count = self.rng.randint(1, 6)
+            reqs = []
+            while len(reqs) < count:
+                req = self.build()
+                reqs.append(req)
+                if not req.framed:
+                    break  # its end is unsure: the last one on its connection
+            pipelined = self.rng.random() < 0.4
+            self.connection(reqs, pipelined)
+            sent += len(reqs)
+        self.counts["requests"] = sent
+
+    def problem(self, req, message):
+        before = [r.data[:200] for r in self.sending[:self.sending.index(req)]
+                  ] if req in self.sending else ["?"]
+        self.problems.append(f"{message}\n    request: {req.what}\n    bytes: "
+                             f"{req.data[:300]!r}\n    {self.mode}, after: {before}")
+
+    def connection(self, reqs, pipelined):
+        self.counts["connections"] += 1
+        self.sending, self.mode = reqs, "pipelined" if pipelined else "sequential"
+        conn = _Conn(self.port)
+        try:
+            if pipelined:
+                self.pipelined(conn, reqs)
+            else:
+                self.sequential(conn, reqs)
+        except TimeoutError:
+            self.problem(reqs[min(conn.answered, len(reqs) - 1)],
+                         f"no answer within {SOCKET_TIMEOUT}s: the server hangs")
+        finally:
+            conn.sock.close()
+
+    def sequential(self, conn, reqs):
+        for req in reqs:
+            last = not req.framed
+            if not conn.send(req.data, shut=last):
+                self.counts["closed mid-stream"] += 1
+            if last:
+                self.tail(conn, req)
+                return
+            if not self.answer(conn, req):
+                return
+
+    def pipelined(self, conn, reqs):
+        last = not reqs[-1].framed
+        if not conn.send(b"".join(r.data for r in reqs), shut=last):
+            self.counts["closed mid-stream"] += 1
+        for req in reqs:
+            if not req.framed:
+                self.tail(conn, req)
+                return
+            if not self.answer(conn, req):
+                return
+
+    def answer(self, conn, req):
+        """Read and check the answer to a request; False once the connection ends."""
+        resp = conn.response(req.head_only)
+        if resp is None:
+            self.counts["closed mid-stream"] += 1
+            return False
+        if isinstance(resp, str):
+            self.problem(req, resp)
+            return False
+        conn.answered += 1
+        self.check(req, *resp)
+        status, headers, body = resp
+        if headers.get("connection", "").lower() == "close":
+            rest = conn.rest()
+            if rest and not (req.head_only and len(rest) == int(headers["content-length"])):
+                self.problem(req, f"bytes after Connection: close: {rest[:200]!r}")
+            elif rest:  # a HEAD refused before its method was known: the body comes
+                self.check(req, status, headers, rest)
+            self.counts["closed by the server"] += 1
+            return False
+        return True
+
+    def tail(self, conn, req):
+        """Every answer to a request whose end is unsure (sent last, the writing side
+        then shut): read until the server closes."""
+        while self.answer(conn, req):  # what follows answers the rest: not a HEAD
+            req = dataclasses.replace(req, data=b"(the rest of) " + req.data)
+
+    def check(self, req, status, headers, body):
+        self.counts[status] += 1
+        if 500 <= status:
+            message = _message(headers, body)
+            known = re.fullmatch(r"method (['\"])(.*)\1 is not supported", message or "", re.S)
+            version = re.fullmatch(r"Invalid HTTP version \(([0-9]+)\.[0-9]+\)", message or "")
+            if status == 503 and "retry-after" in headers:
+                pass
+            elif status == 501 and known and known.group(2) not in KNOWN_METHODS:
+                pass  # RFC 9110: a method the server does not recognize
+            elif status == 505 and version and int(version.group(1)) >= 2:
+                pass  # RFC 9110: HTTP/2 or later on an HTTP/1.1 server
+            else:
+                self.problem(req, f"answered {status}: {body[:300]!r}")
+        if headers.get("content-type", "").startswith("application/json") and body:
+            try:
+                value = json.loads(body)
+            except ValueError as exc:
+                self.problem(req, f"{status} with a body that is not JSON ({exc}): "
+                                  f"{body[:200]!r}")
+                return
+            if status >= 400 and not (isinstance(value, dict) and value.get("error") is True
+                                      and value.get("code") == status
+                                      and isinstance(value.get("message"), str)):
+                self.problem(req, f"{status} with an error body that is not "
+                                  f"{{error, code, message}}: {body[:200]!r}")
+        elif status >= 400 and not req.head_only:
+            self.problem(req, f"{status} without a JSON error body: {headers} {body[:200]!r}")
+
+
+def _message(headers, body):
+    try:
+        return json.loads(body)["message"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class _Conn:
+    """A raw client connection: sends bytes, reads HTTP/1.1 responses one by one."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
+        self.buf = b""
+        self.eof = self.reset = False
+        self.answered = 0
+
+    def send(self, data, shut=False):
+        """False if the server had closed (or reset) the connection."""
+        try:
+            self.sock.sendall(data)
+            if shut:
+                self.sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        except OSError as exc:  # shutdown() once the server has closed
+            if exc.errno != errno.ENOTCONN:
+                raise
+            return False
+        return True
+
+    def _fill(self):
+        if self.eof:
+            return False
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data, self.reset = b"", True
+        except socket.timeout:
+            raise TimeoutError from None
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    def rest(self):
+        while self._fill():
+            pass
+        rest, self.buf = self.buf, b""
+        return rest
+
+    def response(self, head_only):
+        """(status, headers (lower-case names), body); None at the end of the stream;
+        a string saying what is wrong with what came."""
+        while True:
+            while b"\r\n\r\n" not in self.buf:
+                if not self._fill():
+                    if self.buf and not self.reset:
+                        return f"a partial response head: {self.buf[:300]!r}"
+                    return None  # the end; or a reset, which may cut an answer short
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            status_line, *lines = head.split(b"\r\n")
+            found = _STATUS_LINE.fullmatch(status_line)
+            if not found:
+                return f"not an HTTP/1.1 status line: {status_line[:200]!r}"
+            status = int(found.group(1))
+            headers = {}
+            for line in lines:
+                name, colon, value = line.partition(b":")
+                if not colon or not _TOKEN.fullmatch(name):
+                    return f"a malformed response header: {line[:200]!r}"
+                headers[name.decode().lower()] = value.strip().decode("latin-1")
+            if status == 100:
+                continue  # Expect: 100-continue; the answer follows
+            if status < 200:
+                return f"an unexpected interim status {status}"
+            if status == 204 or head_only:
+                return status, headers, b""
+            if "content-length" not in headers:
+                return f"{status} without Content-Length: {head[:300]!r}"
+            length = int(headers["content-length"])
+            while len(self.buf) < length:
+                if not self._fill():
+                    return None  # cut short: the server closed or reset the connection
+            body, self.buf = self.buf[:length], self.buf[length:]
+            return status, headers, body
+
+
+# -- fuzz: the tests
+
+def fuzz_app(make_app):
+    return make_app(**{"server.request_timeout": 0.5, "server.keepalive_timeout": 0.5,
+                       "worker_pool.queue_capacity": 100000})
+
+
+def test_thousands_of_random_and_mutated_requests_get_no_5xx_and_leave_the_server_alive(
+        make_app, caplog):
+    """Every answer is HTTP with a JSON body ({error, code, message} from 400 up); none
+    is a 5xx but 503 with Retry-After (and 501, 505: see the top); no request hangs;
+    then /status answers 200, a job still runs, and nothing was logged as an error."""
+    caplog.set_level(logging.WARNING, logger="valet")
+    app = fuzz_app(make_app)
+    store = app.config["storage.option"]
+    seed = int(os.environ.get("VALET_FUZZ_SEED") or SEEDS[store])
+    fuzzer = Fuzzer(app.port, random.Random(seed))
+    # Real ids for the paths, made before (so that what is sent depends on the seed
+    # alone): finished, scheduled and cancelled jobs; finished and scheduled pipelines.
+    later = "2999-01-01T00:00:00Z"
+    fuzzer.job_ids += [submit(app, metadata={"n": n})["id"] for n in range(3)]
+    fuzzer.job_ids += [submit(app, run_at=later)["id"] for _ in range(2)]
+    assert call(app, "POST", f"/jobs/{fuzzer.job_ids[-1]}/cancel").status == 200
+    fuzzer.pipeline_ids += [submit_pipeline(app, stage(), stage())["id"],
+                            submit_pipeline(app, stage(), stage(), stage(), run_at=later)["id"]]
+
+    fuzzer.run(REQUESTS_PER_STORE)
+
+    replay = f"store {store}, seed {seed} (replay: VALET_FUZZ_SEED={seed})"
+    if fuzzer.problems:
+        shown = "\n".join(fuzzer.problems[:12])
+        pytest.fail(f"{len(fuzzer.problems)} bad answers; {replay}; {dict(fuzzer.counts)}\n"
+                    f"{shown}", pytrace=False)
+    # The fuzz reached the routes, not just the parser.
+    assert fuzzer.counts["requests"] >= REQUESTS_PER_STORE
+    assert fuzzer.counts[202] >= 20 and fuzzer.counts[400] >= 100, (replay, fuzzer.counts)
+    assert fuzzer.counts[200] >= 20 and fuzzer.counts[404] >= 20, (replay, fuzzer.counts)
+
+    assert call(app, "GET", "/status").status == 200
+    job = submit(app, metadata={"after": "the fuzz"})
+    assert wait_for_status(app, job["id"], "COMPLETED")["metadata"] == {"after": "the fuzz"}
+    errors = [r for r in caplog.records if r.name.startswith("valet") and
+              (r.levelno >= logging.ERROR or "internal error" in r.getMessage())]
+    assert not errors, (replay, [f"{r.levelname} {r.getMessage()}" for r in errors[:5]])
+
+
+def nesting_near_the_limit_answers(app, bodies):
+    """{status: [(depth, method, path), ...]} of each body(nested text) sent at every
+    depth near Python's recursion limit: the depth at which a recursive json.dumps
+    fails, while the parser still reads the body, depends on the server's stack."""
+    answers = {}
+    for depth in range(940, 1011):
+        nested = "[" * depth + "]" * depth
+        for method, path, body in bodies:
+            resp = call(app, method, path, raw=body(nested).encode())
+            answers.setdefault(resp.status, []).append((depth, method, path))
+    return answers
+
+
+def test_a_field_nested_just_under_the_parse_limit_gets_400_not_500(make_app, caplog):
+    """Found by the fuzz: a field other than metadata (whose depth is checked without
+    recursion) nested about 980 levels deep, which Python's JSON parser still reads,
+    made the error message's json.dumps (_show) raise RecursionError: 500, and an
+    "internal error" traceback in the log."""
+    caplog.set_level(logging.WARNING, logger="valet")
+    app = make_app()
+    job_id = submit(app)["id"]
+    answers = nesting_near_the_limit_answers(app, [
+        ("POST", "/jobs", lambda nested: f'{{"name": {nested}, "task_name": "echo"}}'),
+        ("POST", "/jobs", lambda nested: f'{{"name": "n", "task_name": "echo", '
+                                         f'"priority": {nested}}}'),
+        ("POST", "/pipelines", lambda nested: f'{{"name": "p", "jobs": {nested}}}'),
+        ("PATCH", f"/jobs/{job_id}", lambda nested: f'{{"name": {nested}}}'),
+    ])
+    assert set(answers) == {400}, {status: found[:6] for status, found in answers.items()
+                                   if status != 400}
+    assert "internal error" not in caplog.text
+
+
+def test_a_deeply_nested_body_with_a_surrogate_pair_escape_gets_400_not_500(make_app, caplog):
+    """Found by the fuzz: a body with a \\uD83D\\uDE00 escape (as json.dumps writes
+    an emoji) is encoded again by _Request.json() to look for a lone surrogate; nested
+    just under the parser's limit, that json.dumps raised RecursionError: 500."""
+    caplog.set_level(logging.WARNING, logger="valet")
+    app = make_app()
+    answers = nesting_near_the_limit_answers(app, [
+        ("POST", "/jobs", lambda nested: f'{{"name": "\\ud83d\\ude00", "task_name": "echo", '
+                                         f'"metadata": {nested}}}'),
+        ("POST", "/pipelines", lambda nested: f'{{"name": "\\ud83d\\ude00", "jobs": {nested}}}'),
+    ])
+    assert set(answers) == {400}, {status: found[:6] for status, found in answers.items()
+                                   if status != 400}
+    assert "internal error" not in caplog.text
+
+
 # ------------------------------------------------------------------- facade --
 
 def test_embedding_program_can_submit_wait_and_read_results_without_http(app, gate):
@@ -3485,6 +5871,359 @@ def test_valet_runs_on_a_store_it_is_given(tmp_path, gate, ran):
     finally:
         app.stop()
     assert not (tmp_path / "x.db").exists()
+
+
+# -- Idempotency-Key
+
+BODY = {"name": "n", "task_name": "echo", "metadata": {"order": 1}}
+
+
+def test_repeated_key_and_body_replays_the_job_with_200_and_creates_nothing(app, ran):
+    first = keyed(app, "/jobs", BODY, "order-1")
+    assert first.status == 202 and "Idempotent-Replayed" not in first.headers
+    job_id = first.body["id"]
+    wait_for_status(app, job_id, valet.COMPLETED)
+    again = keyed(app, "/jobs", BODY, "order-1")
+    assert again.status == 200
+    assert again.body == call(app, "GET", f"/jobs/{job_id}").body  # its current JSON
+    assert again.body["id"] == job_id and again.body["status"] == valet.COMPLETED
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["Location"] == first.headers["Location"] == f"/jobs/{job_id}"
+    assert [j["id"] for j in call(app, "GET", "/jobs").body["jobs"]] == [job_id]
+    assert ran == [{"order": 1}]
+
+
+def test_repeated_key_and_body_replays_the_pipeline_with_200(app):
+    body = {"name": "p", "jobs": [stage(metadata=1), stage(metadata=2)]}
+    first = keyed(app, "/pipelines", body, "pipe-1")
+    assert first.status == 202
+    wait_for_pipeline(app, first.body["id"], valet.COMPLETED)
+    again = keyed(app, "/pipelines", body, "pipe-1")
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.body == call(app, "GET", f"/pipelines/{first.body['id']}").body
+    assert again.headers["Location"] == first.headers["Location"]
+    assert len(call(app, "GET", "/pipelines").body["pipelines"]) == 1
+    assert len(call(app, "GET", "/jobs").body["jobs"]) == 2
+
+
+def test_key_reused_with_another_body_or_for_a_pipeline_gets_409_naming_it(app):
+    assert keyed(app, "/jobs", BODY, "k-409").status == 202
+    other = keyed(app, "/jobs", dict(BODY, metadata={"order": 2}), "k-409")
+    assert other.status == 409 and "'k-409'" in other.body["message"]
+    as_pipeline = keyed(app, "/pipelines", {"name": "p", "jobs": [stage(), stage()]},
+                        "k-409")
+    assert as_pipeline.status == 409 and "'k-409'" in as_pipeline.body["message"]
+    assert len(call(app, "GET", "/jobs").body["jobs"]) == 1
+    assert call(app, "GET", "/pipelines").body["pipelines"] == []
+
+
+@pytest.mark.parametrize("key", ["has space", "caf\u00e9", "x" * 256],
+                         ids=["space", "non-ascii", "256-chars"])
+def test_malformed_key_gets_400_and_stores_nothing(app, key):
+    resp = keyed(app, "/jobs", BODY, key)
+    assert resp.status == 400 and "Idempotency-Key" in resp.body["message"], resp
+    assert call(app, "GET", "/jobs").body["jobs"] == []
+
+
+def test_key_of_255_printable_characters_is_accepted(app):
+    assert keyed(app, "/jobs", BODY, "~" * 255).status == 202
+
+
+def test_key_given_twice_gets_400_and_stores_nothing(app):
+    resp = post_with_headers(app, "/jobs", BODY, [("Idempotency-Key", "a"),
+                                                  ("Idempotency-Key", "a")])
+    assert resp.status == 400 and "Idempotency-Key" in resp.body["message"], resp
+    assert call(app, "GET", "/jobs").body["jobs"] == []
+
+
+def test_ten_concurrent_requests_with_one_key_create_exactly_one_job(app):
+    answers = [None] * 10
+
+    def post_once(i):
+        resp = keyed(app, "/jobs", BODY, "together")
+        answers[i] = (resp.status, resp.body["id"])
+
+    run_together(post_once, 10)
+    assert sorted(status for status, _ in answers) == [200] * 9 + [202]
+    assert len({job_id for _, job_id in answers}) == 1
+    assert [j["id"] for j in call(app, "GET", "/jobs").body["jobs"]] == [answers[0][1]]
+
+
+def test_key_is_free_again_once_its_finished_job_is_deleted(app):
+    first = keyed(app, "/jobs", BODY, "reuse").body["id"]
+    wait_for_status(app, first, valet.COMPLETED)
+    assert call(app, "DELETE", f"/jobs/{first}").status == 204
+    again = keyed(app, "/jobs", BODY, "reuse")
+    assert again.status == 202 and again.body["id"] != first
+    replay = keyed(app, "/jobs", BODY, "reuse")
+    assert replay.status == 200 and replay.body["id"] == again.body["id"]
+
+
+def test_key_is_free_again_once_retention_deletes_what_it_made(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock, **{"retention.finished_jobs": "1h"})
+    pipeline_body = {"name": "p", "jobs": [stage(), stage()]}
+    job = keyed(app, "/jobs", BODY, "job-key").body["id"]
+    pipeline = keyed(app, "/pipelines", pipeline_body, "pipe-key").body["id"]
+    wait_for_status(app, job, valet.COMPLETED)
+    wait_for_pipeline(app, pipeline, valet.COMPLETED)
+    clock.advance(3601)
+    assert app.sweep() == 3
+    assert app._store.find_key("job-key") is None and app._store.find_key("pipe-key") is None
+    again = keyed(app, "/jobs", BODY, "job-key")
+    assert again.status == 202 and again.body["id"] != job
+    again = keyed(app, "/pipelines", pipeline_body, "pipe-key")
+    assert again.status == 202 and again.body["id"] != pipeline
+
+
+def test_facade_submits_once_per_key(app):
+    fields = {"name": "n", "task_name": "echo", "metadata": "facade"}
+    first = app.submit(fields, idempotency_key="facade")
+    assert app.submit(fields, idempotency_key="facade")["id"] == first["id"]
+    made, created = app.submit_once(fields, "facade-2")
+    assert created is True and made["id"] != first["id"]
+    replayed, created = app.submit_once(fields, "facade-2")
+    assert created is False and replayed["id"] == made["id"]
+    pipeline_fields = {"name": "p", "jobs": [stage(), stage()]}
+    made, created = app.submit_pipeline_once(pipeline_fields, "facade-3")
+    assert created is True
+    replayed, created = app.submit_pipeline_once(pipeline_fields, "facade-3")
+    assert created is False and replayed["id"] == made["id"]
+    assert len(app.list_jobs()["jobs"]) == 4
+
+
+def test_replay_answers_200_while_the_backlog_is_full(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1, "worker_pool.queue_capacity": 1})
+    submit(app, "gate")
+    assert gate.entered.wait(10)  # the one worker is busy; the backlog is empty
+    first = keyed(app, "/jobs", BODY, "full")
+    assert first.status == 202  # it waits: the backlog's one place is taken
+    assert call(app, "POST", "/jobs", BODY).status == 503
+    replay = keyed(app, "/jobs", BODY, "full")
+    assert replay.status == 200 and replay.body["id"] == first.body["id"]
+    assert replay.body["status"] == valet.PENDING
+
+
+# -- retention
+
+@pytest.mark.parametrize("value, seconds", [("7d", 7 * DAY), ("12h", 12 * 3600),
+                                            ("90s", 90), (None, None)])
+def test_retention_accepts_durations_and_null(value, seconds):
+    app = valet.Valet({"storage": {"option": "memory"},
+                       "retention": {"finished_jobs": value}}, tasks={})
+    assert app.retention == seconds
+    assert valet.load_config({})["retention.finished_jobs"] == "7d"  # the default
+
+
+@pytest.mark.parametrize("value", ["7 days", "1w", "0.5s", "", -1, True, [1]])
+def test_bad_retention_is_a_config_error_naming_the_key(value):
+    with pytest.raises(valet.ConfigError, match=r"^retention\.finished_jobs: "):
+        valet.load_config({"retention": {"finished_jobs": value}})
+
+
+def test_sweep_deletes_what_finished_before_the_cutoff_never_unfinished_jobs(make_app,
+                                                                            gate):
+    holding, held = threading.Event(), threading.Event()
+
+    def hold(metadata):
+        holding.set()
+        assert held.wait(10)
+        return "held"
+
+    clock = FakeClock()
+    app = make_app(clock=clock, tasks={"hold": hold}, **{"retention.finished_jobs": "1h"})
+    done = keyed(app, "/jobs", BODY, "done-key").body
+    failed = submit(app, "fail")
+    whole = submit_pipeline(app, stage(), stage())
+    wait_for_status(app, done["id"], valet.COMPLETED)
+    wait_for_status(app, failed["id"], valet.FAILED)
+    wait_for_pipeline(app, whole["id"], valet.COMPLETED)
+    cancelled = cancelled_job(app, clock)
+    scheduled = submit(app, run_at=at(clock, 100 * DAY))
+    partial = submit_pipeline(app, stage(), stage("hold"))
+    assert holding.wait(10)
+    running = submit(app, "gate")
+    assert gate.entered.wait(10)
+    queued = [submit(app, "gate")["id"] for _ in range(2)]  # both workers are busy
+    clock.advance(1800)  # partial's last job finishes half an hour after the rest
+    held.set()
+    wait_for_pipeline(app, partial["id"], valet.COMPLETED)
+    wait_for_status(app, queued[0], valet.IN_PROGRESS)  # took the freed worker
+    unfinished = {scheduled["id"]: valet.SCHEDULED, running["id"]: valet.IN_PROGRESS,
+                  queued[0]: valet.IN_PROGRESS, queued[1]: valet.PENDING}
+    partial_jobs = {job["id"] for job in partial["jobs"]}
+    assert app._store.result(done["id"]) is not None
+
+    clock.advance(1801)  # the cutoff is 1 s after the first jobs finished
+    assert app.sweep() == 5  # done, failed, cancelled, and whole's two jobs
+    assert job_ids(app) == set(unfinished) | partial_jobs
+    assert app._store.result(done["id"]) is None
+    assert app._store.find_key("done-key") is None
+    assert call(app, "GET", f"/pipelines/{whole['id']}").status == 404
+    assert call(app, "GET", f"/jobs/{cancelled['id']}").status == 404
+
+    clock.advance(1800)  # now partial's last job finished more than an hour ago too
+    assert app.sweep() == 2
+    assert call(app, "GET", f"/pipelines/{partial['id']}").status == 404
+    clock.advance(400 * DAY)
+    assert app.sweep() == 0
+    assert {job_id: job_status(app, job_id) for job_id in unfinished} == unfinished
+
+
+def test_sweep_deletes_one_batch_of_at_most_500_and_returns_the_count(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock, **{"retention.finished_jobs": "1h"})
+    old = clock.now - 30 * DAY
+    kept = [unfinished_record(old, status) for status in (valet.SCHEDULED, valet.PENDING)]
+    app._store.add(kept[0])
+    app._store.add(*[finished_record(old + i) for i in range(1200)])
+    app._store.add(kept[1])
+    assert [app.sweep() for _ in range(4)] == [500, 500, 200, 0]
+    assert job_ids(app) == {job["id"] for job in kept}
+
+
+@pytest.mark.parametrize("keep, count", [("7d", 1), (None, 0)])
+def test_retention_thread_runs_only_when_retention_is_set(make_app, keep, count):
+    def retention_threads():
+        return {t for t in threading.enumerate() if t.name == "valet-retention"}
+
+    before = retention_threads()
+    clock = FakeClock()
+    app = make_app(clock=clock, start=False, **{"retention.finished_jobs": keep})
+    app._store.add(finished_record(clock.now - 400 * DAY))
+    assert retention_threads() - before == set()  # not before start()
+    app.start()
+    started = retention_threads() - before
+    assert len(started) == count
+    assert app.sweep() == (1 if keep else 0)  # null keeps even a job a year old
+    app.stop()
+    for thread in started:
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def on_disk(path):
+    """Bytes the database takes (file and WAL), once the WAL is checkpointed."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    wal = f"{path}-wal"
+    return os.path.getsize(path) + (os.path.getsize(wal) if os.path.exists(wal) else 0)
+
+
+def test_sqlite_file_gives_space_back_after_a_sweep(tmp_path):
+    path = tmp_path / "shrink.db"
+    clock = FakeClock()
+    app = valet.Valet({"storage": {"option": "sqlite", "sqlite": {"path": str(path)}},
+                       "retention": {"finished_jobs": "1h"}}, tasks={}, clock=clock)
+    try:
+        empty = on_disk(path)
+        blob = "x" * 4000
+        for start in range(0, 2000, 250):
+            app._store.add(*[finished_record(clock.now - DAY, metadata={"n": n, "blob": blob})
+                             for n in range(start, start + 250)])
+        full = on_disk(path)
+        assert full > 8_000_000
+        swept = []
+        while not swept or swept[-1]:
+            swept.append(app.sweep())
+        assert sum(swept) == 2000
+        emptied = on_disk(path)
+        assert emptied < full / 10, (empty, full, emptied)
+    finally:
+        app.stop()
+
+
+def test_memory_stays_bounded_swept_jobs_leave_nothing_behind(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock)  # retention by default: 7d
+    ids = []
+    for i in range(40):
+        job = app.submit({"name": "n", "task_name": "echo", "metadata": i},
+                         idempotency_key=f"k{i}")
+        assert app.wait(job["id"], 10)["status"] == valet.COMPLETED
+        ids.append(job["id"])
+    clock.advance(7 * DAY - 1)
+    assert app.sweep() == 0
+    clock.advance(2)
+    assert app.sweep() == 40 and app.sweep() == 0
+    assert app._store.list(limit=1000) == []
+    assert all(app._store.result(job_id) is None for job_id in ids)
+    assert all(app._store.find_key(f"k{i}") is None for i in range(40))
+    store = app._store
+    if isinstance(store, valet.MemoryStore):
+        assert not (store._jobs or store._ids or store._seqs or store._results
+                    or store._keys or store._key_of)
+        assert not any(store._by_status.values())
+
+
+# -- bulk delete
+
+def test_bulk_delete_by_status_deletes_only_failed_standalone_jobs(app, gate):
+    completed = submit(app)
+    failed = [submit(app, "fail") for _ in range(2)]
+    cancelled = cancelled_job(app)
+    in_pipeline = submit_pipeline(app, stage("fail"), stage())
+    running = submit(app, "gate")
+    assert gate.entered.wait(10)
+    wait_for_status(app, completed["id"], valet.COMPLETED)
+    for job in failed:
+        wait_for_status(app, job["id"], valet.FAILED)
+    wait_for_pipeline(app, in_pipeline["id"], valet.FAILED)
+    resp = bulk_delete(app, status="FAILED")
+    assert resp.status == 200 and resp.body == {"deleted": 2}
+    assert job_ids(app) == {completed["id"], cancelled["id"], running["id"],
+                            *(job["id"] for job in in_pipeline["jobs"])}
+
+
+def test_bulk_delete_finished_before_deletes_only_jobs_finished_earlier(make_app, gate):
+    clock = FakeClock()
+    app = make_app(clock=clock)
+    early = [submit(app)["id"], submit(app, "fail")["id"], cancelled_job(app, clock)["id"]]
+    pipeline = submit_pipeline(app, stage(), stage())
+    scheduled = submit(app, run_at=at(clock, DAY))
+    running = submit(app, "gate")
+    assert gate.entered.wait(10)
+    for job_id in early[:2]:
+        wait_for_status(app, job_id, valet.COMPLETED, valet.FAILED)
+    wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    clock.advance(3600)
+    late = submit(app)["id"]
+    wait_for_status(app, late, valet.COMPLETED)
+    resp = bulk_delete(app, finished_before=at(clock, -1800))
+    assert resp.status == 200 and resp.body == {"deleted": 3}
+    unfinished = {scheduled["id"], running["id"], *(job["id"] for job in pipeline["jobs"])}
+    assert job_ids(app) == unfinished | {late}
+    both = bulk_delete(app, status="COMPLETED", finished_before=at(clock, 1))
+    assert both.status == 200 and both.body == {"deleted": 1}
+    assert job_ids(app) == unfinished
+
+
+@pytest.mark.parametrize("query, message", [
+    ({}, "give status, finished_before or both"),
+    ({"status": "PENDING"}, "status must be COMPLETED, FAILED or CANCELLED"),
+    ({"status": "PENDING", "finished_before": "2100-01-01T00:00:00Z"}, "status must be"),
+    ({"finished_before": "yesterday"}, "finished_before must be an RFC 3339 time"),
+    ({"status": "COMPLETED", "finished_before": "2100-13-01T00:00:00Z"},
+     "finished_before must be"),
+])
+def test_rejected_bulk_delete_gets_400_naming_the_problem_and_deletes_nothing(app, query,
+                                                                             message):
+    jobs = [submit(app)["id"], submit(app, "fail")["id"]]
+    for job_id in jobs:
+        wait_for_status(app, job_id, valet.COMPLETED, valet.FAILED)
+    resp = bulk_delete(app, **query)
+    assert resp.status == 400 and message in resp.body["message"], resp
+    assert job_ids(app) == set(jobs)
+
+
+def test_bulk_delete_of_1200_jobs_deletes_them_all_in_batches(app):
+    now = time.time()
+    app._store.add(*[finished_record(now - 60 + i / 1000) for i in range(1200)])
+    kept = finished_record(now - 60, valet.FAILED)
+    app._store.add(kept)
+    resp = bulk_delete(app, status="COMPLETED")
+    assert resp.status == 200 and resp.body == {"deleted": 1200}
+    assert job_ids(app) == {kept["id"]}
 
 
 # -------------------------------------------------------------- the process --
@@ -3737,6 +6476,65 @@ def test_valet_run_from_another_folder_uses_the_files_beside_its_config(tmp_path
     finally:
         store.close()
     assert os.listdir(elsewhere) == []
+
+
+# -- shutdown signals
+
+def test_sighup_stops_gracefully_letting_the_running_job_finish(tmp_path, processes):
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    proc = processes(tmp_path)
+    running = post(proc.port, "block", {"fifo": str(fifo)})
+    wait_until(lambda: call(proc.port, "GET", f"/jobs/{running}").body["status"]
+               == valet.IN_PROGRESS, what="the block job to start")
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: proc.logged("stopping: no new job starts"), what="the stop to begin")
+    release(fifo)
+    assert proc.proc.wait(10) == 0
+    proc.reader.join(10)
+    assert proc.logged("SIGHUP received: stopping")
+    assert proc.lines[-1].endswith("valet stopped\n"), proc.lines
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    try:
+        assert store.get(running)["status"] == valet.COMPLETED
+        assert store.result(running)["value"] == "released"
+    finally:
+        store.close()
+
+
+def test_second_sigterm_during_grace_exits_1_at_once_and_restart_settles_jobs(tmp_path,
+                                                                              processes):
+    config = {"worker_pool": {"workers": 2, "shutdown_grace": 30}}
+    first = processes(tmp_path, **config)
+    os.mkfifo(tmp_path / "once")
+    os.mkfifo(tmp_path / "retried")
+    once = post(first.port, "block", {"fifo": str(tmp_path / "once")})
+    retried = call(first.port, "POST", "/jobs", {
+        "name": "n", "task_name": "block", "metadata": {"fifo": str(tmp_path / "retried")},
+        "max_retries": 1, "retry_backoff": 0}).body["id"]
+    for job_id in (once, retried):
+        wait_until(lambda: call(first.port, "GET", f"/jobs/{job_id}").body["status"]
+                   == valet.IN_PROGRESS, what=f"job {job_id} to start")
+    first.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: first.logged("stopping: no new job starts"), what="the stop to begin")
+    signalled = time.monotonic()
+    assert first.kill(signal.SIGTERM) == 1  # kill() waits at most 10 s of the 30 s grace
+    assert time.monotonic() - signalled < 10
+    first.reader.join(10)
+    warning = [line for line in first.lines if "received again" in line]
+    assert len(warning) == 1 and " WARNING " in warning[0]
+    assert "SIGTERM received again: stopping at once" in warning[0]
+    assert not first.logged("valet stopped")
+
+    second = processes(tmp_path, **config)
+    crashed = call(second.port, "GET", f"/jobs/{once}").body
+    assert crashed["status"] == valet.FAILED
+    assert crashed["failure_reason"] == "the server stopped while the job was running"
+    wait_until(lambda: call(second.port, "GET", f"/jobs/{retried}").body["attempts"] == 2,
+               what="the retried job's second attempt to start")
+    release(tmp_path / "retried")
+    wait_until(lambda: call(second.port, "GET", f"/jobs/{retried}").body["status"]
+               == valet.COMPLETED, what="the retry to complete")
 
 
 # -------------------------------------------------------------------- tasks --

@@ -56,6 +56,7 @@ import argparse
 import bisect
 import contextlib
 import datetime
+import email.errors
 import functools
 import hashlib
 import heapq
@@ -3645,8 +3646,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _check_framing(self):
         # A line the header parser could not read ("Content-Length : 5") ends its
         # headers there, the rest kept aside as a payload: that must not be ignored.
-        if self.headers.defects or self.headers.get_payload():
-            line = (self.headers.get_payload() or "").partition("\r\n")[0]
+        if any(isinstance(defect, email.errors.MissingHeaderBodySeparatorDefect)
+               for defect in self.headers.defects):
+            line = str(self.headers.get_payload() or "").partition("\r\n")[0]
             raise HTTPError(400, f"malformed header line {_cut(line, 40)!r}")
         for name in self.headers.keys():
             if not _HEADER_NAME.fullmatch(name):
