@@ -75,6 +75,7 @@ import os
 import queue
 import random
 import re
+import selectors
 import signal
 import socket
 import sqlite3
@@ -3824,6 +3825,9 @@ class _Server(http.server.ThreadingHTTPServer):
                                                  for h in hosts}
         self.origins = {o.strip().rstrip("/") for o in config["server.cors_origins"]}
         self.tally = _Tally()
+        self._waker, self._wake = socket.socketpair()  # stop_serving() wakes serve()
+        self._stopping, self._served = threading.Event(), threading.Event()
+        self._serving = False  # serve() has begun
         self._lock = threading.Lock()  # guards _connections
         self._connections = 0
         if ":" in address[0]:
@@ -3872,8 +3876,32 @@ class _Server(http.server.ThreadingHTTPServer):
         if self.tally.first(kind):
             log.warning("%s (from %s)", kind, client_address[0])
 
-    def service_actions(self):
-        self.tally.flush()
+    def serve(self):
+        """Accept connections until stop_serving(). socketserver's serve_forever would
+        notice a shutdown only at its next poll; this loop is woken at once."""
+        self._serving = True
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._waker, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select(1):
+                    if key.fileobj is self and not self._stopping.is_set():
+                        self.handle_request()  # ready: it accepts without waiting
+                self.tally.flush()
+        self._served.set()
+
+    def stop_serving(self):
+        """Stop serve() and wait until it has returned (at once, if it never ran)."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake.send(b"\0")
+        if self._serving:
+            self._served.wait()
+
+    def server_close(self):
+        super().server_close()
+        self._waker.close()
+        self._wake.close()
 
     def handle_error(self, request, client_address):
         """A connection's unexpected error, logged (socketserver would print it)."""
@@ -3991,10 +4019,8 @@ class Valet:
             if self.retention is not None:
                 threading.Thread(target=self._sweep_forever, name="valet-retention",
                                  daemon=True).start()
-            # serve_forever notices shutdown() only between polls: a short interval
-            # makes stop() quick at the cost of a few idle wake-ups a second.
-            threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                             name="valet-http", daemon=True).start()
+            threading.Thread(target=self._server.serve, name="valet-http",
+                             daemon=True).start()
             self.started_at = self._monotonic()
         where = getattr(self._store, "path", None)
         log.info("valet %s listening on %s (storage: %s%s, workers: %d)", __version__,
@@ -4023,7 +4049,7 @@ class Valet:
         if self.started_at is not None:
             log.info("stopping: no new job starts; running jobs get up to %gs", grace)
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop_serving()
             self._server.server_close()
         if self.started_at is not None:
             self.pool.stop(grace)
