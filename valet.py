@@ -61,7 +61,6 @@ import functools
 import hashlib
 import heapq
 import hmac
-import http.client
 import http.server
 import importlib
 import inspect
@@ -518,7 +517,10 @@ _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 class _JsonObject(dict):
     """An object the HTTP layer's strict decoder built from a request body: whatever
     it holds is plain JSON already, so a job made from it is not encoded again to
-    check (a dict from an embedding program is)."""
+    check (a dict from an embedding program is). `shallow` is set on a body too
+    short of brackets to nest past _MAX_DEPTH."""
+
+    shallow = False
 
 _JOB_INPUT = ("name", "description", "task_name", "metadata", "task_params", "timeout",
               "priority", "run_at", "max_retries", "retry_backoff")
@@ -589,7 +591,7 @@ class _Fields:
         value = self.fields.get("metadata", self.fields.get("task_params"))
         if "metadata" in self.fields and "task_params" in self.fields:
             self.problem("give metadata or task_params (its old name), not both")
-        if _too_deep(value):
+        if not getattr(self.fields, "shallow", False) and _too_deep(value):
             self.problem(f"metadata is nested more than {_MAX_DEPTH} levels deep")
             return None
         if isinstance(self.fields, _JsonObject):
@@ -2694,10 +2696,10 @@ class _WorkerPool:
             log.warning("job %s: task %s raised", job["id"], job["task_name"], exc_info=True)
             return FAILED, None, f"{type(exc).__name__}: {exc}"
         try:
-            json.dumps(value, allow_nan=False)
+            text = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             return FAILED, None, f"the task's result is not JSON-serialisable: {exc}"
-        if _too_deep(value):
+        if text.count("[") + text.count("{") > _MAX_DEPTH and _too_deep(value):
             return FAILED, None, f"the task's result is nested more than {_MAX_DEPTH} deep"
         return COMPLETED, value, None
 
@@ -3195,7 +3197,7 @@ class _Request:
         self.args = args      # from the query string, as the route allows them
         self.body = body
         self.prefix = prefix  # "/api" when the request came in under it, else ""
-        self.headers = headers if headers is not None else http.client.HTTPMessage()
+        self.headers = headers or {}  # lower-case name -> its values
 
     def json(self) -> dict:
         """The body as a JSON object, or HTTPError(400) saying what is wrong with it."""
@@ -3219,9 +3221,11 @@ class _Request:
             raise HTTPError(400, f"body must be a JSON object, got {_json_type(value)}")
         # Deeper than any field may be (metadata in a pipeline's job sits 3 levels
         # down), and before anything recursive (an error message, say) walks it.
-        deep = next((key for key, field in value.items()
-                     if _too_deep(field, _MAX_DEPTH + 3)), None)
-        if deep is not None:
+        # (Fewer brackets than the limit cannot nest deeper: most bodies skip the walk.)
+        value.shallow = text.count("[") + text.count("{") <= _MAX_DEPTH
+        if not value.shallow and _too_deep(value, _MAX_DEPTH + 4):
+            deep = next(key for key, field in value.items()
+                        if _too_deep(field, _MAX_DEPTH + 3))
             raise HTTPError(400, f"{_cut(deep, 40)} is nested too deeply: metadata may "
                                  f"nest {_MAX_DEPTH} levels, the other fields less")
         if "\\ud" in text.lower():  # a \uD800-\uDFFF escape must be half of a pair
@@ -3260,7 +3264,7 @@ def _wait_seconds(text):
 
 def _idempotency_key(req):
     """The request's Idempotency-Key, or None; HTTPError(400) if it is given twice."""
-    keys = req.headers.get_all("Idempotency-Key") or []
+    keys = req.headers.get("idempotency-key", ())
     if len(keys) > 1:
         raise HTTPError(400, "Idempotency-Key is given more than once")
     return keys[0] if keys else None
@@ -3499,7 +3503,6 @@ def _is_loopback(host):
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
-_BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 class _Reader(socket.SocketIO):
@@ -3513,15 +3516,28 @@ class _Reader(socket.SocketIO):
         super().__init__(sock, "rb")
         self.idle, self.whole = idle, whole
         self.deadline = None  # monotonic, once a request has begun
+        self.timeout = idle   # the socket's timeout, as last set
+        sock.settimeout(idle)
+
+    def rearm(self):
+        """Wait for the next request (and write this one's answer) on the idle clock."""
+        self.deadline = None
+        if self.timeout != self.idle:
+            self._set(self.idle)
+
+    def _set(self, timeout):
+        # Only when it changes: settimeout() lets go of the GIL, which costs a thread
+        # switch under load. A request that comes in one read (most) sets none.
+        self._sock.settimeout(timeout)
+        self.timeout = timeout
 
     def readinto(self, buffer):
-        if self.deadline is None:
-            self._sock.settimeout(self.idle)
-        else:
+        if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the request took too long to arrive")
-            self._sock.settimeout(left)
+            if left < self.timeout * 0.9:  # so a read overshoots by a tenth at most
+                self._set(left)
         count = super().readinto(buffer)
         if self.deadline is None and count:
             self.deadline = time.monotonic() + self.whole
@@ -3551,12 +3567,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                config["server.request_timeout"])
         self.rfile = io.BufferedReader(self._reader)
         self._cors = None  # the allowed cross origin of the request, if it has one
+        self.fields = {}   # the request's headers, once _check_framing has read them
 
     def handle_one_request(self):
         """http.server's, but an empty line before the request line is skipped (RFC
         9112 allows it), and a request that does not arrive in time, or a client
         that goes away, closes the connection with a log line, not a traceback."""
-        self._reader.deadline = None
+        self._reader.rearm()
         self._cors = None
         try:
             line = self.rfile.readline(65537)
@@ -3595,7 +3612,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         why, body = "", None
         try:
             self._check_head()
-            if self.command == "OPTIONS" and self.headers.get("Origin"):
+            if self.command == "OPTIONS" and self._field("origin"):
                 status, headers, data = self._preflight()
             else:
                 body = self._read_body()
@@ -3605,7 +3622,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 fn, params, allowed = _match(self.command, path)
                 prefix = params.pop("prefix") or ""
                 request = _Request(params, _parse_query(query, allowed), body, prefix,
-                                   self.headers)
+                                   self.fields)
                 status, payload, *rest = fn(app, request)
                 headers = rest[0] if rest else {}
                 data = b"" if payload is None else _encode(payload)
@@ -3651,29 +3668,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                for defect in self.headers.defects):
             line = str(self.headers.get_payload() or "").partition("\r\n")[0]
             raise HTTPError(400, f"malformed header line {_cut(line, 40)!r}")
-        for name in self.headers.keys():
+        self.fields = fields = {}  # lower-case name -> its values, read once
+        for name, value in self.headers.raw_items():
             if not _HEADER_NAME.fullmatch(name):
                 raise HTTPError(400, f"malformed header name {_cut(name, 40)!r}")
-        lengths = self.headers.get_all("Content-Length") or []
+            if "\n" in value:  # obs-fold: RFC 9112 lets a server refuse it
+                raise HTTPError(400, f"header {_cut(name, 40)!r} is folded over two lines")
+            fields.setdefault(name.lower(), []).append(value)
+        lengths = fields.get("content-length", ())
         if len(lengths) > 1:
             raise HTTPError(400, "Content-Length is given more than once")
-        if "Transfer-Encoding" in self.headers:
+        if "transfer-encoding" in fields:
             if lengths:
                 raise HTTPError(400, "give Content-Length or Transfer-Encoding, not both")
             raise HTTPError(411, "send the body with a Content-Length; transfer encodings "
                                  "(chunked) are not supported")
-        hosts = self.headers.get_all("Host") or []
+        hosts = fields.get("host", ())
         if len(hosts) > 1:
             raise HTTPError(400, "Host is given more than once")
         if not hosts and self.request_version == "HTTP/1.1":
             raise HTTPError(400, "an HTTP/1.1 request must have a Host header")
 
+    def _field(self, name):
+        """The value of a header (its lower-case name) that may be given once, or None."""
+        values = self.fields.get(name)
+        return values[0] if values else None
+
     def _check_access(self):
         server = self.server
-        host = self.headers.get("Host")
+        host = self._field("host")
         if host is not None and not server.allows_host(_host_name(host)):
             raise HTTPError(403, f"Host {_cut(host, 80)!r} is not in server.allowed_hosts")
-        origin = self.headers.get("Origin")
+        origin = self._field("origin")
         if origin is not None and origin != f"http://{host}":  # a cross-origin request
             if not server.allows_origin(origin):
                 raise HTTPError(403, f"requests from origin {_cut(origin, 80)!r} are not "
@@ -3682,7 +3708,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "OPTIONS" and origin is not None:
             return  # a preflight: the browser sends no credentials with it
         if server.token is not None:
-            given = self.headers.get("Authorization", "")
+            given = self._field("authorization") or ""
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     token.strip().encode("utf-8", "replace"), server.token):
@@ -3690,9 +3716,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                      "Authorization: Bearer <server.auth_token>",
                                 {"WWW-Authenticate": 'Bearer realm="valet"'
                                  + (', error="invalid_token"' if given else "")})
-        if self._content_length() and not _is_json_type(self.headers.get("Content-Type")):
+        kind = self._field("content-type")
+        if self._content_length() and not _is_json_type(kind):
             raise HTTPError(415, f"a body must be sent as Content-Type: application/json, "
-                                 f"not {_cut(self.headers.get('Content-Type') or 'none', 80)} "
+                                 f"not {_cut(kind or 'none', 80)} "
                                  f"(with curl: --json '{{...}}')")
 
     def _preflight(self):
@@ -3708,7 +3735,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _content_length(self):
         """The declared body length, or HTTPError (closing the connection, whose
         framing can no longer be trusted) if it is not a number or too large."""
-        length = self.headers.get("Content-Length", "0").strip() or "0"
+        length = (self._field("content-length") or "0").strip() or "0"
         if not _DIGITS.fullmatch(length):
             self.close_connection = True
             raise HTTPError(400, f"Content-Length must be a whole number, got "
@@ -3754,7 +3781,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         if self.command == "HEAD":
             data = b""
-        self.connection.settimeout(self._reader.whole)  # a client that will not read
+        self._reader.rearm()  # a client that will not read: as long as an idle one
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
 
     _last_date = (0, "")  # (epoch second, its Date header), shared by every connection
