@@ -1,4 +1,6 @@
-# make run: start valet with config.yaml.  make test: run the test suite.
+# make run: start valet with config.yaml (options in ARGS, e.g. make run ARGS="--port
+# 8081").  make test: run the test suite.  make clean: remove the virtual environment
+# and caches (not the job database, valet.db).
 # make bench: the benchmark (bench/bench_valet.py, about 5 minutes; make bench-quick:
 # about 1.5; extra options in ARGS, e.g. make bench ARGS="--only submit").
 # All first create a local virtual environment (.venv) holding PyYAML and pytest.
@@ -15,7 +17,7 @@ $(STAMP): Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/python valet.py --config config.yaml
+	$(VENV)/bin/python valet.py --config config.yaml $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q test_valet.py
@@ -27,4 +29,4 @@ bench-quick: $(STAMP)
 	$(VENV)/bin/python bench/bench_valet.py --quick $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__ valet.db valet.db-wal valet.db-shm valet.db.lock
+	rm -rf $(VENV) .pytest_cache __pycache__

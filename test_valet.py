@@ -1342,13 +1342,19 @@ def fill(folder):
 
 # -- one owner per database
 
+def running_block_job(proc, fifo):
+    """The id of a `block` job that proc runs until `fifo` is written to."""
+    os.mkfifo(fifo)
+    job_id = post(proc.port, "block", {"fifo": str(fifo)})
+    wait_until(lambda: call(proc.port, "GET", f"/jobs/{job_id}").body["status"]
+               == valet.IN_PROGRESS, what="the block job to start")
+    return job_id
+
+
 def test_second_process_on_one_database_exits_1_naming_file_and_owner_pid(tmp_path,
                                                                           processes):
     first = processes(tmp_path)
-    os.mkfifo(tmp_path / "fifo")
-    running = post(first.port, "block", {"fifo": str(tmp_path / "fifo")})
-    wait_until(lambda: call(first.port, "GET", f"/jobs/{running}").body["status"]
-               == valet.IN_PROGRESS, what="the first process's job to start")
+    running = running_block_job(first, tmp_path / "fifo")
 
     code, lines, took = run_valet(tmp_path)  # the same config.yaml, the same folder
     assert code == 1 and took < 5, (code, took)
@@ -1397,10 +1403,7 @@ def test_valet_built_twice_on_one_file_raises_store_in_use_until_the_first_stops
 def test_sigkill_releases_the_lock_and_the_next_process_recovers_its_job(tmp_path,
                                                                         processes):
     first = processes(tmp_path)
-    os.mkfifo(tmp_path / "never")
-    running = post(first.port, "block", {"fifo": str(tmp_path / "never")})
-    wait_until(lambda: call(first.port, "GET", f"/jobs/{running}").body["status"]
-               == valet.IN_PROGRESS, what="the block job to start")
+    running = running_block_job(first, tmp_path / "never")
     assert first.kill(signal.SIGKILL) == -signal.SIGKILL
 
     second = processes(tmp_path)  # the OS dropped the dead process's lock
@@ -1670,6 +1673,23 @@ def test_corruption_met_at_run_time_answers_503_and_is_logged_once(make_app, cap
     assert len(loud) <= 3, loud
     assert loud[0].startswith("storage: database is corrupt")
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("garbage", [b"\xff\xfe not UTF-8", b"{not json"])
+def test_a_stored_row_that_is_garbage_answers_503_database_is_corrupt(make_app, garbage):
+    app = make_app()
+    job_id = submit(app, "echo", {"x": 1})["id"]
+    conn = sqlite3.connect(app._store.path)  # what a bad disk or another program did
+    conn.execute("UPDATE jobs SET metadata = CAST(? AS TEXT) WHERE id = ?", (garbage, job_id))
+    conn.commit()
+    conn.close()
+    resp = call(app, "GET", f"/jobs/{job_id}")
+    assert resp.status == 503 and "database is corrupt" in resp.body["message"]
+    assert "it needs repair" in resp.body["message"]
+    assert call(app, "GET", "/jobs").status == 503
+    app._store._last_write -= 60  # the probe's write succeeds: still not ok
+    assert status_says(app, False, "database is corrupt")
 
 
 @SQLITE_ONLY
@@ -4081,6 +4101,25 @@ def test_non_ascii_authorization_gets_401_not_500(make_app):
     assert resp.status == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
 
 
+@pytest.mark.parametrize("environ, source", [({}, "server.auth_token"),
+                                             ({"VALET_AUTH_TOKEN": TOKEN}, "VALET_AUTH_TOKEN")])
+def test_start_line_and_401_say_a_token_is_required_and_where_it_comes_from(
+        caplog, environ, source):
+    caplog.set_level(logging.INFO, logger="valet")
+    config = valet.load_config({"server": {"port": 0, "auth_token": "x" * 16},
+                                "storage": {"option": "memory"}}, None, environ)
+    app = valet.Valet(config, tasks={}).start()
+    try:
+        started = next(r.getMessage() for r in caplog.records
+                       if "listening on" in r.getMessage())
+        assert started.endswith(f", token required, from {source})")
+        resp = call(app, "GET", "/status")
+        assert resp.status == 401
+        assert resp.body["message"].endswith(f"(valet takes it from {source})")
+    finally:
+        app.stop()
+
+
 def test_right_token_is_served_on_every_request(make_app):
     app = make_app(**{"server.auth_token": TOKEN})
     assert call(app, "GET", "/status", headers=AUTH).status == 200
@@ -4270,8 +4309,9 @@ def test_explicit_allowed_hosts_allow_that_host_and_refuse_others_even_with_toke
     assert len(listed.body["jobs"]) == 2  # the refused one was not created
 
 
-def test_star_allowed_hosts_allows_any_host(make_app):
-    app = make_app(**{"server.allowed_hosts": ["*"]})
+@pytest.mark.parametrize("star", ["*", ["*"]])
+def test_star_allowed_hosts_allows_any_host(make_app, star):
+    app = make_app(**{"server.allowed_hosts": star})
     for host in ("anything.example", "10.0.0.1:80", "localhost"):
         assert get_status(app.port, host).status == 200, host
 
@@ -4386,8 +4426,9 @@ def test_preflight_from_unlisted_origin_gets_403_without_cors_headers(make_app):
     assert no_jobs(app, AUTH)
 
 
-def test_star_cors_origins_allows_any_origin(make_app):
-    app = make_app(**{"server.cors_origins": ["*"]})
+@pytest.mark.parametrize("star", ["*", ["*"]])
+def test_star_cors_origins_allows_any_origin(make_app, star):
+    app = make_app(**{"server.cors_origins": star})
     resp = call(app, "POST", "/jobs", NEW_JOB, headers={"Origin": "https://any.example"})
     assert resp.status == 202, resp
     assert resp.headers["Access-Control-Allow-Origin"] in ("https://any.example", "*")
@@ -4733,6 +4774,16 @@ def test_header_name_with_a_space_before_its_colon_gets_400_and_smuggles_nothing
         assert headers.get("connection") == "close", reply
         assert server_closed(sock, reader)  # and no answer to a DELETE
     assert call(app, "GET", f"/jobs/{victim}").status == 200
+
+
+def test_a_header_folded_over_two_lines_gets_400_and_closes(app):
+    with connect(app) as sock:
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: localhost\r\nX-Long: a\r\n b\r\n\r\n"
+                     + GET_STATUS)
+        reader = sock.makefile("rb")
+        status, headers, body = read_response(reader)
+        assert status == 400 and "folded" in json.loads(body)["message"]
+        assert server_closed(sock, reader)
 
 
 def test_empty_line_before_the_request_line_is_skipped(app):
@@ -6108,6 +6159,20 @@ def on_disk(path):
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     wal = f"{path}-wal"
     return os.path.getsize(path) + (os.path.getsize(wal) if os.path.exists(wal) else 0)
+
+
+def test_a_sweep_of_a_file_made_before_0_5_0_keeps_its_pages_for_reuse(tmp_path):
+    path = tmp_path / "old.db"
+    sqlite3.connect(path).execute("CREATE TABLE placeholder (x)").connection.close()
+    clock = FakeClock()  # a file with a table already: no auto_vacuum, as 0.4.0 made it
+    app = valet.Valet({"storage": {"option": "sqlite", "sqlite": {"path": str(path)}},
+                       "retention": {"finished_jobs": "1h"}}, tasks={}, clock=clock)
+    try:
+        app._store.add(*[finished_record(clock.now - DAY, metadata={"blob": "x" * 4000})
+                         for _ in range(50)])
+        assert app.sweep() == 50 and app.sweep() == 0  # no endless vacuum loop
+    finally:
+        app.stop()
 
 
 def test_sqlite_file_gives_space_back_after_a_sweep(tmp_path):

@@ -182,7 +182,9 @@ class StorageError(ValetError):
     def __init__(self, cause, detail=""):
         self.cause = cause
         self.detail = detail if detail != cause else ""
-        super().__init__(f"storage is failing: {cause}; try again later"
+        then = ("it needs repair: restore a backup (README: Guarantees)"
+                if cause == "database is corrupt" else "try again later")
+        super().__init__(f"storage is failing: {cause}; {then}"
                          + (f" ({self.detail})" if self.detail else ""))
 
 
@@ -288,10 +290,12 @@ _SCHEMA = {
     "server.auth_token": (None, _is_token, "null, or 16 to 512 printable ASCII characters "
                           "without spaces (python -c 'import secrets; "
                           "print(secrets.token_urlsafe())' makes one)"),
-    "server.allowed_hosts": (None, lambda v: v is None or _is_names(v),
-                             "null (the default list) or a list of host names"),
-    "server.cors_origins": ([], _is_names, "a list of origins such as "
-                            "\"https://example.com\", or [\"*\"]"),
+    "server.allowed_hosts": (None, lambda v: v is None or v == "*" or _is_names(v),
+                             "null (the default list), \"*\" (any) or a list of host "
+                             "names such as [jobs.example]"),
+    "server.cors_origins": ([], lambda v: v == "*" or _is_names(v),
+                            "a list of origins such as [\"https://app.example\"], or "
+                            "\"*\" (any)"),
     "server.backlog": (1024, lambda v: _is_int(v) and 1 <= v <= 65535,
                        "an integer from 1 to 65535"),
     "server.max_connections": (512, lambda v: _is_int(v) and 1 <= v <= 100000,
@@ -318,7 +322,7 @@ _SCHEMA = {
     "tasks_module": ("tasks", lambda v: isinstance(v, str) and v != "",
                      "an importable module name"),
     "retention.finished_jobs": ("7d", _is_duration, "null (keep every job) or a "
-                                "duration such as 12h, 7d or 90m (at least 1 second)"),
+                                "duration from 1 second to a year, such as 12h, 7d or 90m"),
     "timeout_unit": ("second", *_choice("second", "millisecond")),
     "logging_format": ("text", *_choice("text", "json")),
     "logging_level": ("info", *_choice("debug", "info", "warning", "error")),
@@ -332,6 +336,7 @@ class _Config(dict):
     storage.sqlite.path and the tasks_module are looked for there."""
 
     folder = None
+    token_from = "server.auth_token"  # where the token came from, for messages
 
 
 def _flatten(tree, prefix=""):
@@ -391,10 +396,12 @@ def load_config(source=None, overrides: dict | None = None,
     else:
         tree = source or {}
         config.folder = getattr(source, "folder", None)
+        config.token_from = getattr(source, "token_from", config.token_from)
     given = _flatten(tree)
     given.update(_flatten(overrides or {}))
     if (environ or {}).get("VALET_AUTH_TOKEN"):  # so the secret need not sit in a file
         given["server.auth_token"] = environ["VALET_AUTH_TOKEN"]
+        config.token_from = "VALET_AUTH_TOKEN"
     problems = []
     for key, value in given.items():
         if key not in _SCHEMA:
@@ -1403,6 +1410,8 @@ _CAUSES = {"SQLITE_FULL": "disk is full", "SQLITE_READONLY": "database is read-o
 
 def _cause(exc):
     """A few words for what went wrong in SQLite: "disk is full"."""
+    if isinstance(exc, ValueError) or "Could not decode" in str(exc):
+        return _CORRUPT  # a stored row that is not the text or JSON valet wrote
     name = getattr(exc, "sqlite_errorname", None) or ""
     return next((cause for prefix, cause in _CAUSES.items() if name.startswith(prefix)),
                 str(exc) or type(exc).__name__)
@@ -1411,7 +1420,8 @@ def _cause(exc):
 def _is_fault(exc):
     """Whether an error is the storage's (a full disk, a corrupt file), not a write's
     own (a unique key taken)."""
-    return isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError)
+    return (isinstance(exc, (sqlite3.Error, ValueError))
+            and not isinstance(exc, sqlite3.IntegrityError))
 
 
 _LOCK_BYTE = 1 << 20  # Windows locks a byte range: one far past the pid written at 0
@@ -1719,7 +1729,7 @@ class SqliteStore(Store):
         broken = False
         try:
             yield conn
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: a row's JSON is garbage
             broken = True  # the connection may be in a bad state: open another next time
             if _is_fault(exc):
                 raise self._failed(exc) from None
@@ -3698,7 +3708,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         host = self._field("host")
         if host is not None and not server.allows_host(_host_name(host)):
-            raise HTTPError(403, f"Host {_cut(host, 80)!r} is not in server.allowed_hosts")
+            raise HTTPError(403, f"Host {_cut(host, 80)!r} is not in server.allowed_hosts; "
+                                 f"add it there if clients reach valet by that name")
         origin = self._field("origin")
         if origin is not None and origin != f"http://{host}":  # a cross-origin request
             if not server.allows_origin(origin):
@@ -3712,8 +3723,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     token.strip().encode("utf-8", "replace"), server.token):
-                raise HTTPError(401, "a valid token is required: send the header "
-                                     "Authorization: Bearer <server.auth_token>",
+                raise HTTPError(401, f"a valid token is required: send the header "
+                                     f"Authorization: Bearer <the token> (valet takes "
+                                     f"it from {server.token_from})",
                                 {"WWW-Authenticate": 'Bearer realm="valet"'
                                  + (', error="invalid_token"' if given else "")})
         kind = self._field("content-type")
@@ -3776,7 +3788,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if self._cors is not None:
             lines += [f"Access-Control-Allow-Origin: {self._cors}", "Vary: Origin",
-                      "Access-Control-Expose-Headers: Location, Retry-After"]
+                      "Access-Control-Expose-Headers: Location, Retry-After, Idempotent-Replayed"]
         if self.close_connection:
             lines.append("Connection: close")
         if self.command == "HEAD":
@@ -3844,13 +3856,15 @@ class _Server(http.server.ThreadingHTTPServer):
         self.max_connections = config["server.max_connections"]
         self.token = (None if config["server.auth_token"] is None
                       else config["server.auth_token"].encode())
+        self.token_from = config.token_from
         hosts = config["server.allowed_hosts"]
         if hosts is None:  # the default: this machine's names, or any host with a token
             hosts = None if self.token is not None else [
                 "localhost", "127.0.0.1", "[::1]", _host_name(config["server.host"])]
-        self.hosts = None if hosts is None else {_host_name(h) if h != "*" else h
-                                                 for h in hosts}
-        self.origins = {o.strip().rstrip("/") for o in config["server.cors_origins"]}
+        self.hosts = None if hosts is None or "*" in hosts else {_host_name(h)
+                                                                for h in hosts}
+        origins = config["server.cors_origins"]
+        self.origins = {"*"} if "*" in origins else {o.strip().rstrip("/") for o in origins}
         self.tally = _Tally()
         self._waker, self._wake = socket.socketpair()  # stop_serving() wakes serve()
         self._stopping, self._served = threading.Event(), threading.Event()
@@ -3862,7 +3876,7 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def allows_host(self, name):
-        return self.hosts is None or "*" in self.hosts or name in self.hosts
+        return self.hosts is None or name in self.hosts
 
     def allows_origin(self, origin):
         return "*" in self.origins or origin.rstrip("/") in self.origins
@@ -4050,8 +4064,10 @@ class Valet:
                              daemon=True).start()
             self.started_at = self._monotonic()
         where = getattr(self._store, "path", None)
-        log.info("valet %s listening on %s (storage: %s%s, workers: %d)", __version__,
-                 self.url, self._store.option, f" {where}" if where else "", self.pool.size)
+        log.info("valet %s listening on %s (storage: %s%s, workers: %d%s)", __version__,
+                 self.url, self._store.option, f" {where}" if where else "", self.pool.size,
+                 f", token required, from {self.config.token_from}"
+                 if self._server.token is not None else "")
         if _exposed(self.config):
             log.warning("listening on %s with no server.auth_token: anyone who can reach "
                         "this port can submit, read and delete jobs; set one (or "
@@ -4448,6 +4464,25 @@ def _stop_on_signals(stopping, received):
             signal.signal(getattr(signal, name), on_signal)
 
 
+def _build(config):
+    """The Valet that main() runs, or the exit code to end with, its reason said."""
+    try:
+        return Valet(config)
+    except ConfigError as exc:
+        print(f"valet: config error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        path = _in_folder(config, config["storage.sqlite.path"])
+        log.error("cannot open %r: %s%s%s", path, exc.cause,
+                  f" ({exc.detail})" if exc.detail else "",
+                  "; restore it from a backup (README: Guarantees)"
+                  if exc.cause == _CORRUPT else "")
+        return 1
+    except StoreInUse as exc:
+        log.error("%s", exc)
+        return 1
+
+
 def main(argv=None) -> int:
     """Run valet from the command line; return the exit code (2 for a bad config)."""
     parser = argparse.ArgumentParser(prog="valet", description="an asynchronous job server")
@@ -4470,19 +4505,9 @@ def main(argv=None) -> int:
         print(f"valet: config error: {exc}", file=sys.stderr)
         return 2
     _setup_logging(config)
-    try:
-        app = Valet(config)
-    except ConfigError as exc:
-        print(f"valet: config error: {exc}", file=sys.stderr)
-        return 2
-    except StorageError as exc:
-        path = _in_folder(config, config["storage.sqlite.path"])
-        log.error("cannot open %r: %s%s", path, exc.cause,
-                  f" ({exc.detail})" if exc.detail else "")
-        return 1
-    except StoreInUse as exc:
-        log.error("%s", exc)
-        return 1
+    app = _build(config)
+    if isinstance(app, int):
+        return app
 
     stopping, received = threading.Event(), []
     _stop_on_signals(stopping, received)
