@@ -1557,6 +1557,85 @@ def test_periodic_firing_that_falls_in_a_fault_creates_its_job_after_it(make_app
     assert result_of(app, first) == {"beat": True}
 
 
+@SQLITE_ONLY
+def test_a_cancel_the_store_refuses_leaves_a_queued_job_queued(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1})
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    queued = submit(app, "echo", "still runs")["id"]
+    with Fault(app.lifecycle.store, "read-only"):
+        assert call(app, "POST", f"/jobs/{queued}/cancel").status == 503
+    assert call(app, "GET", "/status").body["queue"]["depth"] == 1
+    gate.opened.set()
+    assert wait_for_status(app, queued, valet.COMPLETED)["status"] == valet.COMPLETED
+    assert result_of(app, queued) == "still runs"
+
+
+@SQLITE_ONLY
+def test_a_cancel_the_store_refuses_leaves_a_running_job_to_end_with_its_result(make_app,
+                                                                               gate):
+    app = make_app(**{"worker_pool.workers": 1})
+    running = submit(app, "gate")["id"]
+    assert gate.entered.wait(10)
+    with Fault(app.lifecycle.store, "read-only"):
+        resp = call(app, "POST", f"/jobs/{running}/cancel")
+        assert resp.status == 503 and "database is read-only" in resp.body["message"]
+    gate.opened.set()  # the task was told, but returns its value all the same
+    done = wait_for_status(app, running, valet.COMPLETED)
+    assert done["attempts"] == 1 and result_of(app, running) == {"gate": "passed"}
+
+
+@SQLITE_ONLY
+def test_a_cancel_waiting_on_an_end_the_store_refuses_answers_503_in_time(make_app, gate,
+                                                                         monkeypatch):
+    monkeypatch.setattr(valet, "_SETTLE_WAIT", 0.2)
+    app = make_app(**{"worker_pool.workers": 1})
+    job_id = submit(app, "gate", timeout=0.3)["id"]
+    assert gate.entered.wait(10)
+    with Fault(app.lifecycle.store, "read-only"):
+        # the deadline thread takes the claim and retries its write while the fault lasts
+        wait_until(lambda: app.pool.stats()["abandoned"] == 1, what="the timeout")
+        began = time.monotonic()
+        resp = call(app, "POST", f"/jobs/{job_id}/cancel")
+        assert resp.status == 503 and "still being written" in resp.body["message"]
+        assert time.monotonic() - began < 5
+    failed = wait_for_status(app, job_id, valet.FAILED)  # the timeout's write went through
+    assert failed["failure_reason"] == "timed out after 0.3 seconds"
+    gate.opened.set()
+
+
+def test_a_restart_on_a_full_disk_stops_with_one_line(tmpfs, processes):
+    first = processes(tmpfs)
+    running_block_job(first, tmpfs / "fifo")  # left IN_PROGRESS: the restart must write
+    assert first.kill(signal.SIGKILL) == -signal.SIGKILL
+    filler = fill(tmpfs)
+    try:
+        code, lines, _ = run_valet(tmpfs)
+    finally:
+        filler.unlink()
+    assert code == 1 and len(lines) == 1, lines
+    assert "disk is full" in lines[0]
+
+
+def test_a_forked_child_does_not_keep_the_database_locked(tmp_path):
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork (not on Windows)")
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # a task's forked helper that outlives the store's owner
+        os.close(write_end)
+        os.read(read_end, 1)  # until the test is done
+        os._exit(0)
+    try:
+        os.close(read_end)
+        store.close()
+        valet.SqliteStore(tmp_path / "valet.db").close()  # not StoreInUse
+    finally:
+        os.close(write_end)
+        os.waitpid(child, 0)
+
+
 # -- real disk faults
 
 @SQLITE_ONLY
@@ -2058,12 +2137,12 @@ def test_a_cancel_waits_only_for_the_settle_it_found_then_cancels_the_next_attem
     take = app.pool.take
 
     def take_then_let_attempt_2_start(job_id):
-        claim, taken = take(job_id)
+        claim, taken, withdrawn = take(job_id)
         if claim is not None and not taken:  # attempt 1's claim, being settled
             seen_settling.set()
             wait_until(lambda: job_is(app, job_id, valet.IN_PROGRESS, 2),
                        what="attempt 2 to start, with a claim of its own")
-        return claim, taken
+        return claim, taken, withdrawn
     app.pool.take = take_then_let_attempt_2_start
     app.start()
     job = app.submit({"name": "j", "task_name": "fails_once", "max_retries": 1,
@@ -2090,11 +2169,11 @@ def test_a_cancel_that_finds_no_claim_never_cancels_a_job_a_worker_has_started(m
     take = app.pool.take
 
     def take_then_it_comes_due_and_starts(job_id):
-        claim, taken = take(job_id)
+        claim, taken, withdrawn = take(job_id)
         if claim is None and not entered.is_set():  # between the cancel's look and write
             app.scheduler.tick(clock.advance(60))
             assert entered.wait(10)
-        return claim, taken
+        return claim, taken, withdrawn
     app.pool.take = take_then_it_comes_due_and_starts
     cancelled = app.cancel(job["id"])
     assert cancelled["status"] == valet.CANCELLED and cancelled["attempts"] == 1
@@ -4784,6 +4863,30 @@ def test_a_header_folded_over_two_lines_gets_400_and_closes(app):
         status, headers, body = read_response(reader)
         assert status == 400 and "folded" in json.loads(body)["message"]
         assert server_closed(sock, reader)
+
+
+def test_a_bare_cr_inside_a_header_line_gets_400_and_closes(app):
+    """Python's parser would split `X-Pad: a<CR>Content-Length: 5` in two headers where a
+    proxy in front keeps one: the two would frame the request differently."""
+    with connect(app) as sock:
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nX-Pad: a\rContent-Length: 5\r\n\r\n" + GET_STATUS)
+        reader = sock.makefile("rb")
+        status, _, body = read_response(reader)
+        assert status == 400 and "bare CR" in json.loads(body)["message"]
+        assert server_closed(sock, reader)
+
+
+def test_a_malformed_header_line_is_named_in_the_400_without_its_value(make_app, caplog):
+    caplog.set_level(logging.DEBUG, logger="valet")
+    app = make_app(**{"server.auth_token": TOKEN})
+    with connect(app) as sock:
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: localhost\r\nAuthorization Bearer "
+                     + TOKEN.encode() + b"\r\n\r\n")
+        status, _, body = read_response(sock.makefile("rb"))
+    assert status == 400
+    assert json.loads(body)["message"] == "malformed header line (starting 'Authorization')"
+    assert TOKEN[:8] not in caplog.text
 
 
 def test_empty_line_before_the_request_line_is_skipped(app):

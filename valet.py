@@ -57,6 +57,7 @@ import bisect
 import contextlib
 import datetime
 import email.errors
+import errno
 import functools
 import hashlib
 import heapq
@@ -135,6 +136,7 @@ _MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
 _MAX_PIPELINE_JOBS = 100
 _MAX_DEPTH = 64  # how deeply metadata and results may nest: far from Python's ~1000
 MAX_WAIT = 60  # seconds: the longest GET /jobs/{id}?wait= may hold a request
+_SETTLE_WAIT = 5    # seconds a cancel waits for another thread to write a job's end
 _PURGE_BATCH = 500  # finished jobs deleted in one write, by retention or a bulk delete
 _SWEEP_EVERY = 60   # seconds between retention's sweeps, while there is nothing to delete
 
@@ -1173,25 +1175,43 @@ class MemoryStore(Store):
     def purge(self, before, statuses=FINISHED, limit=500, pipelines=False):
         _check_finished(statuses)
         with self._lock:
-            doomed, whole = [], set()
-            for seq in self._seqs:  # oldest first; none created after `before` is due
-                record = self._jobs[self._ids[seq]]
-                if len(doomed) >= limit or (before is not None
-                                            and record["created_at"] >= before):
-                    break
-                if record["pipeline_id"] is None:
-                    if record["status"] in statuses and self._due(record, before):
-                        doomed.append(record)
-                elif pipelines and record["pipeline_id"] not in whole and all(
-                        self._due(self._jobs[i], before)
-                        for i in self._pipeline_jobs[record["pipeline_id"]]):
-                    whole.add(record["pipeline_id"])
-                    doomed += [self._jobs[i] for i in self._pipeline_jobs[record["pipeline_id"]]]
-            for record in doomed:
-                self._remove(record)
+            doomed, whole, seen = [], set(), set()
+            for status in statuses:
+                for seq in self._by_status[status]:  # oldest first
+                    record = self._jobs[self._ids[seq]]
+                    if len(doomed) >= limit or (before is not None
+                                                and record["created_at"] >= before):
+                        break  # (none created after `before` can have finished before)
+                    pipeline_id = record["pipeline_id"]
+                    if pipeline_id is None:
+                        if self._due(record, before):
+                            doomed.append(record)
+                    elif pipelines and pipeline_id not in seen:
+                        seen.add(pipeline_id)
+                        jobs = [self._jobs[i] for i in self._pipeline_jobs[pipeline_id]]
+                        if all(self._due(job, before) for job in jobs):
+                            whole.add(pipeline_id)
+                            doomed += jobs
+            self._remove_many(doomed)
             for pipeline_id in whole:
                 self._remove_pipeline(pipeline_id)
             return len(doomed)
+
+    def _remove_many(self, records):
+        """Remove job records, with the lock held. Each sorted list is rebuilt once,
+        up to the newest seq removed, rather than shifted once per record."""
+        if not records:
+            return
+        gone = {record["seq"] for record in records}
+        newest = max(gone)
+        for seqs in (self._seqs, *self._by_status.values()):
+            end = bisect.bisect_right(seqs, newest)
+            seqs[:end] = [seq for seq in seqs[:end] if seq not in gone]
+        for record in records:
+            job_id = record["id"]
+            del self._jobs[job_id], self._ids[record["seq"]]
+            self._results.pop(job_id, None)
+            self._keys.pop(self._key_of.pop(job_id, None), None)
 
     @staticmethod
     def _due(record, before):
@@ -1396,6 +1416,7 @@ _PIPELINE_INSERT = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(_PIPELINE_COLUMNS))})")
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
+_VACUUM_STEP = 4096  # pages (16 MB) a purge gives back to the disk, at most
 _PROBE_EVERY = 5.0  # seconds: health() writes to check, when no write has for this long
 
 _CORRUPT = "database is corrupt"
@@ -1425,6 +1446,19 @@ def _is_fault(exc):
 
 
 _LOCK_BYTE = 1 << 20  # Windows locks a byte range: one far past the pid written at 0
+_LOCKS = set()  # the lock files this process holds open
+
+
+def _forget_locks_in_child():
+    # A forked child (a task's multiprocessing) shares the parent's open lock file, and
+    # the lock lasts while any process holds it open: the child lets go of its copy.
+    for lock in list(_LOCKS):
+        lock.close()
+    _LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _lock_file(path):
@@ -1444,10 +1478,12 @@ def _lock_file(path):
         else:
             import fcntl
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         lock.seek(0)
         owner = lock.read(20).decode("ascii", "replace").strip() or "unknown"
         lock.close()
+        if exc.errno not in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK, errno.EDEADLK):
+            raise StorageError("cannot lock the database", f"{path!r}: {exc}") from None
         raise StoreInUse(f"the database {path[:-len('.lock')]!r} is in use by valet pid "
                          f"{owner} (it holds {path!r}); one process at a time may own "
                          f"a SQLite database: stop that one, or give this one another "
@@ -1456,7 +1492,19 @@ def _lock_file(path):
     lock.truncate()
     lock.write(f"{os.getpid()}\n".encode())
     lock.flush()
+    _LOCKS.add(lock)
     return lock
+
+
+def _unlock_file(lock):
+    """Let go of a lock _lock_file() took (Windows would keep it a while after close)."""
+    _LOCKS.discard(lock)
+    if os.name == "nt":
+        import msvcrt
+        with contextlib.suppress(OSError):
+            lock.seek(_LOCK_BYTE)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+    lock.close()
 
 
 @functools.lru_cache(maxsize=64)
@@ -1517,14 +1565,15 @@ class SqliteStore(Store):
         self._fault = None       # the cause of the current fault, or None
         self._fault_lock = threading.Lock()  # guards _fault
         self._last_write = time.monotonic()  # when a write last committed
-        self._owner = _lock_file(self.path + ".lock")
+        # (The real path: a database reached through a symbolic link has one lock.)
+        self._owner = _lock_file(os.path.realpath(self.path) + ".lock")
         try:
             self._conn = self._connect()
             self._prepare()
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self._conn.close()
-            self._owner.close()
+            _unlock_file(self._owner)
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(_cause(exc), str(exc)) from None
             raise
@@ -1553,6 +1602,8 @@ class SqliteStore(Store):
             conn.executescript(_SQL_INDEXES)
             self._vacuums = conn.execute("PRAGMA auto_vacuum").fetchone()[
                 "auto_vacuum"] == 2  # INCREMENTAL
+            # A write, so that a file valet cannot write (read-only) stops it at start.
+            conn.execute("INSERT OR REPLACE INTO health VALUES (1, ?)", (time.time(),))
         except sqlite3.Error as exc:
             raise StorageError(_cause(exc), str(exc)) from None
 
@@ -1943,9 +1994,12 @@ class SqliteStore(Store):
             # Give the freed pages back to the disk. Each step of incremental_vacuum
             # frees one page, and Python steps a statement without columns only once.
             # (A file made before 0.5.0 keeps its freed pages for reuse: no vacuum.)
-            while deleted and self._vacuums and conn.execute(
-                    "PRAGMA freelist_count").fetchone()["freelist_count"]:
-                conn.execute("PRAGMA incremental_vacuum(1000)")
+            # At most _VACUUM_STEP pages a time, so the write stays short; the rest
+            # goes at the next purge.
+            for _ in range(_VACUUM_STEP if deleted and self._vacuums else 0):
+                if not conn.execute("PRAGMA freelist_count").fetchone()["freelist_count"]:
+                    break
+                conn.execute("PRAGMA incremental_vacuum")
             return deleted
 
         return self._write(remove)
@@ -1988,7 +2042,7 @@ class SqliteStore(Store):
                 self._readers.get_nowait().close()
             except queue.Empty:
                 break
-        self._owner.close()  # and with it the lock: another store may open the file
+        _unlock_file(self._owner)  # another store may open the file now
 
 
 def _open_store(config):
@@ -2274,7 +2328,7 @@ class _Lifecycle:
             job = self.store.get(job_id)
             if job is None or job["status"] in FINISHED:
                 return job, False
-            claim, taken = self.pool.take(job_id)
+            claim, taken, withdrawn = self.pool.take(job_id)
             if claim is not None and not taken:  # a worker or the deadline thread is
                 self._wait_for_release(claim)   # ending it
                 continue
@@ -2292,20 +2346,26 @@ class _Lifecycle:
             try:
                 moved = self._cancel(claim.job if claim and claim.job else job, reason, states)
                 settled = True
-            finally:  # take() has withdrawn it from the queue: give back the claim (if
-                if claim is not None:  # the write failed, untaken: a cancel may retry)
+            finally:  # give back the claim (if the write failed, untaken: the worker
+                if claim is not None:  # settles the job itself, or a cancel retries)
                     self.pool.release(claim, settled)
+                if withdrawn and not settled:  # the write failed: back in the queue
+                    self.pool.enqueue(job, reserved=False)
                 self.wake(job_id)
             if moved is not None:
                 return moved, True
             # it moved first (a worker started it, or it finished): look again
 
-    def _wait_for_release(self, claim):
+    def _wait_for_release(self, claim, timeout=None):
         """Wait until the thread that took this claim has released it (or given it
-        back): release() comes before the wake, so nothing is missed."""
+        back): release() comes before the wake, so nothing is missed. That thread
+        may be retrying a write the store refuses: past `timeout` seconds,
+        StorageError, so that a client is not held for as long as a fault lasts."""
+        timeout = _SETTLE_WAIT if timeout is None else timeout
         with self.watching(claim.job_id) as changed:
-            if claim.taken and not claim.released:
-                changed.wait()
+            if claim.taken and not claim.released and not changed.wait(timeout):
+                raise StorageError("the job's end is still being written",
+                                   "cancel it again shortly")
 
     def _wait_for_change(self, job_id, timeout):
         with self.watching(job_id) as changed:
@@ -2565,18 +2625,21 @@ class _WorkerPool:
         """Take a job out of the pool's hands, to cancel it: withdraw it from the
         queue, or take the claim on it from the worker that runs it (the worker
         leaves the pool, a replacement starts, and the task's context.cancelled is
-        set). Returns (claim, taken): (None, False) if no worker holds the job;
-        (claim, True) if this call took the claim, which the caller releases once
-        it has settled the job; (claim, False) if another thread took it first."""
+        set). Returns (claim, taken, withdrawn): claim None if no worker holds the
+        job; taken True if this call took the claim, which the caller releases
+        once it has settled the job (False: another thread took it first);
+        withdrawn True if the job was queued: enqueue it again if its cancel
+        cannot be written."""
         with self._lock:
+            withdrawn = job_id in self._waiting
             self._waiting.discard(job_id)
             claim = self._running.get(job_id)
             if claim is None or claim.taken:
-                return claim, False
+                return claim, False, withdrawn
             replace = self._take(claim)
         if replace:
             self._replace()
-        return claim, True
+        return claim, True, withdrawn
 
     def _take(self, claim):
         """Take a claim, with the lock held. Its thread, if it has one, leaves the pool:
@@ -2654,6 +2717,8 @@ class _WorkerPool:
             mine, claim.taken = not claim.taken, True
             if not mine:  # log after the job's end, which the taker writes
                 self._changed.wait_for(lambda: claim.released or not claim.taken)
+                if not claim.released:  # the taker could not write it, and gave the
+                    claim.taken = mine = True  # claim back: the task's own end stands
         if not mine:
             log.info("job %s: the task returned after the job was cancelled, timed out "
                      "or stopped; its result is discarded", started["id"])
@@ -3554,6 +3619,24 @@ class _Reader(socket.SocketIO):
         return count
 
 
+class _HeadLines:
+    """What http.server reads a request's header lines from: the handler's reader,
+    noting a line with a CR or NUL inside it. Python's parser splits a line at a
+    bare CR where a proxy in front may not, so the two would disagree about the
+    request's headers (its Content-Length, say): _check_framing refuses it."""
+
+    def __init__(self, handler):
+        self._handler = handler
+        self._rfile = handler.rfile
+
+    def readline(self, limit=-1):
+        line = self._rfile.readline(limit)
+        inside = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+        if b"\r" in inside or b"\0" in inside:
+            self._handler._odd_head = True
+        return line
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Reads a request, checks its head (framing, Host, origin, token, content type),
     finds its route, and writes what the route returns."""
@@ -3585,6 +3668,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         that goes away, closes the connection with a log line, not a traceback."""
         self._reader.rearm()
         self._cors = None
+        self._odd_head = False
+        self.command = self.path = ""  # (a refusal's log line names this request's)
         try:
             line = self.rfile.readline(65537)
             for _ in range(8):
@@ -3599,7 +3684,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not line:
                 self.close_connection = True
                 return
-            if not self.parse_request():
+            body, self.rfile = self.rfile, _HeadLines(self)  # (see _HeadLines)
+            try:
+                parsed = self.parse_request()
+            finally:
+                self.rfile = body
+            if not parsed:
                 return
             getattr(self, f"do_{self.command}", self._unknown_method)()
         except TimeoutError:
@@ -3672,12 +3762,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise
 
     def _check_framing(self):
+        if self._odd_head:
+            raise HTTPError(400, "a header line holds a bare CR or a NUL")
         # A line the header parser could not read ("Content-Length : 5") ends its
         # headers there, the rest kept aside as a payload: that must not be ignored.
         if any(isinstance(defect, email.errors.MissingHeaderBodySeparatorDefect)
                for defect in self.headers.defects):
-            line = str(self.headers.get_payload() or "").partition("\r\n")[0]
-            raise HTTPError(400, f"malformed header line {_cut(line, 40)!r}")
+            line = str(self.headers.get_payload() or "")
+            name = re.split(r"[\s:]", line, maxsplit=1)[0]  # not its value: a token?
+            raise HTTPError(400, f"malformed header line (starting {_cut(name, 40)!r})")
         self.fields = fields = {}  # lower-case name -> its values, read once
         for name, value in self.headers.raw_items():
             if not _HEADER_NAME.fullmatch(name):
@@ -3710,7 +3803,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if host is not None and not server.allows_host(_host_name(host)):
             raise HTTPError(403, f"Host {_cut(host, 80)!r} is not in server.allowed_hosts; "
                                  f"add it there if clients reach valet by that name")
-        origin = self._field("origin")
+        origin = self._field("origin") or None
         if origin is not None and origin != f"http://{host}":  # a cross-origin request
             if not server.allows_origin(origin):
                 raise HTTPError(403, f"requests from origin {_cut(origin, 80)!r} are not "
@@ -3921,13 +4014,14 @@ class _Server(http.server.ThreadingHTTPServer):
         """Accept connections until stop_serving(). socketserver's serve_forever would
         notice a shutdown only at its next poll; this loop is woken at once."""
         self._serving = True
+        self.socket.setblocking(False)  # a connection gone before accept() is skipped
         with selectors.DefaultSelector() as selector:
             selector.register(self, selectors.EVENT_READ)
             selector.register(self._waker, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in selector.select(1):
                     if key.fileobj is self and not self._stopping.is_set():
-                        self.handle_request()  # ready: it accepts without waiting
+                        self._handle_request_noblock()  # as serve_forever does
                 self.tally.flush()
         self._served.set()
 
@@ -3937,7 +4031,7 @@ class _Server(http.server.ThreadingHTTPServer):
         with contextlib.suppress(OSError):
             self._wake.send(b"\0")
         if self._serving:
-            self._served.wait()
+            self._served.wait(10)
 
     def server_close(self):
         super().server_close()
@@ -4516,6 +4610,10 @@ def main(argv=None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config["server.host"], config["server.port"],
                   exc.strerror or exc)
+        app.stop()
+        return 1
+    except StorageError as exc:  # recovering the last run's jobs needs writes
+        log.error("cannot start: %s", exc)
         app.stop()
         return 1
     stopping.wait()
