@@ -1754,6 +1754,18 @@ def test_corruption_met_at_run_time_answers_503_and_is_logged_once(make_app, cap
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 
 
+def test_a_bad_argument_is_the_callers_error_not_a_storage_fault(tmp_path):
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    try:
+        with pytest.raises(sqlite3.Error) as raised:
+            store.get(object())  # a caller's mistake: SQLite cannot bind it
+        assert not isinstance(raised.value, valet.StorageError)
+        store._last_write -= 60
+        assert store.health() is None  # still healthy: nothing is wrong with the disk
+    finally:
+        store.close()
+
+
 @SQLITE_ONLY
 @pytest.mark.parametrize("garbage", [b"\xff\xfe not UTF-8", b"{not json"])
 def test_a_stored_row_that_is_garbage_answers_503_database_is_corrupt(make_app, garbage):

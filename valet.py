@@ -1431,7 +1431,7 @@ _CAUSES = {"SQLITE_FULL": "disk is full", "SQLITE_READONLY": "database is read-o
 
 def _cause(exc):
     """A few words for what went wrong in SQLite: "disk is full"."""
-    if isinstance(exc, ValueError) or "Could not decode" in str(exc):
+    if isinstance(exc, json.JSONDecodeError) or "Could not decode" in str(exc):
         return _CORRUPT  # a stored row that is not the text or JSON valet wrote
     name = getattr(exc, "sqlite_errorname", None) or ""
     return next((cause for prefix, cause in _CAUSES.items() if name.startswith(prefix)),
@@ -1439,10 +1439,11 @@ def _cause(exc):
 
 
 def _is_fault(exc):
-    """Whether an error is the storage's (a full disk, a corrupt file), not a write's
-    own (a unique key taken)."""
-    return (isinstance(exc, (sqlite3.Error, ValueError))
-            and not isinstance(exc, sqlite3.IntegrityError))
+    """Whether an error is the storage's (a full disk, a corrupt file, a stored row
+    that is not JSON), not the call's own (a unique key taken, a bad parameter)."""
+    return (type(exc) is sqlite3.DatabaseError  # "database disk image is malformed"
+            or isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError,
+                                json.JSONDecodeError)))
 
 
 _LOCK_BYTE = 1 << 20  # Windows locks a byte range: one far past the pid written at 0
@@ -1780,7 +1781,7 @@ class SqliteStore(Store):
         broken = False
         try:
             yield conn
-        except (sqlite3.Error, ValueError) as exc:  # ValueError: a row's JSON is garbage
+        except (sqlite3.Error, json.JSONDecodeError) as exc:  # (a row that is not JSON)
             broken = True  # the connection may be in a bad state: open another next time
             if _is_fault(exc):
                 raise self._failed(exc) from None
