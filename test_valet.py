@@ -2777,6 +2777,49 @@ def test_task_exception_fails_the_job_and_the_worker_goes_on(make_app):
     wait_for_status(app, good["id"], valet.COMPLETED)
 
 
+def test_a_failed_attempt_keeps_its_tasks_traceback_until_an_attempt_succeeds(make_app):
+    clock, calls = FakeClock(), []
+
+    def flaky(metadata):
+        calls.append(metadata)
+        if len(calls) == 1:
+            raise KeyError("first try")
+        return "second time"
+
+    app = make_app(clock=clock, tasks={"flaky": flaky})
+    job = app.submit({"name": "j", "task_name": "flaky", "max_retries": 1,
+                      "retry_backoff": 60})
+    waiting = wait_for_status(app, job["id"], valet.SCHEDULED)  # its retry is due later
+    trace = waiting["failure_traceback"]
+    assert trace.startswith("Traceback (most recent call last):") and "in flaky" in trace
+    assert trace.rstrip().endswith("KeyError: 'first try'")
+    assert waiting["failure_reason"] == "KeyError: 'first try'"
+    app.scheduler.tick(clock.advance(61))
+    done = wait_for_status(app, job["id"], valet.COMPLETED)
+    assert done["failure_reason"] is None and done["failure_traceback"] is None
+
+
+def test_only_a_task_that_raised_leaves_a_traceback(make_app, gate):
+    app = make_app()
+    timed_out = submit(app, "gate", timeout=0.1)
+    failed = wait_for_status(app, timed_out["id"], valet.FAILED)
+    assert failed["failure_reason"].startswith("timed out") and failed["failure_traceback"] is None
+    bad = wait_for_status(app, submit(app, "returns_set")["id"], valet.FAILED)
+    assert bad["failure_traceback"] is None
+    gate.opened.set()
+
+
+def test_a_traceback_is_cut_to_its_last_characters(make_app):
+    def huge(metadata):
+        raise ValueError("x" * 100_000 + " the end")
+
+    app = make_app(tasks={"huge": huge})
+    job = app.submit({"name": "j", "task_name": "huge"})
+    trace = wait_for_status(app, job["id"], valet.FAILED)["failure_traceback"]
+    assert len(trace) == valet._MAX_TRACEBACK + 3 and trace.startswith("...")
+    assert trace.rstrip().endswith(" the end")
+
+
 @pytest.mark.parametrize("task_name, reason", [
     ("returns_set", "the task's result is not JSON-serialisable: Object of type set"),
     ("returns_nan", "the task's result is not JSON-serialisable: Out of range float"),
@@ -4032,6 +4075,38 @@ def test_debug_logs_every_request_and_transition(app, caplog):
              f"job {ok['id']}: IN_PROGRESS -> COMPLETED", f"GET /jobs/{ok['id']} 200")
     wait_until(lambda: all(line in caplog.text for line in lines),  # written after answering
                what="every line")
+
+
+
+def test_json_log_lines_about_a_job_or_pipeline_carry_its_id_as_a_field(app):
+    formatter = valet._JsonFormatter()
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(json.loads(formatter.format(record)))
+
+    keep = Keep(level=logging.DEBUG)
+    valet.log.addHandler(keep)
+    level, valet.log.level = valet.log.level, logging.DEBUG
+    try:
+        job = submit(app, "fail")
+        wait_for_status(app, job["id"], valet.FAILED)
+        pipeline = submit_pipeline(app, stage("fail"), stage("echo"))
+        wait_for_pipeline(app, pipeline["id"], valet.FAILED)
+    finally:
+        valet.log.removeHandler(keep)
+        valet.log.level = level
+    about_job = [r for r in records if r["message"].startswith(f"job {job['id']}:")]
+    assert about_job and all(r["job_id"] == job["id"] for r in about_job)
+    assert any(r.get("pipeline_id") == pipeline["id"] for r in records)
+    assert all("job_id" not in r for r in records if not r["message"].startswith("job "))
+
+
+def test_version_flag_prints_the_version_and_exits_0():
+    done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--version"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout == f"valet {valet.__version__}\n"
 
 
 # -- access: token, Host, origin, content type

@@ -82,6 +82,7 @@ import sqlite3
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 
@@ -115,7 +116,8 @@ _MOVES = {
 # Every key of a job's JSON, in the order it is written; unset is null.
 JOB_FIELDS = (
     "id", "name", "description", "task_name", "metadata", "timeout", "priority",
-    "status", "failure_reason", "progress", "attempts", "max_retries", "retry_backoff",
+    "status", "failure_reason", "failure_traceback", "progress", "attempts", "max_retries",
+    "retry_backoff",
     "run_at", "created_at", "started_at", "completed_at", "duration",
     "pipeline_id", "next_job_id", "use_previous_results",
 )
@@ -135,6 +137,7 @@ _DEFAULT_BACKOFF = 1.0     # seconds before the first retry, doubling after each
 _MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
 _MAX_PIPELINE_JOBS = 100
 _MAX_DEPTH = 64  # how deeply metadata and results may nest: far from Python's ~1000
+_MAX_TRACEBACK = 8192  # characters of a failed task's traceback kept: its last ones
 MAX_WAIT = 60  # seconds: the longest GET /jobs/{id}?wait= may hold a request
 _SETTLE_WAIT = 5    # seconds a cancel waits for another thread to write a job's end
 _PURGE_BATCH = 500  # finished jobs deleted in one write, by retention or a bulk delete
@@ -503,6 +506,7 @@ def _job_json(job, progress=None):
         "priority": job["priority"],
         "status": job["status"],
         "failure_reason": job["failure_reason"],
+        "failure_traceback": job["failure_traceback"],
         "progress": progress if job["status"] == IN_PROGRESS else None,
         "attempts": job["attempts"],
         "max_retries": job["max_retries"],
@@ -721,6 +725,7 @@ def _job_record(check, tasks, timeout_unit, now, allowed):
         "priority": check.priority(),
         "status": PENDING,  # until the lifecycle accepts it
         "failure_reason": None,
+        "failure_traceback": None,
         "attempts": 0,
         "max_retries": check.number("max_retries", 0, _is_retries, _RETRIES),
         "retry_backoff": check.number("retry_backoff", _DEFAULT_BACKOFF, _is_backoff,
@@ -919,6 +924,7 @@ def _pipeline_json(pipeline, job_json=_job_json):
 
 # The fields a transition may write besides the status, and those update() may.
 _MOVE_FIELDS = frozenset(("attempts", "started_at", "completed_at", "failure_reason",
+                          "failure_traceback",
                           "run_at"))
 _EDITABLE_FIELDS = frozenset(("name", "description"))
 _STATUS_SET = frozenset(STATUSES)
@@ -973,7 +979,8 @@ class Store:
 
         job       id, name, description, task_name, metadata (any JSON value),
                   timeout, priority, status (one of STATUSES), failure_reason,
-                  attempts, max_retries, retry_backoff, run_at, created_at,
+                  failure_traceback, attempts, max_retries, retry_backoff, run_at,
+                  created_at,
                   started_at, completed_at, pipeline_id, previous_job_id,
                   next_job_id, use_previous_results (a bool)
         pipeline  id, name, description, priority, run_at, created_at
@@ -1036,7 +1043,7 @@ class Store:
                    then=()) -> dict | None:
         """Move the job to `to_state` if its status is one of `from_states`, writing
         `fields` (only these: attempts, started_at, completed_at, failure_reason,
-        run_at) with it. With it, in the same write: store `result`, a (value,
+        failure_traceback, run_at) with it. With it, in the same write: store `result`, a (value,
         error) pair, as the job's result; and make each move of `then`, a list of
         (job id, from_states, to_state, fields), where that job's status matches.
         Returns the moved record; None, writing nothing (no result, no further
@@ -1395,6 +1402,7 @@ _ADDED_COLUMNS = (  # (column, its declaration) added to jobs after 0.1.0
     ("previous_job_id", "TEXT"),
     ("next_job_id", "TEXT"),
     ("use_previous_results", "INTEGER NOT NULL DEFAULT 0"),
+    ("failure_traceback", "TEXT"),
 )
 
 _SQL_INDEXES = """
@@ -2223,7 +2231,7 @@ class _Lifecycle:
                       started["attempts"])
         return started
 
-    def settle(self, claim, status, value=None, reason=None):
+    def settle(self, claim, status, value=None, reason=None, trace=None):
         """End the running attempt a worker claimed, as whoever took the claim (the
         worker when its task returned, the deadline thread, stop): finish() it, then
         release the claim and wake the job's waiters. The write is retried while
@@ -2231,27 +2239,29 @@ class _Lifecycle:
         for stop or the next start to settle, and the error raised."""
         settled = False
         try:
-            moved = self.persist(self.finish, claim.job, status, value, reason)
+            moved = self.persist(self.finish, claim.job, status, value, reason, trace)
             settled = True
             return moved
         finally:
             self.pool.release(claim, settled)
             self.wake(claim.job_id)
 
-    def finish(self, job, status, value=None, reason=None):
+    def finish(self, job, status, value=None, reason=None, trace=None):
         """End a running attempt (`job` is its IN_PROGRESS record): COMPLETED with the
-        task's value, or FAILED for `reason`, retried if the job has retries left.
-        Returns the moved record, or None if the job was no longer IN_PROGRESS."""
+        task's value, or FAILED for `reason` (with the task's traceback, `trace`, if
+        it raised), retried if the job has retries left. Returns the moved record,
+        or None if the job was no longer IN_PROGRESS."""
         if status == COMPLETED:
             return self._complete(job, value)
         if job["attempts"] <= job["max_retries"]:
-            return self._retry(job, reason)
-        return self._fail(job, reason)
+            return self._retry(job, reason, trace)
+        return self._fail(job, reason, trace)
 
     def _complete(self, job, value):
         """IN_PROGRESS -> COMPLETED, with the result; then the pipeline's next job."""
         done = self._transition(job["id"], (IN_PROGRESS,), COMPLETED,
-                                {"completed_at": self._clock(), "failure_reason": None},
+                                {"completed_at": self._clock(), "failure_reason": None,
+                                 "failure_traceback": None},
                                 result=(value, None))
         if done is not None:
             log.debug("job %s: %s -> %s", job["id"], IN_PROGRESS, COMPLETED)
@@ -2261,12 +2271,13 @@ class _Lifecycle:
                     self.pool.enqueue(following, reserved=False)
         return done
 
-    def _retry(self, job, reason):
+    def _retry(self, job, reason, trace=None):
         """IN_PROGRESS -> SCHEDULED: a failed attempt with retries left waits for its
         backoff, then comes due like a scheduled job."""
         run_at = self._clock() + _backoff(job["retry_backoff"], max(1, job["attempts"]))
         moved = self._transition(job["id"], (IN_PROGRESS,), SCHEDULED,
-                                 {"run_at": run_at, "failure_reason": reason})
+                                 {"run_at": run_at, "failure_reason": reason,
+                                  "failure_traceback": trace})
         if moved is not None:
             log.info("job %s: attempt %d failed (%s); retry %d of %d at %s", job["id"],
                      moved["attempts"], reason, moved["attempts"], moved["max_retries"],
@@ -2274,23 +2285,25 @@ class _Lifecycle:
             self.scheduler.at(run_at, self.promote, job["id"])
         return moved
 
-    def _fail(self, job, reason):
+    def _fail(self, job, reason, trace=None):
         """IN_PROGRESS -> FAILED, the reason kept as its result's error; the rest of
         its pipeline is cancelled with it."""
-        return self._end(job, (IN_PROGRESS,), FAILED, reason, result=(None, reason))
+        return self._end(job, (IN_PROGRESS,), FAILED, reason, result=(None, reason),
+                         trace=trace)
 
     def _cancel(self, job, reason, states=UNFINISHED):
         """SCHEDULED, PENDING or IN_PROGRESS (those of `states`) -> CANCELLED, with no
         result; the rest of its pipeline is cancelled with it."""
         return self._end(job, states, CANCELLED, reason, result=None)
 
-    def _end(self, job, from_states, status, reason, result):
+    def _end(self, job, from_states, status, reason, result, trace=None):
         """Move a job to FAILED or CANCELLED, and the jobs after it in its pipeline
         that have not started to CANCELLED, in one write."""
         now = self._clock()
         later = self._rest_of_pipeline(job, status, now)
         moved = self._transition(job["id"], from_states, status,
-                                 {"completed_at": now, "failure_reason": reason},
+                                 {"completed_at": now, "failure_reason": reason,
+                                  "failure_traceback": trace},
                                  result=result, then=later)
         if moved is not None:
             log.info("job %s: %s -> %s (%s)", job["id"], job["status"], status, reason)
@@ -2524,6 +2537,12 @@ class _Claim:
 _STOP = object()  # put on the ready queue, one per worker, to end it
 
 
+def _traceback_of(exc):
+    """A task's traceback as text, its last _MAX_TRACEBACK characters at most."""
+    text = "".join(traceback.format_exception(exc))
+    return text if len(text) <= _MAX_TRACEBACK else "..." + text[-_MAX_TRACEBACK:]
+
+
 def _guarded(step, *args):
     """Run one step of a thread's loop; an error (the store's, say) is logged, and
     the thread goes on. A job it left behind is settled at the next start."""
@@ -2713,7 +2732,7 @@ class _WorkerPool:
             if self._stopping:
                 self._changed.notify_all()  # stop() waits for starts being written
         context = Context(started["id"], started["attempts"], deadline, claim, self._clock)
-        status, value, reason = self._call(started, context)
+        status, value, reason, trace = self._call(started, context)
         with self._lock:
             mine, claim.taken = not claim.taken, True
             if not mine:  # log after the job's end, which the taker writes
@@ -2724,7 +2743,7 @@ class _WorkerPool:
             log.info("job %s: the task returned after the job was cancelled, timed out "
                      "or stopped; its result is discarded", started["id"])
             return False
-        self._lifecycle.settle(claim, status, value, reason)
+        self._lifecycle.settle(claim, status, value, reason, trace)
         return True
 
     def _add_deadline(self, claim):
@@ -2756,10 +2775,11 @@ class _WorkerPool:
             self._stale = 0
 
     def _call(self, job, context):
-        """Call the job's task outside every lock: (status, value, failure reason)."""
+        """Call the job's task outside every lock: (status, value, failure reason, the
+        task's traceback or None)."""
         fn = self._tasks.get(job["task_name"])
         if fn is None:
-            return FAILED, None, f"task {job['task_name']!r} is not registered"
+            return FAILED, None, f"task {job['task_name']!r} is not registered", None
         if job["task_name"] not in self._context:  # by name: a task need not be hashable
             self._context[job["task_name"]] = _takes_context(fn)
         args = [job["metadata"]]
@@ -2770,14 +2790,15 @@ class _WorkerPool:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # a task's failure must never end the worker
             log.warning("job %s: task %s raised", job["id"], job["task_name"], exc_info=True)
-            return FAILED, None, f"{type(exc).__name__}: {exc}"
+            return FAILED, None, f"{type(exc).__name__}: {exc}", _traceback_of(exc)
         try:
             text = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
-            return FAILED, None, f"the task's result is not JSON-serialisable: {exc}"
+            return FAILED, None, f"the task's result is not JSON-serialisable: {exc}", None
         if text.count("[") + text.count("{") > _MAX_DEPTH and _too_deep(value):
-            return FAILED, None, f"the task's result is nested more than {_MAX_DEPTH} deep"
-        return COMPLETED, value, None
+            return (FAILED, None, f"the task's result is nested more than {_MAX_DEPTH} deep",
+                    None)
+        return COMPLETED, value, None, None
 
     # -- the deadline thread's single step
 
@@ -4513,10 +4534,18 @@ def _no_result(job_id, job):
 # --------------------------------------------------------------------- main --
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object a line. A line about a job or a pipeline (whose message starts
+    "job %s" or "pipeline %s", as every such line of valet's does) also carries its
+    id as a field, job_id or pipeline_id, for a log search to filter on."""
+
     def format(self, record):
         line = {"time": _rfc3339(record.created), "level": record.levelname,
                 "logger": record.name, "thread": record.threadName,
                 "message": record.getMessage()}
+        if isinstance(record.msg, str) and isinstance(record.args, tuple) and record.args:
+            kind = record.msg.partition(" ")[0]
+            if kind in ("job", "pipeline") and record.msg.startswith(f"{kind} %s"):
+                line[f"{kind}_id"] = record.args[0]
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
@@ -4584,6 +4613,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config file (default: ./config.yaml if present)")
     parser.add_argument("--host", help="listen on this address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen on this port; 0 picks a free one")
+    parser.add_argument("--version", action="version", version=f"valet {__version__}")
     args = parser.parse_args(argv)
     path = args.config or ("config.yaml" if os.path.exists("config.yaml") else None)
     overrides = {}
