@@ -609,6 +609,30 @@ def test_rejected_pipeline_names_the_problem_and_stores_nothing(app, body, messa
     assert call(app, "GET", "/status").body["queue"]["depth"] == 0
 
 
+def test_jobs_list_newest_first_with_a_cursor_and_filters(app):
+    ids = [submit(app, "echo" if i % 3 else "fail", name=f"n{i % 2}")["id"]
+           for i in range(7)]
+    seen, cursor = [], None
+    while True:
+        query = "order=desc&limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = call(app, "GET", f"/jobs?{query}").body
+        seen += [job["id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    fails = call(app, "GET", "/jobs?task_name=fail").body["jobs"]
+    assert [job["id"] for job in fails] == [ids[0], ids[3], ids[6]]
+    named = call(app, "GET", "/jobs?name=n1&order=DESC").body["jobs"]
+    assert [job["id"] for job in named] == [ids[5], ids[3], ids[1]]
+    between = valet._rfc3339((epoch(app.job(ids[2])["created_at"])
+                              + epoch(app.job(ids[3])["created_at"])) / 2)
+    after = call(app, "GET", f"/jobs?created_after={between}").body["jobs"]
+    assert [job["id"] for job in after] == ids[3:]
+    before = call(app, "GET", f"/jobs?created_before={between}&task_name=echo").body["jobs"]
+    assert [job["id"] for job in before] == [ids[1], ids[2]]
+
+
 @pytest.mark.parametrize("path, query, message", [
     *(("/jobs", query, message) for query, message in [
         ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS, COMPLETED, "
@@ -619,8 +643,13 @@ def test_rejected_pipeline_names_the_problem_and_stores_nothing(app, body, messa
         ("cursor=abc", "cursor must be a next_cursor"),
         ("cursor=99999999999999999999", "cursor must be a next_cursor"),
         ("limit=%C2%B2", "limit must be an integer"),  # '²' passes str.isdigit()
-        ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor"),
+        ("sort=name", "unknown query parameter 'sort'; it takes status, limit, cursor, "
+                      "task_name, name, created_after, created_before, order"),
         ("limit=1&limit=2", "query parameter 'limit' is given more than once"),
+        ("order=newest", 'order must be asc or desc, got "newest"'),
+        ("created_after=yesterday", "created_after must be an RFC 3339 time"),
+        ("created_before=2026-02-30T00:00:00Z", "created_before \"2026-02-30T00:00:00Z\" is "
+                                               "not a real time"),
     ]),
     *(("/pipelines", query, message) for query, message in [
         ("status=DONE", "status must be one of SCHEDULED, PENDING, IN_PROGRESS"),
@@ -723,6 +752,29 @@ def test_store_lists_in_submission_order_by_status_with_cursor(store):
     assert [j["name"] for j in running] == ["j0", "j2", "j4", "j6"]
     pending = store.list(valet.PENDING, after=0, limit=10)
     assert [j["id"] for j in pending] == [jobs[1]["id"], jobs[3]["id"], jobs[5]["id"]]
+
+
+def test_store_lists_newest_first_and_by_task_name_and_creation_time(store):
+    jobs = [new_record(f"j{i}") for i in range(6)]
+    for i, job in enumerate(jobs):
+        job["created_at"] = 1000.0 + i
+        job["task_name"] = "even" if i % 2 == 0 else "odd"
+        store.add(job)
+    names = lambda page: [j["name"] for j in page]  # noqa: E731
+    newest = store.list(None, after=0, limit=4, newest_first=True)
+    assert names(newest) == ["j5", "j4", "j3", "j2"]
+    older = store.list(None, after=newest[-1]["seq"], limit=10, newest_first=True)
+    assert names(older) == ["j1", "j0"]
+    assert names(store.list(None, 0, 10, task_name="even")) == ["j0", "j2", "j4"]
+    assert names(store.list(None, 0, 10, newest_first=True, task_name="odd")) == [
+        "j5", "j3", "j1"]
+    assert names(store.list(None, 0, 10, name="j3")) == ["j3"]
+    assert names(store.list(None, 0, 10, created_after=1001.0, created_before=1004.0)) == [
+        "j2", "j3"]
+    store.transition(jobs[4]["id"], (valet.PENDING,), valet.IN_PROGRESS)
+    assert names(store.list(valet.PENDING, 0, 10, newest_first=True, task_name="even")) == [
+        "j2", "j0"]
+    assert store.list(None, 0, 10, task_name="none") == []
 
 
 def test_store_delete_only_in_allowed_states(store):
@@ -6459,7 +6511,7 @@ def test_bulk_delete_finished_before_deletes_only_jobs_finished_earlier(make_app
     ({"status": "PENDING", "finished_before": "2100-01-01T00:00:00Z"}, "status must be"),
     ({"finished_before": "yesterday"}, "finished_before must be an RFC 3339 time"),
     ({"status": "COMPLETED", "finished_before": "2100-13-01T00:00:00Z"},
-     "finished_before must be"),
+     'finished_before "2100-13-01T00:00:00Z" is not a real time'),
 ])
 def test_rejected_bulk_delete_gets_400_naming_the_problem_and_deletes_nothing(app, query,
                                                                              message):

@@ -623,21 +623,22 @@ class _Fields:
             return False
         return value
 
-    def run_at(self):
-        value = self.fields.get("run_at")
+    def time(self, key):
+        """An RFC 3339 time (run_at, a listing's created_after), as epoch seconds."""
+        value = self.fields.get(key)
         if value is None:
             return None
         if not (isinstance(value, str) and _RFC3339.fullmatch(value)):
-            self.problem(f"run_at must be an RFC 3339 time such as \"2026-11-28T09:30:00Z\", "
+            self.problem(f"{key} must be an RFC 3339 time such as \"2026-11-28T09:30:00Z\", "
                          f"got {_show(value)}")
             return None
         try:
-            run_at = _parse_time(value)
-            _rfc3339(run_at)  # in UTC too, it must fall within years 1 to 9999
+            when = _parse_time(value)
+            _rfc3339(when)  # in UTC too, it must fall within years 1 to 9999
         except (ValueError, OverflowError, OSError) as exc:
-            self.problem(f"run_at {_show(value)} is not a real time: {exc}")
+            self.problem(f"{key} {_show(value)} is not a real time: {exc}")
             return None
-        return run_at
+        return when
 
     def task_name(self, tasks):
         task_name = self.fields.get("task_name")
@@ -730,7 +731,7 @@ def _job_record(check, tasks, timeout_unit, now, allowed):
         "max_retries": check.number("max_retries", 0, _is_retries, _RETRIES),
         "retry_backoff": check.number("retry_backoff", _DEFAULT_BACKOFF, _is_backoff,
                                       _BACKOFFS),
-        "run_at": check.run_at(),
+        "run_at": check.time("run_at"),
         "created_at": now, "started_at": None, "completed_at": None,
         "pipeline_id": None, "previous_job_id": None, "next_job_id": None,
         "use_previous_results": (check.flag("use_previous_results")
@@ -747,7 +748,8 @@ def _new_pipeline(fields, tasks, timeout_unit, now):
     check.unknown(_PIPELINE_INPUT, "a pipeline")
     pipeline = {"id": str(uuid.uuid4()), "name": check.text("name", required=True),
                 "description": check.text("description", required=False),
-                "priority": check.priority(), "run_at": check.run_at(), "created_at": now}
+                "priority": check.priority(), "run_at": check.time("run_at"),
+                "created_at": now}
     specs = fields.get("jobs")
     if not isinstance(specs, list) or not 2 <= len(specs) <= _MAX_PIPELINE_JOBS:
         got = (f"{len(specs)} job{'' if len(specs) == 1 else 's'}"
@@ -835,11 +837,22 @@ def _changes(fields, what, known):
 _DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer
 
 
-def _page(status, limit, cursor):
-    """A listing's (status, limit, seq after) from what the caller gave, or Invalid
-    naming every one that is wrong. `limit` is an integer (or its digits, from a
-    query); `cursor` is a next_cursor from an earlier page."""
-    check = _Fields({})
+def _page(status, limit, cursor, order="asc", task_name=None, name=None,
+          created_after=None, created_before=None):
+    """A listing's (status, limit, cursor seq, the rest of its query for
+    Store.list) from what the caller gave, or Invalid naming every one that is
+    wrong. `limit` is an integer (or its digits, from a query); `cursor` is a
+    next_cursor from an earlier page; `order` asc or desc (newest first)."""
+    check = _Fields({"created_after": created_after, "created_before": created_before})
+    query = {"created_after": check.time("created_after"),
+             "created_before": check.time("created_before"),
+             "newest_first": isinstance(order, str) and order.lower() == "desc"}
+    if not (isinstance(order, str) and order.lower() in ("asc", "desc")):
+        check.problem(f"order must be asc or desc, got {_show(order)}")
+    for key, value in (("task_name", task_name), ("name", name)):
+        if value is not None and not isinstance(value, str):
+            check.problem(f"{key} must be a string, got {_show(value)}")
+        query[key] = value
     if status is not None:
         if not isinstance(status, str) or status.upper() not in STATUSES:
             check.problem(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
@@ -850,7 +863,7 @@ def _page(status, limit, cursor):
     if cursor is not None and not (isinstance(cursor, str) and _DIGITS.fullmatch(cursor)):
         check.problem(f"cursor must be a next_cursor from an earlier page, got {cursor!r}")
     check.raise_problems()
-    return status, size, int(cursor or 0)
+    return status, size, int(cursor or 0), query
 
 
 def _bulk_filter(status, finished_before):
@@ -865,14 +878,9 @@ def _bulk_filter(status, finished_before):
                         f"finished are never deleted in bulk), got {_show(status)}")
     elif status is not None:
         statuses = (status,)
-    if finished_before is not None:
-        try:
-            if not (isinstance(finished_before, str) and _RFC3339.fullmatch(finished_before)):
-                raise ValueError("not in that form")
-            before = _parse_time(finished_before)
-        except (ValueError, OverflowError, OSError):
-            problems.append(f"finished_before must be an RFC 3339 time such as "
-                            f"\"2026-11-28T09:30:00Z\", got {_show(finished_before)}")
+    times = _Fields({"finished_before": finished_before})
+    before = times.time("finished_before")
+    problems += times.problems
     if problems:
         raise Invalid("; ".join(problems))
     return statuses, before
@@ -1034,9 +1042,13 @@ class Store:
         """The job's record, or None."""
         raise NotImplementedError
 
-    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE) -> list:
-        """The first `limit` job records with seq > `after` (and this status, if
-        given), in seq order: fewer only when no more follow."""
+    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
+             task_name=None, name=None, created_after=None, created_before=None) -> list:
+        """The first `limit` job records in seq order with seq > `after` (with
+        newest_first, in reverse order with seq < `after`, or from the newest when
+        `after` is 0), fewer only when no more follow. Only those with this status,
+        task_name and name, and created_at after `created_after` and before
+        `created_before` (epoch seconds), where given."""
         raise NotImplementedError
 
     def transition(self, job_id, from_states, to_state, fields=None, result=None,
@@ -1230,11 +1242,28 @@ class MemoryStore(Store):
             record = self._jobs.get(job_id)
             return None if record is None else self._out(record)
 
-    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE):
+    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
+             task_name=None, name=None, created_after=None, created_before=None):
+        wanted = [(key, value) for key, value in (("task_name", task_name), ("name", name))
+                  if value is not None]
+        low = -math.inf if created_after is None else created_after
+        high = math.inf if created_before is None else created_before
         with self._lock:
             seqs = self._seqs if status is None else self._by_status.get(status, [])
-            start = bisect.bisect_right(seqs, after)
-            return [self._out(self._jobs[self._ids[s]]) for s in seqs[start:start + limit]]
+            if newest_first:
+                end = bisect.bisect_left(seqs, after) if after else len(seqs)
+                places = range(end - 1, -1, -1)
+            else:
+                places = range(bisect.bisect_right(seqs, after), len(seqs))
+            found = []
+            for i in places:  # (a filter that matches few scans far: the price of dicts)
+                record = self._jobs[self._ids[seqs[i]]]
+                if low < record["created_at"] < high and all(
+                        record[key] == value for key, value in wanted):
+                    found.append(self._out(record))
+                    if len(found) == limit:
+                        break
+            return found
 
     def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()):
@@ -1407,6 +1436,7 @@ _ADDED_COLUMNS = (  # (column, its declaration) added to jobs after 0.1.0
 
 _SQL_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task_name, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_pipeline ON jobs (pipeline_id, seq)
     WHERE pipeline_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (completed_at)
@@ -1871,12 +1901,20 @@ class SqliteStore(Store):
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return rows[0] if rows else None
 
-    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE):
-        where, args = "seq > ?", [after]
-        if status is not None:
-            where, args = "status = ? AND seq > ?", [status, after]
-        return self._read(f"SELECT * FROM jobs WHERE {where} ORDER BY seq LIMIT ?",
-                          [*args, limit])
+    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
+             task_name=None, name=None, created_after=None, created_before=None):
+        clauses, args = [], []
+        for clause, value in (("status = ?", status), ("task_name = ?", task_name),
+                              ("name = ?", name), ("created_at > ?", created_after),
+                              ("created_at < ?", created_before),
+                              ("seq < ?" if newest_first else "seq > ?",
+                               after if after or not newest_first else None)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        return self._read(f"SELECT * FROM jobs {where}ORDER BY seq "
+                          f"{'DESC ' if newest_first else ''}LIMIT ?", [*args, limit])
 
     def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()):
@@ -3386,7 +3424,9 @@ def _delete_jobs(app, req):
 
 
 def _list_jobs(app, req):
-    return 200, app.list_jobs(**_listing(req.args))
+    return 200, app.list_jobs(**_listing(req.args),
+                              **{key: req.args.get(key) for key in _JOB_FILTERS},
+                              order=req.args.get("order", "asc"))
 
 
 def _get_job(app, req):
@@ -3467,11 +3507,12 @@ def _status(app, req):
 
 
 _LISTING = ("status", "limit", "cursor")
+_JOB_FILTERS = ("task_name", "name", "created_after", "created_before")
 
 # (method, path, route function, the query parameters it takes)
 ROUTES = [
     ("POST", "/jobs", _post_job, ()),
-    ("GET", "/jobs", _list_jobs, _LISTING),
+    ("GET", "/jobs", _list_jobs, (*_LISTING, *_JOB_FILTERS, "order")),
     ("DELETE", "/jobs", _delete_jobs, ("status", "finished_before")),
     ("GET", "/jobs/{id}", _get_job, ("wait",)),
     ("PATCH", "/jobs/{id}", _patch_job, ()),
@@ -4321,13 +4362,18 @@ class Valet:
                 changed.wait(left)
 
     def list_jobs(self, status: str | None = None, limit: int = DEFAULT_PAGE_SIZE,
-                  cursor: str | None = None) -> dict:
-        """A page of jobs in submission order, as GET /jobs gives it: {"jobs": [...],
-        "next_cursor": ...}; pass next_cursor as `cursor` for the next page. Raises
-        Invalid for a status, limit or cursor that is wrong."""
+                  cursor: str | None = None, order: str = "asc", task_name: str | None = None,
+                  name: str | None = None, created_after: str | None = None,
+                  created_before: str | None = None) -> dict:
+        """A page of jobs in submission order (order="desc": newest first), as GET
+        /jobs gives it: {"jobs": [...], "next_cursor": ...}; pass next_cursor as
+        `cursor` for the next page, in the same order. Only jobs with this status,
+        task_name and name, created after and before these RFC 3339 times, where
+        given. Raises Invalid naming every argument that is wrong."""
         self._refuse_when_closed()
-        status, limit, after = _page(status, limit, cursor)
-        found = self._store.list(status, after, limit + 1)
+        status, limit, after, query = _page(status, limit, cursor, order, task_name, name,
+                                            created_after, created_before)
+        found = self._store.list(status, after, limit + 1, **query)
         return {"jobs": [self._json_of_job(job) for job in found[:limit]],
                 "next_cursor": _next_cursor(found, limit)}
 
@@ -4448,7 +4494,7 @@ class Valet:
         """A page of pipelines in submission order, as GET /pipelines gives it; as
         list_jobs() for the rest."""
         self._refuse_when_closed()
-        status, limit, after = _page(status, limit, cursor)
+        status, limit, after, _ = _page(status, limit, cursor)
         found = []
         # A pipeline's status follows from its jobs, so a filtered page reads on, in
         # larger steps, until it has enough.
