@@ -1055,9 +1055,10 @@ class Store:
                    then=()) -> dict | None:
         """Move the job to `to_state` if its status is one of `from_states`, writing
         `fields` (only these: attempts, started_at, completed_at, failure_reason,
-        failure_traceback, run_at) with it. With it, in the same write: store `result`, a (value,
-        error) pair, as the job's result; and make each move of `then`, a list of
-        (job id, from_states, to_state, fields), where that job's status matches.
+        failure_traceback, run_at) with it. With it, in the same write: store
+        `result`, a (value, error) pair, as the job's result; and make each move of
+        `then`, a list of (job id, from_states, to_state, fields), where that job's
+        status matches.
         Returns the moved record; None, writing nothing (no result, no further
         move), if the job is missing or not in one of `from_states`. Two
         transitions of one job from the same status can never both succeed. A
@@ -1463,7 +1464,8 @@ _CORRUPT = "database is corrupt"
 _CAUSES = {"SQLITE_FULL": "disk is full", "SQLITE_READONLY": "database is read-only",
            "SQLITE_BUSY": "database is locked", "SQLITE_LOCKED": "database is locked",
            "SQLITE_CORRUPT": _CORRUPT, "SQLITE_NOTADB": _CORRUPT,
-           "SQLITE_IOERR": "disk I/O error", "SQLITE_CANTOPEN": "cannot open the database file",
+           "SQLITE_IOERR": "disk I/O error",
+           "SQLITE_CANTOPEN": "cannot open the database file",
            "SQLITE_PERM": "no permission to use the database file"}
 
 
@@ -3944,7 +3946,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if self._cors is not None:
             lines += [f"Access-Control-Allow-Origin: {self._cors}", "Vary: Origin",
-                      "Access-Control-Expose-Headers: Location, Retry-After, Idempotent-Replayed"]
+                      "Access-Control-Expose-Headers: Location, Retry-After, "
+                      "Idempotent-Replayed"]
         if self.close_connection:
             lines.append("Connection: close")
         if self.command == "HEAD":
@@ -4228,7 +4231,8 @@ class Valet:
         if _exposed(self.config):
             log.warning("listening on %s with no server.auth_token: anyone who can reach "
                         "this port can submit, read and delete jobs; set one (or "
-                        "VALET_AUTH_TOKEN), or listen on 127.0.0.1", self.config["server.host"])
+                        "VALET_AUTH_TOKEN), or listen on 127.0.0.1",
+                        self.config["server.host"])
         return self
 
     def stop(self, grace: float | None = None):
