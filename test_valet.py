@@ -1298,6 +1298,17 @@ def post_job_with(app, metadata=None, **fields):
                                        "metadata": metadata, **fields})
 
 
+def assert_storage_fails(app, resp, cause, status=True):
+    """`resp` is a 503 naming the storage fault; and /status says so too."""
+    assert resp.status == 503, resp
+    assert resp.body["message"].startswith(f"storage is failing: {cause}")
+    assert resp.headers["Retry-After"] == "5"
+    if status:
+        health = call(app, "GET", "/status")
+        assert health.status == 503
+        assert health.body["storage"] == {"option": "sqlite", "ok": False, "error": cause}
+
+
 def listed_ids(app):
     resp = call(app, "GET", "/jobs?limit=100")
     assert resp.status == 200, resp
@@ -1699,14 +1710,7 @@ def test_full_tmpfs_answers_503_disk_is_full_and_recovers_when_space_is_freed(
         assert gate.entered.wait(10)
         queued = submit(app, metadata={"q": 1})["id"]  # accepted before the fault
         filler = fill(tmpfs)
-        resp = post_job_with(app, BIG_METADATA)
-        assert resp.status == 503, resp
-        assert resp.body["message"].startswith("storage is failing: disk is full")
-        assert resp.headers["Retry-After"] == "5"
-        status = call(app, "GET", "/status")
-        assert status.status == 503
-        assert status.body["storage"] == {"option": "sqlite", "ok": False,
-                                          "error": "disk is full"}
+        assert_storage_fails(app, post_job_with(app, BIG_METADATA), "disk is full")
         gate.opened.set()  # its job ends while the disk is full
         os.remove(filler)
         assert submit(app, metadata=BIG_METADATA)["status"] == valet.PENDING
@@ -1793,13 +1797,7 @@ def test_corruption_met_at_run_time_answers_503_and_is_logged_once(make_app, cap
     caplog.clear()
     for i in range(50):
         resp = call(app, "GET", "/jobs" if i % 2 else f"/jobs/{ids[i]}")
-        assert resp.status == 503, resp
-        assert resp.body["message"].startswith("storage is failing: database is corrupt")
-        assert resp.headers["Retry-After"] == "5"
-    status = call(app, "GET", "/status")
-    assert status.status == 503
-    assert status.body["storage"] == {"option": "sqlite", "ok": False,
-                                      "error": "database is corrupt"}
+        assert_storage_fails(app, resp, "database is corrupt", status=i == 49)
     loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(loud) <= 3, loud
     assert loud[0].startswith("storage: database is corrupt")
