@@ -1947,6 +1947,83 @@ def failing_until(attempt_that_succeeds):
     return task
 
 
+def test_a_failed_job_retried_by_request_runs_again_as_its_next_attempt(make_app):
+    app = make_app(tasks={"flaky": failing_until(2)})
+    job = submit(app, "flaky")
+    failed = wait_for_status(app, job["id"], valet.FAILED)
+    assert failed["attempts"] == 1
+    resp = call(app, "POST", f"/jobs/{job['id']}/retry")
+    assert resp.status == 200 and resp.body["status"] in (valet.PENDING, valet.IN_PROGRESS,
+                                                          valet.COMPLETED)
+    done = wait_for_status(app, job["id"], valet.COMPLETED)
+    assert done["attempts"] == 2 and done["failure_reason"] is None
+    assert call(app, "GET", f"/jobs/{job['id']}/results").body["metadata"] == {"attempt": 2}
+
+
+def test_a_retried_job_has_no_result_until_its_new_attempt_ends(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1})
+    submit(app, "gate")  # holds the only worker: the retried job waits, PENDING
+    assert gate.entered.wait(10)
+    job = app.submit({"name": "j", "task_name": "echo", "run_at": "2100-01-01T00:00:00Z"})
+    app.cancel(job["id"])
+    retried = app.retry(job["id"])
+    assert retried["status"] == valet.PENDING and retried["run_at"] is None
+    assert retried["completed_at"] is None and retried["attempts"] == 0
+    resp = call(app, "GET", f"/jobs/{job['id']}/results")
+    assert resp.status == 404 and "has not finished" in resp.body["message"]
+    gate.opened.set()
+    assert wait_for_status(app, job["id"], valet.COMPLETED)["attempts"] == 1
+
+
+def test_only_a_failed_or_cancelled_job_outside_a_pipeline_can_be_retried(app, gate):
+    done = submit(app, "echo")
+    wait_for_status(app, done["id"], valet.COMPLETED)
+    resp = call(app, "POST", f"/jobs/{done['id']}/retry")
+    assert resp.status == 409
+    assert resp.body["message"] == (f"job {done['id']!r} is COMPLETED; only a FAILED or "
+                                    f"CANCELLED job can be retried")
+    pipeline = submit_pipeline(app, stage("fail"), stage("echo"))
+    first = wait_for_pipeline(app, pipeline["id"], valet.FAILED)["jobs"][0]
+    resp = call(app, "POST", f"/jobs/{first['id']}/retry")
+    assert resp.status == 409 and "cannot be retried on its own" in resp.body["message"]
+    assert call(app, "POST", "/jobs/nope/retry").status == 404
+
+
+def test_a_retry_needs_a_place_in_the_backlog(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1, "worker_pool.queue_capacity": 1})
+    failed = submit(app, "fail")
+    wait_for_status(app, failed["id"], valet.FAILED)
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    submit(app, "echo")  # the one place in the backlog
+    resp = call(app, "POST", f"/jobs/{failed['id']}/retry")
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert app.job(failed["id"])["status"] == valet.FAILED  # unchanged
+    gate.opened.set()
+
+
+def test_bulk_retry_retries_by_status_and_task_while_the_backlog_has_room(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1, "worker_pool.queue_capacity": 3})
+    fails = [submit(app, "fail")["id"] for _ in range(4)]
+    for job_id in fails:
+        wait_for_status(app, job_id, valet.FAILED)
+    other = app.submit({"name": "x", "task_name": "echo", "run_at": "2100-01-01T00:00:00Z"})
+    app.cancel(other["id"])
+    submit(app, "gate")  # holds the worker, so that the retried jobs wait in the backlog
+    assert gate.entered.wait(10)
+    resp = call(app, "POST", "/jobs/retry?status=failed&task_name=fail")
+    assert resp.status == 200 and resp.body == {"retried": 3, "more": True}
+    assert [app.job(j)["status"] for j in fails] == [valet.PENDING] * 3 + [valet.FAILED]
+    assert app.job(other["id"])["status"] == valet.CANCELLED  # another status
+    resp = call(app, "POST", "/jobs/retry?status=COMPLETED")
+    assert resp.status == 400 and resp.body["message"].startswith("status must be FAILED")
+    gate.opened.set()
+    for job_id in fails[:3]:  # each ran again, and failed again
+        assert wait_for_status(app, job_id, valet.FAILED)["attempts"] == 2
+    resp = call(app, "POST", "/jobs/retry?status=CANCELLED")
+    assert resp.body == {"retried": 1, "more": False}
+
+
 def test_failed_attempt_with_retries_left_is_scheduled_again_with_growing_backoff(make_app):
     clock = FakeClock()
     app = make_app(clock=clock, tasks={"flaky": failing_until(3)})
@@ -4138,7 +4215,8 @@ def test_json_log_lines_about_a_job_or_pipeline_carry_its_id_as_a_field(app):
 
     keep = Keep(level=logging.DEBUG)
     valet.log.addHandler(keep)
-    level, valet.log.level = valet.log.level, logging.DEBUG
+    level = valet.log.level
+    valet.log.setLevel(logging.DEBUG)  # (setLevel, which clears the logger's cache)
     try:
         job = submit(app, "fail")
         wait_for_status(app, job["id"], valet.FAILED)
@@ -4146,7 +4224,7 @@ def test_json_log_lines_about_a_job_or_pipeline_carry_its_id_as_a_field(app):
         wait_for_pipeline(app, pipeline["id"], valet.FAILED)
     finally:
         valet.log.removeHandler(keep)
-        valet.log.level = level
+        valet.log.setLevel(level)
     about_job = [r for r in records if r["message"].startswith(f"job {job['id']}:")]
     assert about_job and all(r["job_id"] == job["id"] for r in about_job)
     assert any(r.get("pipeline_id") == pipeline["id"] for r in records)

@@ -19,6 +19,8 @@ each with the Valet method that does the same for an embedding program:
     PATCH  /jobs/{id}              update_job(id, fields)  its name, description     204
     DELETE /jobs/{id}              delete_job(id)          one that is not running   204
     POST   /jobs/{id}/cancel       cancel(id)              one that has not finished 200
+    POST   /jobs/{id}/retry        retry(id)               a FAILED or CANCELLED one 200
+    POST   /jobs/retry             retry_jobs(status, ...) many of them, by status   200
     GET    /jobs/{id}/results      result(id)              a finished job's result   200
     DELETE /jobs/{id}/results      delete_result(id)       remove that result        204
     POST   /pipelines              submit_pipeline(fields) jobs run one by one       202
@@ -109,8 +111,8 @@ _MOVES = {
     PENDING: {IN_PROGRESS, CANCELLED},
     IN_PROGRESS: {COMPLETED, FAILED, CANCELLED, SCHEDULED},    # SCHEDULED: a retry
     COMPLETED: set(),
-    FAILED: set(),
-    CANCELLED: set(),
+    FAILED: {PENDING},                                         # retried by request
+    CANCELLED: {PENDING},                                      # retried by request
 }
 
 # Every key of a job's JSON, in the order it is written; unset is null.
@@ -932,8 +934,7 @@ def _pipeline_json(pipeline, job_json=_job_json):
 
 # The fields a transition may write besides the status, and those update() may.
 _MOVE_FIELDS = frozenset(("attempts", "started_at", "completed_at", "failure_reason",
-                          "failure_traceback",
-                          "run_at"))
+                          "failure_traceback", "run_at"))
 _EDITABLE_FIELDS = frozenset(("name", "description"))
 _STATUS_SET = frozenset(STATUSES)
 
@@ -1056,9 +1057,9 @@ class Store:
         """Move the job to `to_state` if its status is one of `from_states`, writing
         `fields` (only these: attempts, started_at, completed_at, failure_reason,
         failure_traceback, run_at) with it. With it, in the same write: store
-        `result`, a (value, error) pair, as the job's result; and make each move of
-        `then`, a list of (job id, from_states, to_state, fields), where that job's
-        status matches.
+        `result`, a (value, error) pair, as the job's result (or, with result=(),
+        delete its result); and make each move of `then`, a list of (job id,
+        from_states, to_state, fields), where that job's status matches.
         Returns the moved record; None, writing nothing (no result, no further
         move), if the job is missing or not in one of `from_states`. Two
         transitions of one job from the same status can never both succeed. A
@@ -1269,13 +1270,15 @@ class MemoryStore(Store):
     def transition(self, job_id, from_states, to_state, fields=None, result=None,
                    then=()):
         _check_moves(((job_id, from_states, to_state, fields), *then))
-        stored = None if result is None else (json.dumps(result[0]), result[1])
+        stored = None if not result else (json.dumps(result[0]), result[1])
         with self._lock:
             record = self._move(job_id, from_states, to_state, fields)
             if record is None:
                 return None
             if stored is not None:
                 self._results[job_id] = stored
+            elif result == ():
+                self._results.pop(job_id, None)
             for move in then:
                 self._move(*move)
             return self._out(record)
@@ -1927,15 +1930,17 @@ class SqliteStore(Store):
             move_fields = move_fields or {}
             moves.append((_move_sql(len(states), tuple(move_fields)),
                           [state, *move_fields.values(), move_id, *states]))
-        value_json = None if result is None else json.dumps(result[0])
+        value_json = None if not result else json.dumps(result[0])
 
         def move(conn):
             (sql, args), *more = moves
             if conn.execute(sql, args).rowcount == 0:
                 return None
-            if result is not None:
+            if result:
                 conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
                              (job_id, value_json, result[1]))
+            elif result == ():
+                conn.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
             for then_sql, then_args in more:
                 conn.execute(then_sql, then_args)
             return conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -2126,6 +2131,15 @@ def _why_not_deletable(job):
     if job["status"] == IN_PROGRESS:
         return f"job {job['id']!r} is running; cancel it, or delete it once it has finished"
     return None
+
+
+def _why_not_retryable(job):
+    """Why a job cannot be retried by request (it must be FAILED or CANCELLED)."""
+    if job["pipeline_id"] is not None:
+        return (f"job {job['id']!r} belongs to pipeline {job['pipeline_id']!r}; a job of "
+                f"a pipeline cannot be retried on its own")
+    return (f"job {job['id']!r} is {job['status']}; only a FAILED or CANCELLED job can be "
+            f"retried")
 
 
 def _why_pipeline_not_deletable(pipeline):
@@ -2470,6 +2484,32 @@ class _Lifecycle:
             self._forget(job["id"])
         log.info("pipeline %s: deleted (was %s) with its %d jobs", pipeline_id,
                  _pipeline_status(pipeline["jobs"]), len(pipeline["jobs"]))
+
+    def retry(self, job_id):
+        """FAILED or CANCELLED -> PENDING, by request: the job runs again as a new
+        attempt (its attempts go on counting), its result deleted with the move.
+        It takes a backlog place (BacklogFull). NotFound; Conflict if it has not
+        ended so, or belongs to a pipeline."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise _not_found("job", job_id)
+        if job["status"] not in (FAILED, CANCELLED) or job["pipeline_id"] is not None:
+            raise Conflict(_why_not_retryable(job))
+        self.pool.reserve()
+        try:
+            moved = self._transition(job_id, (FAILED, CANCELLED), PENDING,
+                                     {"completed_at": None, "run_at": None}, result=())
+        except BaseException:
+            self.pool.unreserve()
+            raise
+        if moved is None:  # deleted, or retried by another request, meanwhile
+            self.pool.unreserve()
+            job = self.store.get(job_id)
+            raise _not_found("job", job_id) if job is None else Conflict(
+                _why_not_retryable(job))
+        self.pool.enqueue(moved)
+        log.info("job %s: %s -> %s (retried by request)", job_id, job["status"], PENDING)
+        return moved
 
     def previous_result(self, job):
         """What the job before this one in its pipeline returned (None if nothing)."""
@@ -3452,6 +3492,14 @@ def _cancel_job(app, req):
     return 200, app.cancel(req.params["id"])
 
 
+def _retry_job(app, req):
+    return 200, app.retry(req.params["id"])
+
+
+def _retry_jobs(app, req):
+    return 200, app.retry_jobs(req.args.get("status"), req.args.get("task_name"))
+
+
 def _get_result(app, req):
     return 200, app.result(req.params["id"], strict=True)
 
@@ -3520,6 +3568,8 @@ ROUTES = [
     ("PATCH", "/jobs/{id}", _patch_job, ()),
     ("DELETE", "/jobs/{id}", _delete_job, ()),
     ("POST", "/jobs/{id}/cancel", _cancel_job, ()),
+    ("POST", "/jobs/{id}/retry", _retry_job, ()),
+    ("POST", "/jobs/retry", _retry_jobs, ("status", "task_name")),
     ("GET", "/jobs/{id}/results", _get_result, ()),
     ("DELETE", "/jobs/{id}/results", _delete_result, ()),
     ("POST", "/pipelines", _post_pipeline, ()),
@@ -4424,6 +4474,40 @@ class Valet:
                            f"job that has not finished can be cancelled")
         log.debug("job %s: cancelled", job_id)
         return self._json_of_job(job)
+
+    def retry(self, job_id: str) -> dict:
+        """Run a FAILED or CANCELLED job again, as a new attempt (its attempts go on
+        counting); return its JSON, PENDING. Its result is deleted. Raises NotFound,
+        Conflict (another status, or a job of a pipeline), BacklogFull, StorageError
+        or ShuttingDown."""
+        self._refuse_when_stopping()
+        return self._json_of_job(self.lifecycle.retry(job_id))
+
+    def retry_jobs(self, status: str, task_name: str | None = None) -> dict:
+        """retry() every job with this status (FAILED or CANCELLED), of this task if
+        given, that is not in a pipeline, oldest first, while the backlog has
+        room: {"retried": N, "more": True if some were left for want of room}.
+        Raises Invalid."""
+        check = _Fields({"status": status, "task_name": task_name})
+        if not (isinstance(status, str) and status.upper() in (FAILED, CANCELLED)):
+            check.problem(f"status must be FAILED or CANCELLED, got {_show(status)}")
+        task_name = check.text("task_name", required=False)
+        check.raise_problems()
+        self._refuse_when_stopping()
+        retried, after = 0, 0
+        while True:
+            jobs = self._store.list(status.upper(), after, MAX_PAGE_SIZE, task_name=task_name)
+            for job in jobs:
+                try:
+                    self.lifecycle.retry(job["id"])
+                    retried += 1
+                except BacklogFull:
+                    return {"retried": retried, "more": True}
+                except (NotFound, Conflict):  # a job of a pipeline, or one moved meanwhile
+                    continue
+            if len(jobs) < MAX_PAGE_SIZE:
+                return {"retried": retried, "more": False}
+            after = jobs[-1]["seq"]
 
     def result(self, job_id: str, strict: bool = False) -> dict | None:
         """The finished job's {"job_id", "metadata", "error"} (as GET /jobs/{id}/results
