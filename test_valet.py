@@ -6609,6 +6609,88 @@ def test_bulk_delete_of_1200_jobs_deletes_them_all_in_batches(app):
     assert job_ids(app) == {kept["id"]}
 
 
+# ------------------------------------------------------------------- client --
+
+@pytest.fixture
+def client(app, monkeypatch, capsys):
+    """Run `python valet.py COMMAND ...` in-process against the app: (exit code,
+    stdout, stderr)."""
+    monkeypatch.setenv("VALET_URL", app.url)
+    monkeypatch.delenv("VALET_AUTH_TOKEN", raising=False)
+
+    def run(*argv):
+        try:
+            code = valet.main(list(argv))
+        except SystemExit as exc:  # argparse: a usage error, or -h
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def test_client_submits_waits_and_exits_0_or_1_by_the_jobs_end(client):
+    code, out, _ = client("submit", "echo", "--metadata", '{"a": 1}', "--wait")
+    assert code == 0 and re.fullmatch(r"job [0-9a-f-]{36} COMPLETED\n", out)
+    code, out, _ = client("--json", "submit", "fail", "--wait")
+    assert code == 1 and json.loads(out)["failure_reason"] == "ValueError: boom"
+    code, out, _ = client("submit", "echo", "--name", "later", "--run-at",
+                          "2100-01-01T00:00:00Z")
+    assert code == 0 and out.endswith(" SCHEDULED\n")
+
+
+def test_client_lists_shows_and_acts_on_jobs(client, app, tmp_path):
+    (tmp_path / "m.json").write_text('{"from": "a file"}')
+    code, out, _ = client("submit", "echo", "--metadata-file", str(tmp_path / "m.json"),
+                          "--wait", "--json")
+    job_id = json.loads(out)["id"]
+    code, out, _ = client("jobs", "--task", "echo")
+    header, row = out.splitlines()
+    assert header.split() == ["ID", "STATUS", "TASK_NAME", "NAME", "CREATED_AT"]
+    assert row.split()[:4] == [job_id, valet.COMPLETED, "echo", "echo"]
+    assert json.loads(client("show", job_id)[1])["id"] == job_id
+    assert json.loads(client("result", job_id)[1]) == {"from": "a file"}
+    assert client("retry", job_id)[0] == 3  # COMPLETED: refused
+    later = app.submit({"name": "n", "task_name": "echo", "run_at": "2100-01-01T00:00:00Z"})
+    assert client("cancel", later["id"]) == (0, f"job {later['id']} CANCELLED\n", "")
+    assert client("retry", later["id"])[1] == f"job {later['id']} PENDING\n"
+    wait_for_status(app, later["id"], valet.COMPLETED)
+    assert client("delete", later["id"]) == (0, f"job {later['id']} deleted\n", "")
+    assert "echo\nexits\nfail" in client("tasks")[1]
+    assert client("status")[1].startswith(f"valet {valet.__version__}, up ")
+
+
+def test_client_exit_codes_say_usage_refusal_or_no_server(client, monkeypatch):
+    code, _, err = client("show", "no-such-job")
+    assert code == 3 and err == "valet: 404: job 'no-such-job' not found\n"
+    code, _, err = client("submit", "echo", "--metadata", "{not json")
+    assert code == 2 and err.startswith("valet: the metadata is not JSON")
+    assert client("submit")[0] == 2  # argparse: the task is missing
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    code, _, err = client("--url", f"http://127.0.0.1:{port}", "status")
+    assert code == 3 and err.startswith(f"valet: cannot reach http://127.0.0.1:{port}")
+
+
+def test_client_process_sends_the_token_from_the_environment(tmp_path, processes):
+    token = "t" * 20
+    proc = processes(tmp_path, server={"auth_token": token})
+    env = {**os.environ, "VALET_URL": f"http://127.0.0.1:{proc.port}"}
+    run = [sys.executable, os.path.join(HERE, "valet.py"), "tasks"]
+    refused = subprocess.run(run, capture_output=True, text=True, timeout=30,
+                             env={k: v for k, v in env.items() if k != "VALET_AUTH_TOKEN"})
+    assert refused.returncode == 3 and refused.stderr.startswith("valet: 401: ")
+    served = subprocess.run(run, capture_output=True, text=True, timeout=30,
+                            env={**env, "VALET_AUTH_TOKEN": token})
+    assert served.returncode == 0 and "echo" in served.stdout.split()
+
+
+def test_a_server_option_value_that_names_a_command_still_runs_the_server():
+    assert not valet._is_client(["--host", "jobs", "--port", "0"])
+    assert valet._is_client(["--url", "http://x", "--json", "jobs"])
+    assert valet._is_client(["--url=http://x", "status"])
+
+
 # -------------------------------------------------------------- the process --
 
 PROCESS_TASKS = """

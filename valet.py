@@ -5,6 +5,7 @@ payload; valet stores it, answers 202 at once, runs it on a worker thread and
 keeps its status and result for the client to read.
 
 Run it:     python valet.py [--config config.yaml] [--host H] [--port N]
+Ask it:     python valet.py submit TASK --metadata '{...}' --wait   (jobs, show, ...)
 Embed it:   app = Valet({"server": {"port": 0}}, tasks={"add": add}).start()
             ...
             app.stop()
@@ -41,7 +42,8 @@ store's transition(), which makes it only from the statuses it is given: no race
 can move a finished job back.
 
 The sections, in order: constants, errors, config, job records, storage, the
-job lifecycle, workers, scheduler, HTTP, the Valet facade, main.
+job lifecycle, workers, scheduler, HTTP, the Valet facade, the command-line
+client, main.
 """
 
 __version__ = "0.5.0"
@@ -64,6 +66,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import http.client
 import http.server
 import importlib
 import inspect
@@ -4665,6 +4668,189 @@ def _no_result(job_id, job):
     return NotFound(f"job {job_id!r} has not finished; its status is {job['status']}")
 
 
+# ------------------------------------------------------------------- client --
+
+class _ClientError(Exception):
+    """What ends a client command: its message, and the exit code."""
+
+    def __init__(self, message, code=3):
+        super().__init__(message)
+        self.code = code
+
+
+def _client_parser():
+    """The command line of the client: python valet.py COMMAND ..."""
+    common = argparse.ArgumentParser(add_help=False)  # also after the command
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help="the server (default: VALET_URL, or http://127.0.0.1:8080)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON, for scripts")
+    parser = argparse.ArgumentParser(
+        prog="valet", parents=[common],
+        description="A client for a running valet (the token comes from "
+                    "VALET_AUTH_TOKEN). Without a command, python valet.py runs the server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    submit = commands.add_parser("submit", parents=[common], help="submit a job")
+    submit.add_argument("task")
+    given = submit.add_mutually_exclusive_group()
+    given.add_argument("--metadata", help="the job's metadata, as JSON")
+    given.add_argument("--metadata-file", help="a file holding the metadata, as JSON")
+    submit.add_argument("--name", help="the job's name (default: the task's)")
+    submit.add_argument("--timeout", type=float, help="its timeout, in timeout_units")
+    submit.add_argument("--run-at", help="when to run it, in RFC 3339")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait until it has finished; exit 1 if it did not complete")
+    jobs = commands.add_parser("jobs", parents=[common], help="list jobs, newest first")
+    jobs.add_argument("--status")
+    jobs.add_argument("--task")
+    jobs.add_argument("--limit", type=int, default=20)
+    for name, what in (("show", "a job"), ("result", "a finished job's result"),
+                       ("cancel", "cancel a job"), ("retry", "retry a failed job"),
+                       ("delete", "delete a job")):
+        commands.add_parser(name, parents=[common], help=what).add_argument("id")
+    commands.add_parser("tasks", parents=[common], help="the registered tasks")
+    commands.add_parser("status", parents=[common], help="the server's health and load")
+    return parser
+
+
+def _request(url, method, path, body=None):
+    """One request to the server: its JSON answer, or _ClientError (exit code 3) with
+    the server's message, or saying it cannot be reached."""
+    parts = urllib.parse.urlsplit(url)
+    connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                  else http.client.HTTPConnection)(parts.netloc, timeout=MAX_WAIT + 10)
+    headers = {"Accept": "application/json"}
+    if os.environ.get("VALET_AUTH_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['VALET_AUTH_TOKEN']}"
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        connection.request(method, parts.path.rstrip("/") + path, data, headers)
+        answer = connection.getresponse()
+        text = answer.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise _ClientError(f"cannot reach {url}: {exc}") from None
+    finally:
+        connection.close()
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        raise _ClientError(f"{url} answered {answer.status} with something that is not "
+                           f"valet's JSON") from None
+    if answer.status >= 400:
+        message = value.get("message") if isinstance(value, dict) else None
+        raise _ClientError(f"{answer.status}: {message or answer.reason}")
+    return value
+
+
+def _table(rows, columns):
+    """Rows of dicts as a plain text table, each column as wide as its widest cell."""
+    cells = [[str(row.get(column) if row.get(column) is not None else "-")
+              for column in columns] for row in rows]
+    widths = [max([len(column), *(len(row[i]) for row in cells)])
+              for i, column in enumerate(columns)]
+    lines = [[column.upper() for column in columns], *cells]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths))
+                     .rstrip() for line in lines)
+
+
+def _submit_fields(args):
+    """The body of POST /jobs from `valet submit`'s arguments."""
+    text = args.metadata
+    if args.metadata_file is not None:
+        try:
+            with open(args.metadata_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise _ClientError(f"--metadata-file: {exc.strerror}: {args.metadata_file}",
+                               2) from None
+    fields = {"name": args.name or args.task, "task_name": args.task}
+    if text is not None:
+        try:
+            fields["metadata"] = json.loads(text)
+        except ValueError as exc:
+            raise _ClientError(f"the metadata is not JSON: {exc}", 2) from None
+    if args.timeout is not None:
+        fields["timeout"] = args.timeout
+    if args.run_at is not None:
+        fields["run_at"] = args.run_at
+    return fields
+
+
+def _client_command(args):
+    """Do what the command asks: (what to print, the exit code)."""
+    url, quote = args.url, urllib.parse.quote
+    if args.command == "submit":
+        job = _request(url, "POST", "/jobs", _submit_fields(args))
+        while args.wait and job["status"] not in FINISHED:
+            job = _request(url, "GET", f"/jobs/{quote(job['id'])}?wait={MAX_WAIT}")
+        failed = args.wait and job["status"] != COMPLETED
+        return job, f"job {job['id']} {job['status']}", (1 if failed else 0)
+    if args.command == "jobs":
+        query = {"order": "desc", "limit": args.limit, "status": args.status,
+                 "task_name": args.task}
+        page = _request(url, "GET", "/jobs?" + urllib.parse.urlencode(
+            {key: value for key, value in query.items() if value is not None}))
+        return page, _table(page["jobs"], ("id", "status", "task_name", "name",
+                                           "created_at")), 0
+    if args.command in ("show", "result"):
+        found = _request(url, "GET", f"/jobs/{quote(args.id, safe='')}"
+                                     f"{'/results' if args.command == 'result' else ''}")
+        if args.command == "result" and found["error"] is not None:
+            return found, f"the job failed: {found['error']}", 0
+        shown = found if args.command == "show" else found["metadata"]
+        return found, json.dumps(shown, indent=2), 0
+    if args.command in ("cancel", "retry"):
+        job = _request(url, "POST", f"/jobs/{quote(args.id, safe='')}/{args.command}")
+        return job, f"job {job['id']} {job['status']}", 0
+    if args.command == "delete":
+        _request(url, "DELETE", f"/jobs/{quote(args.id, safe='')}")
+        return {"deleted": args.id}, f"job {args.id} deleted", 0
+    if args.command == "tasks":
+        found = _request(url, "GET", "/tasks")
+        return found, "\n".join(found["tasks"]), 0
+    status = _request(url, "GET", "/status")
+    storage, queue_, workers = status["storage"], status["queue"], status["workers"]
+    return status, "\n".join((
+        f"valet {status['version']}, up {status['uptime']:g}s",
+        f"storage: {storage['option']}, {'ok' if storage['ok'] else storage['error']}",
+        f"queue: {queue_['depth']} of {queue_['capacity']} waiting",
+        f"workers: {workers['busy']} of {workers['total']} busy, "
+        f"{workers['abandoned']} abandoned")), 0
+
+
+def _client(argv):
+    """Run one client command; return its exit code: 0 ok, 1 the job failed (submit
+    --wait), 2 usage, 3 the server could not be reached or refused."""
+    args = _client_parser().parse_args(argv)  # exits 2 on a usage error
+    args.url = getattr(args, "url", None) or os.environ.get("VALET_URL",
+                                                            "http://127.0.0.1:8080")
+    try:
+        value, text, code = _client_command(args)
+    except _ClientError as exc:
+        print(f"valet: {exc}", file=sys.stderr)
+        return exc.code
+    print(json.dumps(value, indent=2) if getattr(args, "json", False) else text)
+    return code
+
+
+_CLIENT_COMMANDS = ("submit", "jobs", "show", "result", "cancel", "retry", "delete",
+                    "tasks", "status")
+
+
+_SERVER_HELP = (f"an asynchronous job server; python valet.py "
+                f"{{{','.join(_CLIENT_COMMANDS)}}} -h for its client")
+
+
+def _is_client(argv):
+    """Whether the command line names a client command (after --url U and --json)."""
+    rest = list(argv)
+    while rest and (rest[0] == "--json" or rest[0].startswith("--url")):
+        rest = rest[2:] if rest[0] == "--url" else rest[1:]
+    return bool(rest) and rest[0] in _CLIENT_COMMANDS
+
+
 # --------------------------------------------------------------------- main --
 
 class _JsonFormatter(logging.Formatter):
@@ -4742,8 +4928,12 @@ def _build(config):
 
 
 def main(argv=None) -> int:
-    """Run valet from the command line; return the exit code (2 for a bad config)."""
-    parser = argparse.ArgumentParser(prog="valet", description="an asynchronous job server")
+    """Run valet from the command line; return the exit code (2 for a bad config).
+    With a client command first (python valet.py jobs), talk to a running valet."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _is_client(argv):
+        return _client(argv)
+    parser = argparse.ArgumentParser(prog="valet", description=_SERVER_HELP)
     parser.add_argument("--config", help="YAML config file (default: ./config.yaml if present)")
     parser.add_argument("--host", help="listen on this address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen on this port; 0 picks a free one")
