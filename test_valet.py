@@ -17,6 +17,7 @@ import http.client
 import json
 import logging
 import os
+import queue
 import random
 import re
 import select
@@ -648,6 +649,8 @@ def test_jobs_list_newest_first_with_a_cursor_and_filters(app):
         ("limit=1&limit=2", "query parameter 'limit' is given more than once"),
         ("order=newest", 'order must be asc or desc, got "newest"'),
         ("created_after=yesterday", "created_after must be an RFC 3339 time"),
+        ("created_after=2026-01-02T00:00:00Z&created_before=2026-01-01T00:00:00Z",
+         "created_after must be earlier than created_before"),
         ("created_before=2026-02-30T00:00:00Z", "created_before \"2026-02-30T00:00:00Z\" is "
                                                "not a real time"),
     ]),
@@ -2002,6 +2005,59 @@ def test_a_retry_needs_a_place_in_the_backlog(make_app, gate):
     gate.opened.set()
 
 
+def test_a_cancelled_jobs_old_queue_entry_is_skipped_once_it_is_retried(store, gate, ran):
+    pool = make_pool(store, make_tasks(gate, ran))
+    job_id = queue_job(pool, store, "fail")  # queue entry 1
+    pool._lifecycle.cancel(job_id)           # entry 1 stays on the queue, withdrawn
+    pool._lifecycle.retry(job_id)            # entry 2
+    assert pool.run_once(block=False) is True  # entry 1: skipped
+    assert store.get(job_id)["status"] == valet.PENDING
+    pool.run_once(block=False)  # entry 2 runs it
+    assert store.get(job_id)["attempts"] == 1
+    pool._lifecycle.retry(job_id)
+    pool.run_once(block=False)
+    assert store.get(job_id)["attempts"] == 2  # counting on, from the stored record
+    with pytest.raises(queue.Empty):
+        pool.run_once(block=False)
+
+
+def test_no_retry_while_a_worker_still_writes_the_start_of_a_cancelled_job(store, gate, ran):
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_start(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.IN_PROGRESS:
+            holding.set()
+            assert release.wait(10)
+    pool = hooked_pool(store, "transition", hold_the_start, make_tasks(gate, ran))
+    job_id = queue_job(pool, store, "echo")
+    worker = threading.Thread(target=pool.run_once)
+    worker.start()
+    assert holding.wait(10)
+    job, cancelled = pool._lifecycle.cancel(job_id)
+    assert cancelled
+    with pytest.raises(valet.Conflict, match="still writing its start"):
+        pool._lifecycle.retry(job_id)
+    release.set()
+    worker.join(10)
+    assert store.get(job_id)["status"] == valet.CANCELLED  # the late start found it so
+    assert pool._lifecycle.retry(job_id)["status"] == valet.PENDING
+
+
+def test_an_old_due_time_does_not_start_a_job_scheduled_again_since(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock, tasks={"flaky": failing_until(3)})
+    job = app.submit({"name": "j", "task_name": "flaky", "run_at": at(clock, 100),
+                      "max_retries": 1, "retry_backoff": 1000})
+    app.cancel(job["id"])
+    app.retry(job["id"])  # runs now, fails, and waits 500 to 1000 s for its retry
+    wait_until(lambda: app.job(job["id"])["status"] == valet.SCHEDULED
+               and app.job(job["id"])["attempts"] == 1, what="the first attempt to fail")
+    waiting = app.job(job["id"])
+    app.scheduler.tick(clock.advance(101))  # the first run_at's entry comes due
+    assert app.job(job["id"])["status"] == valet.SCHEDULED
+    assert app.job(job["id"])["run_at"] == waiting["run_at"]
+
+
 def test_bulk_retry_retries_by_status_and_task_while_the_backlog_has_room(make_app, gate):
     app = make_app(**{"worker_pool.workers": 1, "worker_pool.queue_capacity": 3})
     fails = [submit(app, "fail")["id"] for _ in range(4)]
@@ -2924,6 +2980,25 @@ def test_a_failed_attempt_keeps_its_tasks_traceback_until_an_attempt_succeeds(ma
     app.scheduler.tick(clock.advance(61))
     done = wait_for_status(app, job["id"], valet.COMPLETED)
     assert done["failure_reason"] is None and done["failure_traceback"] is None
+
+
+def test_an_exception_that_cannot_be_shown_still_fails_its_job(make_app):
+    class Unshowable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+        @property
+        def __notes__(self):
+            raise RuntimeError("no notes either")
+
+    def raises_it(metadata):
+        raise Unshowable()
+
+    app = make_app(tasks={"bad": raises_it})
+    job = app.submit({"name": "j", "task_name": "bad"})
+    failed = wait_for_status(app, job["id"], valet.FAILED)
+    assert failed["failure_reason"] == "Unshowable (its message could not be read)"
+    assert app.status()["workers"]["busy"] == 0
 
 
 def test_only_a_task_that_raised_leaves_a_traceback(make_app, gate):

@@ -852,6 +852,9 @@ def _page(status, limit, cursor, order="asc", task_name=None, name=None,
     query = {"created_after": check.time("created_after"),
              "created_before": check.time("created_before"),
              "newest_first": isinstance(order, str) and order.lower() == "desc"}
+    if None not in (query["created_after"], query["created_before"]) and (
+            query["created_after"] >= query["created_before"]):
+        check.problem("created_after must be earlier than created_before")
     if not (isinstance(order, str) and order.lower() in ("asc", "desc")):
         check.problem(f"order must be asc or desc, got {_show(order)}")
     for key, value in (("task_name", task_name), ("name", name)):
@@ -2231,7 +2234,7 @@ class _Lifecycle:
                 self.pool.unreserve()
             return False
         if first["status"] == SCHEDULED:
-            self.scheduler.at(first["run_at"], self.promote, first["id"])
+            self.scheduler.at(first["run_at"], self.promote, first["id"], first["run_at"])
         else:
             self.pool.enqueue(first, reserved=reserved)
         return True
@@ -2242,7 +2245,7 @@ class _Lifecycle:
         retries left), and queue its pending jobs whose turn it is, in order."""
         scheduled = list(self._stored(SCHEDULED))
         for job in scheduled:
-            self.scheduler.at(job["run_at"], self.promote, job["id"])
+            self.scheduler.at(job["run_at"], self.promote, job["id"], job["run_at"])
         for job in list(self._stored(IN_PROGRESS)):
             self.finish(job, FAILED, reason="the server stopped while the job was running")
         queued = 0
@@ -2268,8 +2271,13 @@ class _Lifecycle:
 
     # -- the moves
 
-    def promote(self, job_id):
-        """SCHEDULED -> PENDING: a scheduled job, or a retry, has come due; queue it."""
+    def promote(self, job_id, due):
+        """SCHEDULED -> PENDING: a scheduled job, or a retry, has come due at `due` (its
+        run_at when it was scheduled); queue it. A job scheduled again since (cancelled,
+        retried by request, failed and waiting for a later retry) keeps waiting."""
+        scheduled = self.persist(self.store.get, job_id)
+        if scheduled is None or scheduled["run_at"] != due:
+            return
         job = self.persist(self._transition, job_id, (SCHEDULED,), PENDING)
         if job is not None:
             log.debug("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
@@ -2339,7 +2347,7 @@ class _Lifecycle:
             log.info("job %s: attempt %d failed (%s); retry %d of %d at %s", job["id"],
                      moved["attempts"], reason, moved["attempts"], moved["max_retries"],
                      _rfc3339(run_at))
-            self.scheduler.at(run_at, self.promote, job["id"])
+            self.scheduler.at(run_at, self.promote, job["id"], run_at)
         return moved
 
     def _fail(self, job, reason, trace=None):
@@ -2498,6 +2506,9 @@ class _Lifecycle:
             raise _not_found("job", job_id)
         if job["status"] not in (FAILED, CANCELLED) or job["pipeline_id"] is not None:
             raise Conflict(_why_not_retryable(job))
+        if self.pool.starting(job_id):
+            raise Conflict(f"job {job_id!r} was cancelled as a worker took it, which is "
+                           f"still writing its start; retry it again shortly")
         self.pool.reserve()
         try:
             moved = self._transition(job_id, (FAILED, CANCELLED), PENDING,
@@ -2603,7 +2614,7 @@ class _Claim:
     cancel or stop to settle."""
 
     __slots__ = ("thread", "job_id", "job", "cancelled", "progress", "taken",
-                 "released", "abandoned", "deadline")
+                 "released", "abandoned", "deadline", "starting")
 
     def __init__(self, thread, job_id):
         self.thread = thread    # None once its job's end could not be written
@@ -2615,14 +2626,27 @@ class _Claim:
         self.released = False   # its job is settled: the claim is done with
         self.abandoned = False  # taken from its thread, which left the pool
         self.deadline = False   # it has an entry in the pool's deadline heap
+        self.starting = True    # its job's start is being written
 
 
 _STOP = object()  # put on the ready queue, one per worker, to end it
 
 
+def _reason_of(exc):
+    """`ValueError: bad input`, for a task's exception (even one whose str() fails)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__} (its message could not be read)"
+
+
 def _traceback_of(exc):
-    """A task's traceback as text, its last _MAX_TRACEBACK characters at most."""
-    text = "".join(traceback.format_exception(exc))
+    """A task's traceback as text, its last _MAX_TRACEBACK characters at most (None if
+    the exception will not be formatted)."""
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:
+        return None
     return text if len(text) <= _MAX_TRACEBACK else "..." + text[-_MAX_TRACEBACK:]
 
 
@@ -2672,7 +2696,10 @@ class _WorkerPool:
         self._deadline_added = threading.Condition(self._lock)
         self._changed = threading.Condition(self._lock)  # threads or claims changed
         self._reserved = 0     # submissions given a place in the backlog, not yet queued
-        self._waiting = set()  # ids queued and not yet taken by a worker (nor withdrawn)
+        # id -> the order of its live entry on the queue (an older entry of the job, left
+        # by a cancel and a retry, is skipped), until a worker takes it or it is withdrawn
+        self._waiting = {}
+        self._starting = {}    # job id -> workers writing its start (see starting())
         self._running = {}     # job id -> the _Claim of the thread that took it
         self._deadlines = []   # heap of (monotonic deadline, order, claim, timeout reason)
         self._stale = 0        # entries in _deadlines whose claim was released
@@ -2700,16 +2727,17 @@ class _WorkerPool:
         """Queue a stored PENDING job (its record). Jobs accepted earlier (scheduled ones
         coming due, a pipeline's next job, start-up recovery) pass reserved=False:
         they take a place even when the backlog is full."""
+        order = next(self._order)
         with self._lock:
             self._reserved -= reserved
-            self._waiting.add(job["id"])
-        self._ready.put((-job["priority"], next(self._order), job))
+            self._waiting[job["id"]] = order
+        self._ready.put((-job["priority"], order, job))
 
     def withdraw(self, job_id):
         """Forget a queued job that was deleted or cancelled: it gives back its place
         and never runs."""
         with self._lock:
-            self._waiting.discard(job_id)
+            self._waiting.pop(job_id, None)
 
     def stats(self):
         with self._lock:
@@ -2734,8 +2762,7 @@ class _WorkerPool:
         withdrawn True if the job was queued: enqueue it again if its cancel
         cannot be written."""
         with self._lock:
-            withdrawn = job_id in self._waiting
-            self._waiting.discard(job_id)
+            withdrawn = self._waiting.pop(job_id, None) is not None
             claim = self._running.get(job_id)
             if claim is None or claim.taken:
                 return claim, False, withdrawn
@@ -2787,27 +2814,47 @@ class _WorkerPool:
         taken its place. Raises queue.Empty when not blocking (or after
         `timeout`) and nothing is queued.
         """
-        *_, job = self._ready.get(block, timeout)
+        _, order, job = self._ready.get(block, timeout)
         if job is _STOP:
             return False
         with self._lock:
-            if job["id"] not in self._waiting or self._stopping:
-                return True  # deleted or cancelled while queued; or left for the next start
-            self._waiting.remove(job["id"])
+            if self._waiting.get(job["id"]) != order or self._stopping:
+                return True  # deleted or cancelled while queued (maybe queued again since,
+                # with an entry of its own); or left for the next start
+            del self._waiting[job["id"]]
             claim = self._running[job["id"]] = _Claim(threading.current_thread(), job["id"])
+            self._starting[job["id"]] = self._starting.get(job["id"], 0) + 1
         try:
             return self._run(job, claim)
         finally:
             with self._lock:
+                self._started(claim)
                 if claim.job is None and not claim.taken:  # not started: an error, or
                     del self._running[job["id"]]           # cancelled or deleted first
                     self._changed.notify_all()
                 if claim.abandoned:
                     self._abandoned -= 1
 
+    def _started(self, claim):
+        """The start of the claim's job is written, or will not be (with the lock held)."""
+        if not claim.starting:
+            return
+        claim.starting = False
+        left = self._starting.pop(claim.job_id) - 1
+        if left:
+            self._starting[claim.job_id] = left
+
+    def starting(self, job_id):
+        """Whether a worker is still writing the start of the job: it took the job off
+        the queue before a cancel, and its write may yet find the job PENDING (if it
+        was retried since), so no retry may make it PENDING until then."""
+        with self._lock:
+            return job_id in self._starting
+
     def _run(self, job, claim):
         started = self._lifecycle.persist(self._lifecycle.start, job)
         with self._lock:
+            self._started(claim)
             if started is None or claim.taken:  # cancelled or deleted before it started
                 return not claim.taken  # if taken, the canceller started a replacement
             claim.job = started
@@ -2872,8 +2919,10 @@ class _WorkerPool:
             kwargs = {"context": context} if self._context[job["task_name"]] else {}
             value = fn(*args, **kwargs)
         except BaseException as exc:  # a task's failure must never end the worker
-            log.warning("job %s: task %s raised", job["id"], job["task_name"], exc_info=True)
-            return FAILED, None, f"{type(exc).__name__}: {exc}", _traceback_of(exc)
+            reason, trace = _reason_of(exc), _traceback_of(exc)
+            log.warning("job %s: task %s raised: %s", job["id"], job["task_name"], reason,
+                        exc_info=trace is not None)  # (unless it cannot be formatted)
+            return FAILED, None, reason, trace
         try:
             text = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
