@@ -364,6 +364,23 @@ def hooked_pool(store, method, hook, tasks):
     return make_pool(Hooked(store, method, hook), tasks, clock=[1000.0])
 
 
+def a_start_held(store, task_name, gate, ran):
+    """A pool whose worker thread has taken a job of `task_name` and is held while it
+    writes the start: (pool, job id, the worker, an Event that lets the write go)."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_start(job_id, from_states, to_state, *args, **kwargs):
+        if to_state == valet.IN_PROGRESS:
+            holding.set()
+            assert release.wait(10)
+    pool = hooked_pool(store, "transition", hold_the_start, make_tasks(gate, ran))
+    job_id = queue_job(pool, store, task_name)
+    worker = threading.Thread(target=pool.run_once)
+    worker.start()
+    assert holding.wait(10)
+    return pool, job_id, worker, release
+
+
 # ------------------------------------------------------------------- config --
 
 def test_config_yaml_documents_every_key_with_its_default():
@@ -2022,17 +2039,7 @@ def test_a_cancelled_jobs_old_queue_entry_is_skipped_once_it_is_retried(store, g
 
 
 def test_no_retry_while_a_worker_still_writes_the_start_of_a_cancelled_job(store, gate, ran):
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_start(job_id, from_states, to_state, *args, **kwargs):
-        if to_state == valet.IN_PROGRESS:
-            holding.set()
-            assert release.wait(10)
-    pool = hooked_pool(store, "transition", hold_the_start, make_tasks(gate, ran))
-    job_id = queue_job(pool, store, "echo")
-    worker = threading.Thread(target=pool.run_once)
-    worker.start()
-    assert holding.wait(10)
+    pool, job_id, worker, release = a_start_held(store, "echo", gate, ran)
     job, cancelled = pool._lifecycle.cancel(job_id)
     assert cancelled
     with pytest.raises(valet.Conflict, match="still writing its start"):
@@ -3248,17 +3255,7 @@ def test_timeouts_are_enforced_while_stop_waits_for_running_jobs(make_app, gate)
 
 
 def test_a_start_being_written_when_stop_ends_is_settled_not_left_to_run(store, gate, ran):
-    writing, written = threading.Event(), threading.Event()
-
-    def slow_start(job_id, from_states, to_state, *args, **kwargs):
-        if to_state == valet.IN_PROGRESS:
-            writing.set()
-            assert written.wait(10)
-    pool = hooked_pool(store, "transition", slow_start, make_tasks(gate, ran))
-    job_id = queue_job(pool, store, "gate")
-    worker = threading.Thread(target=pool.run_once)
-    worker.start()
-    assert writing.wait(10)
+    pool, job_id, worker, written = a_start_held(store, "gate", gate, ran)
     stopper = threading.Thread(target=pool.stop, args=(0,))
     stopper.start()
     wait_until(lambda: pool._stopping, what="stop to begin")

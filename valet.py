@@ -122,8 +122,7 @@ _MOVES = {
 JOB_FIELDS = (
     "id", "name", "description", "task_name", "metadata", "timeout", "priority",
     "status", "failure_reason", "failure_traceback", "progress", "attempts", "max_retries",
-    "retry_backoff",
-    "run_at", "created_at", "started_at", "completed_at", "duration",
+    "retry_backoff", "run_at", "created_at", "started_at", "completed_at", "duration",
     "pipeline_id", "next_job_id", "use_previous_results",
 )
 
@@ -141,6 +140,7 @@ _MAX_BACKOFF = 3600.0      # seconds: the longest wait before a retry, jitter in
 _DEFAULT_BACKOFF = 1.0     # seconds before the first retry, doubling after each
 _MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
 _MAX_PIPELINE_JOBS = 100
+_CORRUPT = "database is corrupt"  # the cause of a StorageError that waiting will not mend
 _MAX_DEPTH = 64  # how deeply metadata and results may nest: far from Python's ~1000
 _MAX_TRACEBACK = 8192  # characters of a failed task's traceback kept: its last ones
 MAX_WAIT = 60  # seconds: the longest GET /jobs/{id}?wait= may hold a request
@@ -193,7 +193,7 @@ class StorageError(ValetError):
         self.cause = cause
         self.detail = detail if detail != cause else ""
         then = ("it needs repair: restore a backup (README: Guarantees)"
-                if cause == "database is corrupt" else "try again later")
+                if cause == _CORRUPT else "try again later")
         super().__init__(f"storage is failing: {cause}; {then}"
                          + (f" ({self.detail})" if self.detail else ""))
 
@@ -418,11 +418,11 @@ def load_config(source=None, overrides: dict | None = None,
             problems.append(f"{key}: unknown key; known keys are {', '.join(_SCHEMA)}")
             continue
         _, check, allowed = _SCHEMA[key]
-        if check is not None and not check(value) and key == "server.auth_token":
+        if check is not None and not check(value):
             problems.append(f"{key} (or VALET_AUTH_TOKEN): the token given is not allowed "
-                            f"(it is not shown here); expected {allowed}")
-        elif check is not None and not check(value):
-            problems.append(f"{key}: {_show(value)} is not allowed; expected {allowed}")
+                            f"(it is not shown here); expected {allowed}"
+                            if key == "server.auth_token" else
+                            f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
     if problems:
         raise ConfigError("; ".join(problems))
@@ -995,9 +995,8 @@ class Store:
         job       id, name, description, task_name, metadata (any JSON value),
                   timeout, priority, status (one of STATUSES), failure_reason,
                   failure_traceback, attempts, max_retries, retry_backoff, run_at,
-                  created_at,
-                  started_at, completed_at, pipeline_id, previous_job_id,
-                  next_job_id, use_previous_results (a bool)
+                  created_at, started_at, completed_at, pipeline_id,
+                  previous_job_id, next_job_id, use_previous_results (a bool)
         pipeline  id, name, description, priority, run_at, created_at
 
     Times are epoch seconds (floats) or None. A store gives every value back as it
@@ -1462,12 +1461,11 @@ _JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS[1:])}) "  # all but s
 _PIPELINE_COLUMNS = ("id", "name", "description", "priority", "run_at", "created_at")
 _PIPELINE_INSERT = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(_PIPELINE_COLUMNS))})")
+_SQL_PROBE = "INSERT OR REPLACE INTO health VALUES (1, ?)"  # a write that proves writes work
 _MAX_BATCH = 512  # writes applied in one transaction, at most
 _IDLE_READERS = 8  # read connections kept open between reads, at most
 _VACUUM_STEP = 4096  # pages (16 MB) a purge gives back to the disk, at most
 _PROBE_EVERY = 5.0  # seconds: health() writes to check, when no write has for this long
-
-_CORRUPT = "database is corrupt"
 
 # What a user is told of SQLite's errors (by the prefix of their extended code name).
 _CAUSES = {"SQLITE_FULL": "disk is full", "SQLITE_READONLY": "database is read-only",
@@ -1653,7 +1651,7 @@ class SqliteStore(Store):
             self._vacuums = conn.execute("PRAGMA auto_vacuum").fetchone()[
                 "auto_vacuum"] == 2  # INCREMENTAL
             # A write, so that a file valet cannot write (read-only) stops it at start.
-            conn.execute("INSERT OR REPLACE INTO health VALUES (1, ?)", (time.time(),))
+            conn.execute(_SQL_PROBE, (time.time(),))
         except sqlite3.Error as exc:
             raise StorageError(_cause(exc), str(exc)) from None
 
@@ -2080,8 +2078,7 @@ class SqliteStore(Store):
         if since < (1 if self._fault is not None else _PROBE_EVERY):
             return self._fault
         try:
-            self._write(lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO health VALUES (1, ?)", (time.time(),)))
+            self._write(lambda conn: conn.execute(_SQL_PROBE, (time.time(),)))
         except StorageError as exc:
             self._last_write = time.monotonic()  # probe again in a second, not at once
             return exc.cause
@@ -2140,12 +2137,14 @@ def _why_not_deletable(job):
 
 
 def _why_not_retryable(job):
-    """Why a job cannot be retried by request (it must be FAILED or CANCELLED)."""
+    """Why a job cannot be retried by request now, or None if it can."""
     if job["pipeline_id"] is not None:
         return (f"job {job['id']!r} belongs to pipeline {job['pipeline_id']!r}; a job of "
                 f"a pipeline cannot be retried on its own")
-    return (f"job {job['id']!r} is {job['status']}; only a FAILED or CANCELLED job can be "
-            f"retried")
+    if job["status"] not in (FAILED, CANCELLED):
+        return (f"job {job['id']!r} is {job['status']}; only a FAILED or CANCELLED job "
+                f"can be retried")
+    return None
 
 
 def _why_pipeline_not_deletable(pipeline):
@@ -2237,6 +2236,12 @@ class _Lifecycle:
             self.scheduler.at(first["run_at"], self.promote, first["id"], first["run_at"])
         else:
             self.pool.enqueue(first, reserved=reserved)
+        if pipeline is None:
+            log.debug("job %s: created %s (task %s)", first["id"], first["status"],
+                      first["task_name"])
+        else:
+            log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"],
+                      len(jobs), first["status"])
         return True
 
     def recover(self):
@@ -2435,14 +2440,13 @@ class _Lifecycle:
                 return moved, True
             # it moved first (a worker started it, or it finished): look again
 
-    def _wait_for_release(self, claim, timeout=None):
+    def _wait_for_release(self, claim):
         """Wait until the thread that took this claim has released it (or given it
         back): release() comes before the wake, so nothing is missed. That thread
-        may be retrying a write the store refuses: past `timeout` seconds,
+        may be retrying a write the store refuses: past _SETTLE_WAIT seconds,
         StorageError, so that a client is not held for as long as a fault lasts."""
-        timeout = _SETTLE_WAIT if timeout is None else timeout
         with self.watching(claim.job_id) as changed:
-            if claim.taken and not claim.released and not changed.wait(timeout):
+            if claim.taken and not claim.released and not changed.wait(_SETTLE_WAIT):
                 raise StorageError("the job's end is still being written",
                                    "cancel it again shortly")
 
@@ -2504,8 +2508,9 @@ class _Lifecycle:
         job = self.store.get(job_id)
         if job is None:
             raise _not_found("job", job_id)
-        if job["status"] not in (FAILED, CANCELLED) or job["pipeline_id"] is not None:
-            raise Conflict(_why_not_retryable(job))
+        why = _why_not_retryable(job)
+        if why is not None:
+            raise Conflict(why)
         if self.pool.starting(job_id):
             raise Conflict(f"job {job_id!r} was cancelled as a worker took it, which is "
                            f"still writing its start; retry it again shortly")
@@ -3164,6 +3169,8 @@ _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
                 ("month", 1, 12), ("day of week", 0, 7))
 _CRON_PART = re.compile(r"(\*|[0-9]{1,2})(?:-([0-9]{1,2}))?(?:/([0-9]{1,2}))?")
 _CRON_STEPS = 5000  # a search gives up after this many steps: about five years
+
+
 class _Cron:
     """A standard five-field cron expression (minute hour day-of-month month
     day-of-week; numbers, *, ranges a-b, steps /n and lists a,b), in UTC. As in
@@ -3690,7 +3697,7 @@ class _Tally:
     """Lines that can come thousands of times a second (503s from a full backlog or a
     failing store, refused connections): the first of each kind is logged in full,
     and the rest of that second as one line with their count. flush() is called
-    by the HTTP server's loop, a few times a second."""
+    by the HTTP server's loop, after each connection and at least once a second."""
 
     def __init__(self, monotonic=time.monotonic):
         self._monotonic = monotonic
@@ -4415,23 +4422,18 @@ class Valet:
         if key is not None:
             _check_key(key)
         job = _new_job(fields, self.tasks, self.config["timeout_unit"], self.clock())
-        self._refuse_when_stopping()
-
-        def accept(found=None):
-            if not self.lifecycle.accept(job, key=found):
-                return False
-            log.debug("job %s: created %s (task %s)", job["id"], job["status"],
-                      job["task_name"])
-            return True
-
-        if key is None:
-            accept()
-            return _job_json(job), True
-        return self._once(key, "job", fields, accept, lambda: _job_json(job), self.job)
+        return self._once(key, "job", fields,
+                          lambda found: self.lifecycle.accept(job, key=found),
+                          lambda: _job_json(job), self.job)
 
     def _once(self, key, kind, fields, accept, created, existing):
-        """What the key made before (its JSON, False), or accept(key) and (created(),
-        True); Conflict if the key was used for another request."""
+        """Store what a POST makes: accept(key) and (created(), True); with a key
+        that made something before, (its JSON, from existing(id), False) instead;
+        Conflict if that key came with another request."""
+        self._refuse_when_stopping()
+        if key is None:
+            accept(None)
+            return created(), True
         digest = _digest(kind, fields)
         while True:
             found = self._store.find_key(key)
@@ -4599,22 +4601,10 @@ class Valet:
             _check_key(key)
         pipeline, jobs = _new_pipeline(fields, self.tasks, self.config["timeout_unit"],
                                        self.clock())
-        self._refuse_when_stopping()
-
-        def accept(found=None):
-            if not self.lifecycle.accept(*jobs, pipeline=pipeline, key=found):
-                return False
-            log.debug("pipeline %s: created with %d jobs, the first %s", pipeline["id"],
-                      len(jobs), jobs[0]["status"])
-            return True
-
-        def created():
-            return _pipeline_json(dict(pipeline, jobs=jobs))
-
-        if key is None:
-            accept()
-            return created(), True
-        return self._once(key, "pipeline", fields, accept, created, self.pipeline)
+        return self._once(key, "pipeline", fields,
+                          lambda found: self.lifecycle.accept(*jobs, pipeline=pipeline,
+                                                              key=found),
+                          lambda: _pipeline_json(dict(pipeline, jobs=jobs)), self.pipeline)
 
     def pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline's JSON with its jobs (as GET /pipelines/{id} gives it), or None."""
