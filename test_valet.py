@@ -16,6 +16,7 @@ import errno
 import http.client
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -81,14 +82,112 @@ class Response:
 
 
 def request(conn, method, path, body=None, headers=None, raw=None):
-    """One request on an http.client connection: a Response with the parsed JSON body."""
+    """One request on an http.client connection: a Response with the parsed JSON body
+    (or the text of another type), checked against the API's OpenAPI document."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     if data:  # as every client must: valet answers a body of any other type with 415
         headers = {"Content-Type": "application/json", **(headers or {})}
     conn.request(method, path, body=data, headers=headers or {})
     resp = conn.getresponse()
     text = resp.read()
-    return Response(resp.status, json.loads(text) if text else None, dict(resp.getheaders()))
+    kind = resp.getheader("Content-Type", "")
+    answer = Response(resp.status, (json.loads(text) if kind == "application/json" else
+                                    text.decode()) if text else None,
+                      dict(resp.getheaders()))
+    check_documented(method, path, answer, kind)
+    return answer
+
+
+# Every answer the suite gets through request() is checked against the OpenAPI
+# document (GET /openapi.json): its status code is documented for its route, and
+# its body matches the documented schema. (The document of a valet with a token,
+# which documents the 401s too.)
+API = valet._openapi([], "a token")
+
+
+def check_documented(method, path, answer, kind):
+    path = urllib.parse.urlsplit(path).path
+    operation = next((API["paths"][pattern].get(method.lower())
+                      for m, regex, _, _, pattern in valet._COMPILED_ROUTES
+                      if regex.fullmatch(path) and m == method), None)
+    if operation is None:  # no route: a 404, 405 or an error of the protocol
+        if answer.body is not None and kind == "application/json":
+            assert_matches(answer.body, {"$ref": "#/components/schemas/Error"})
+        return
+    response = operation["responses"].get(str(answer.status))
+    assert response is not None, f"{method} {path}: {answer.status} is not documented"
+    response = resolve(response)
+    content = response.get("content", {})
+    if not content:
+        assert answer.body is None, f"{method} {path}: {answer.status} has a body"
+        return
+    assert kind.split(";")[0] in content, f"{method} {path}: {kind} is not documented"
+    if kind == "application/json":
+        assert_matches(answer.body, content["application/json"]["schema"],
+                       f"{method} {path} {answer.status}")
+
+
+def resolve(schema):
+    while "$ref" in schema:
+        where = API
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            where = where[part]
+        schema = where
+    return schema
+
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def schema_problems(value, schema, at="body"):
+    """What is wrong with `value` under a JSON Schema (the subset the document uses)."""
+    schema = resolve(schema)
+    if "anyOf" in schema:
+        if all(schema_problems(value, option, at) for option in schema["anyOf"]):
+            return [f"{at}: {value!r:.80} matches none of {schema['anyOf']}"]
+        return []
+    problems = []
+    kind = schema.get("type")
+    if kind in ("number", "integer"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            kind == "number" or isinstance(value, int))
+    elif kind is not None:
+        ok = isinstance(value, _TYPES[kind])
+    else:
+        ok = True
+    if not ok:
+        return [f"{at}: {value!r:.80} is not of type {kind}"]
+    if "enum" in schema and value not in schema["enum"]:
+        problems.append(f"{at}: {value!r} is not one of {schema['enum']}")
+    if "const" in schema and value != schema["const"]:
+        problems.append(f"{at}: {value!r} is not {schema['const']!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < schema.get("minimum", -math.inf) or value > schema.get("maximum", math.inf):
+            problems.append(f"{at}: {value} is out of range")
+    if isinstance(value, str):
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            problems.append(f"{at}: {value!r:.80} does not match {schema['pattern']}")
+        if schema.get("format") == "date-time" and not valet._RFC3339.fullmatch(value):
+            problems.append(f"{at}: {value!r:.80} is not a date-time")
+    if isinstance(value, dict):
+        for key in schema.get("required", ()):
+            if key not in value:
+                problems.append(f"{at}: {key} is missing")
+        properties = schema.get("properties", {})
+        for key, item in value.items():
+            if key in properties:
+                problems += schema_problems(item, properties[key], f"{at}.{key}")
+            elif schema.get("additionalProperties") is False:
+                problems.append(f"{at}: {key} is not a documented property")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            problems += schema_problems(item, schema["items"], f"{at}[{i}]")
+    return problems
+
+
+def assert_matches(value, schema, what="body"):
+    problems = schema_problems(value, schema)
+    assert not problems, f"{what} does not match its documented schema: {problems[:5]}"
 
 
 def call(app_or_port, method, path, body=None, headers=None, raw=None):
@@ -1080,7 +1179,7 @@ def test_store_update_of_a_missing_pipeline_is_false_and_of_an_unknown_kind_an_e
 def test_every_store_implements_the_whole_interface(store):
     methods = [name for name, value in vars(valet.Store).items()
                if callable(value) and not name.startswith("_")]
-    assert len(methods) == 16
+    assert len(methods) == 17
     assert isinstance(store, valet.Store) and store.option
     for name in methods:
         assert getattr(type(store), name) is not getattr(valet.Store, name), \
@@ -2249,7 +2348,7 @@ def test_cancel_racing_a_worker_taking_the_job_means_it_never_runs(store, gate, 
     job_id = queue_job(pool, store, "echo")
     job, cancelled = pool._lifecycle.cancel(job_id, "cancelled by request")
     assert cancelled and job["status"] == valet.CANCELLED and job["attempts"] == 0
-    assert ran == [] and pool.stats() == {"depth": 0, "busy": 0, "abandoned": 0}
+    assert ran == [] and pool.stats() == {"depth": 0, "busy": 0, "abandoned": 0, "oldest": None}
 
 
 def test_cancel_while_the_worker_writes_the_finish_leaves_the_job_to_the_worker(make_app):
@@ -2867,7 +2966,7 @@ def test_run_once_runs_the_next_job_and_records_result(pool, store):
     assert job["status"] == valet.COMPLETED
     assert job["started_at"] <= job["completed_at"]
     assert store.result(job_id) == {"value": None, "error": None}
-    assert pool.stats() == {"depth": 0, "busy": 0, "abandoned": 0}
+    assert pool.stats() == {"depth": 0, "busy": 0, "abandoned": 0, "oldest": None}
 
 
 @pytest.mark.parametrize("timeout, reason", [(5, "timed out after 5 seconds"),
@@ -3707,17 +3806,19 @@ def test_every_entry_fires_one_ordinary_job_per_due_time(make_app, ran):
     assert epoch(next_run(app, "minutely")) == due + 60
 
 
-def test_get_periodic_lists_entries_with_their_next_run_time(make_app):
+def test_get_periodic_lists_entries_with_their_next_run_and_last_firing(make_app):
     clock = FakeClock()  # 2027-01-15T08:00:00Z
     app = make_app(clock=clock, periodic=[MINUTELY, {**NIGHTLY, "cron": "30 2 * * *"}])
     assert call(app, "GET", "/periodic").body == {"periodic": [
         {"name": "minutely", "task_name": "echo", "cron": None, "every": 60,
-         "next_run_at": "2027-01-15T08:01:00.000000Z"},
+         "next_run_at": "2027-01-15T08:01:00.000000Z", "last_fired_at": None},
         {"name": "nightly", "task_name": "echo", "cron": "30 2 * * *", "every": None,
-         "next_run_at": "2027-01-16T02:30:00.000000Z"}]}
+         "next_run_at": "2027-01-16T02:30:00.000000Z", "last_fired_at": None}]}
     fire(app, "minutely", clock.advance(60), then=utc(2027, 1, 15, 8, 2))
     assert next_run(app, "minutely") == "2027-01-15T08:02:00.000000Z"
     assert next_run(app, "nightly") == "2027-01-16T02:30:00.000000Z"
+    entries = call(app, "GET", "/periodic").body["periodic"]
+    assert [e["last_fired_at"] for e in entries] == ["2027-01-15T08:01:00.000000Z", None]
 
 
 def test_cron_entry_fires_on_its_minutes_through_the_app(make_app):
@@ -3818,6 +3919,602 @@ def test_a_second_valet_on_one_sqlite_file_is_refused_until_the_first_stops(sqli
     due = clock.advance(60)
     second.scheduler.tick(due)
     assert len(second.lifecycle.store.list()) == 1
+
+
+# ------------------------------------------------------------------ metrics --
+
+# -- a strict parser of the Prometheus text format 0.0.4
+
+class ExpositionError(ValueError):
+    pass
+
+
+class Family:
+    def __init__(self):
+        self.type, self.help, self.samples = None, None, []  # samples: (name, labels, value)
+
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_FLOAT = r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|Inf)|NaN"
+_HELP_LINE = re.compile(rf"#[ \t]+HELP[ \t]+({_NAME})(?:[ \t]+((?:[^\\]|\\[\\n])*))?")
+_TYPE_LINE = re.compile(rf"#[ \t]+TYPE[ \t]+({_NAME})[ \t]+"
+                        r"(counter|gauge|histogram|summary|untyped)")
+_SAMPLE_NAME = re.compile(_NAME)
+_SAMPLE_TAIL = re.compile(rf"[ \t]+({_FLOAT})(?:[ \t]+(-?\d+))?")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
+_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}
+
+
+def _labels(line, i, where):
+    """The label set that starts at line[i] (just after "{"), and the index after "}"."""
+    labels = {}
+    while line[i:i + 1] != "}":
+        found = _LABEL_NAME.match(line, i)
+        if not found or line[found.end():found.end() + 2] != '="':
+            raise ExpositionError(f"{where}: a label name and =\" expected at {i}")
+        name, i, chars = found[0], found.end() + 2, []
+        while line[i:i + 1] != '"':
+            if i >= len(line):
+                raise ExpositionError(f"{where}: label value not closed")
+            if line[i] == "\\":
+                if line[i + 1:i + 2] not in _ESCAPES:
+                    raise ExpositionError(f"{where}: bad escape {line[i:i + 2]!r}")
+                chars.append(_ESCAPES[line[i + 1]])
+                i += 2
+            else:
+                chars.append(line[i])
+                i += 1
+        if name in labels:
+            raise ExpositionError(f"{where}: label {name!r} given twice")
+        labels[name], i = "".join(chars), i + 1
+        if line[i:i + 1] == ",":
+            i += 1
+        elif line[i:i + 1] != "}":
+            raise ExpositionError(f"{where}: , or }} expected after a label at {i}")
+    return labels, i + 1
+
+
+def _family_of(name, families):
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name[:-len(suffix)]
+        if name.endswith(suffix) and base in families and families[base].type in _SUFFIXES:
+            return base
+    return name
+
+
+def _check_histogram(family_name, family):
+    groups = collections.defaultdict(lambda: {"buckets": [], "_sum": None, "_count": None})
+    for name, labels, value in family.samples:
+        group = groups[frozenset((k, v) for k, v in labels.items() if k != "le")]
+        if name.endswith("_bucket"):
+            if not re.fullmatch(_FLOAT, labels["le"]):
+                raise ExpositionError(f"{family_name}: bad le {labels['le']!r}")
+            group["buckets"].append((float(labels["le"]), value))
+        else:
+            group[name[len(family_name):]] = value
+    for key, group in groups.items():
+        bounds, counts = zip(*group["buckets"]) if group["buckets"] else ((), ())
+        what = f"{family_name}{dict(key)}"
+        if not bounds or bounds[-1] != math.inf:
+            raise ExpositionError(f"{what}: the last bucket is not le=\"+Inf\"")
+        if any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ExpositionError(f"{what}: buckets not in increasing le order")
+        if any(not a >= 0 or a > b for a, b in zip(counts, counts[1:] + (math.inf,))):
+            raise ExpositionError(f"{what}: bucket counts not cumulative")
+        if group["_sum"] is None or group["_count"] is None:
+            raise ExpositionError(f"{what}: _sum or _count missing")
+        if counts[-1] != group["_count"]:
+            raise ExpositionError(f"{what}: +Inf bucket {counts[-1]} != _count "
+                                  f"{group['_count']}")
+
+
+def parse_exposition(text):
+    """{family name: Family} of a text in the Prometheus text format 0.0.4, or
+    ExpositionError for anything in it that is not valid."""
+    if not text.endswith("\n"):
+        raise ExpositionError("the text does not end with a newline")
+    families, closed, series, current = {}, set(), set(), None
+
+    def enter(name, where):
+        nonlocal current
+        if name != current:
+            if name in closed:
+                raise ExpositionError(f"{where}: the lines of {name} are not together")
+            closed.add(current)
+            current = name
+        return families.setdefault(name, Family())
+
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {number} {line!r}"
+        if help_line := _HELP_LINE.fullmatch(line):
+            family = enter(help_line[1], where)
+            if family.help is not None:
+                raise ExpositionError(f"{where}: a second HELP")
+            family.help = re.sub(r"\\(.)", lambda m: _ESCAPES[m[1]], help_line[2] or "")
+        elif line.startswith("#"):
+            type_line = _TYPE_LINE.fullmatch(line)
+            if not type_line:
+                raise ExpositionError(f"{where}: neither HELP nor TYPE")
+            name, kind = type_line[1], type_line[2]
+            if any(name + s in families for s in _SUFFIXES.get(kind, ()) if s):
+                raise ExpositionError(f"{where}: TYPE after its samples")
+            family = enter(name, where)
+            if family.type is not None or family.samples:
+                raise ExpositionError(f"{where}: a second TYPE, or TYPE after samples")
+            family.type = kind
+        else:
+            found = _SAMPLE_NAME.match(line)
+            if not found:
+                raise ExpositionError(f"{where}: not a sample")
+            name, labels, end = found[0], {}, found.end()
+            if line[end:end + 1] == "{":
+                labels, end = _labels(line, end + 1, where)
+            tail = _SAMPLE_TAIL.fullmatch(line, end)
+            if not tail:
+                raise ExpositionError(f"{where}: a value (and timestamp) expected")
+            value = float(tail[1])
+            family_name = _family_of(name, families)
+            family = enter(family_name, where)
+            kind = family.type or "untyped"
+            if name not in [family_name + s for s in _SUFFIXES.get(kind, ("",))]:
+                raise ExpositionError(f"{where}: {name} in a {kind} family {family_name}")
+            if kind == "histogram" and ("le" in labels) != name.endswith("_bucket"):
+                raise ExpositionError(f"{where}: le only and always on a bucket")
+            if (name, frozenset(labels.items())) in series:
+                raise ExpositionError(f"{where}: a duplicate series")
+            series.add((name, frozenset(labels.items())))
+            if kind == "counter" and not value >= 0:
+                raise ExpositionError(f"{where}: a counter below 0")
+            family.samples.append((name, labels, value))
+    for name, family in families.items():
+        if family.type == "histogram":
+            _check_histogram(name, family)
+    return families
+
+
+# -- metrics: helpers
+
+def scrape(app, headers=None):
+    """GET /metrics: (status, headers, body text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read().decode("utf-8")
+    finally:
+        conn.close()
+
+
+def metrics(app, headers=None):
+    status, _, text = scrape(app, headers)
+    assert status == 200, (status, text)
+    return parse_exposition(text)
+
+
+def metrics_when(app, expect, timeout=10.0):
+    """The parsed /metrics once expect(it) is true, or the last one after `timeout`
+    (the test's assertion then shows what differs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exposition = metrics(app)
+        if expect(exposition) or time.monotonic() > deadline:
+            return exposition
+        time.sleep(0.002)
+
+
+def values(exposition, name, *keys):
+    """{label values in the order of `keys` (one key: the value alone): value} of the
+    samples named `name`."""
+    family = exposition[_family_of(name, exposition)]
+    found = {}
+    for sample, labels, value in family.samples:
+        if sample == name:
+            assert set(labels) == set(keys), (name, labels)
+            at = tuple(labels[key] for key in keys)
+            found[at[0] if len(keys) == 1 else at] = value
+    return found
+
+
+def one(exposition, name):
+    return values(exposition, name)[()]
+
+
+def jobs_by_status(exposition):
+    return values(exposition, "valet_jobs", "status")
+
+
+def expected_jobs(**counts):
+    return {status: counts.get(status, 0) for status in valet.STATUSES}
+
+
+def stored_counts(app):
+    """The jobs in the store by status, counted one by one."""
+    found = collections.Counter(job["status"] for job in app._store.list(limit=10_000))
+    return {status: found[status] for status in valet.STATUSES}
+
+
+def finished(exposition):
+    return values(exposition, "valet_jobs_finished_total", "task", "outcome")
+
+
+def finished_zeros(app):
+    return {(task, outcome): 0 for task in app.tasks
+            for outcome in ("completed", "failed", "timed_out", "cancelled")}
+
+
+def in_a_day():
+    return valet._rfc3339(time.time() + DAY)
+
+
+def busy_for(seconds):
+    """A task that works (spins) for `seconds`."""
+    def task(metadata):
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            pass
+        return metadata
+    return task
+
+
+def noop(metadata):
+    return metadata
+
+
+# -- metrics: the tests
+
+HIST = """\
+# HELP h A histogram
+# TYPE h histogram
+h_bucket{t="a",le="0.5"} 1
+h_bucket{t="a",le="+Inf"} 2
+h_sum{t="a"} 0.75
+h_count{t="a"} 2
+"""
+
+
+def test_parser_reads_a_valid_exposition_with_escapes_and_timestamps():
+    text = ('# HELP c A \\\\ counter\\nof things\n# TYPE c counter\n'
+            'c{a="q\\"uo\\\\te\\nnl",b=""} 3 1700000000000\nc{a="x",} 1.5e3\n'
+            'u NaN\n# TYPE g gauge\ng -Inf\n' + HIST)
+    families = parse_exposition(text)
+    assert list(families) == ["c", "u", "g", "h"]
+    assert families["c"].help == "A \\ counter\nof things"
+    assert families["c"].samples == [("c", {"a": 'q"uo\\te\nnl', "b": ""}, 3.0),
+                                     ("c", {"a": "x"}, 1500.0)]
+    assert families["u"].type is None and math.isnan(families["u"].samples[0][2])
+    assert families["g"].samples == [("g", {}, -math.inf)]
+    assert values(families, "h_count", "t") == {"a": 2}
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('# TYPE c counter\nc{a="b"c"} 1\n', ", or }"),                    # unescaped quote
+    ('# TYPE c counter\nc{a="b\\t"} 1\n', "bad escape"),
+    ('# TYPE c counter\nc{a="b} 1\n', "not closed"),
+    (HIST.replace('le="+Inf"} 2', 'le="+Inf"} 0'), "not cumulative"),  # it decreases
+    (HIST.replace("h_count{t=\"a\"} 2", "h_count{t=\"a\"} 3"), "!= _count"),
+    (HIST.replace('le="+Inf"', 'le="9"'), "+Inf"),
+    (HIST.replace('le="0.5"} 1', 'le="1"} 0\nh_bucket{t="a",le="0.5"} 1'), "increasing le"),
+    (HIST.replace('h_sum{t="a"} 0.75\n', ""), "_sum or _count missing"),
+    (HIST + 'h{t="b"} 1\n', "in a histogram family"),
+    (HIST.replace('h_sum{t="a"}', 'h_sum{t="a",le="1"}'), "le only"),
+    ("# TYPE c counter\nc 1\nc 2\n", "duplicate series"),
+    ('# TYPE c counter\nc{a="1",b="2"} 1\nc{b="2",a="1"} 2\n', "duplicate series"),
+    ("c 1\n# TYPE c counter\n", "TYPE after samples"),                  # TYPE after
+    ("# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\na 2\n", "not together"),  # interleaved
+    ("# TYPE a gauge\n# TYPE b gauge\n# HELP a x\n", "not together"),
+    ("h_bucket{le=\"1\"} 1\n# TYPE h histogram\n", "TYPE after its samples"),
+    ("# TYPE c counter\n# TYPE c counter\n", "second TYPE"),
+    ("# HELP c a\n# HELP c b\n", "second HELP"),
+    ("# HELP c bad \\t escape\n", "neither HELP nor TYPE"),
+    ("# TYPE c counter\nc -1\n", "below 0"),
+    ("# TYPE c histogramm\n", "neither HELP nor TYPE"),
+    ("# a comment\n", "neither HELP nor TYPE"),
+    ("c 1\n\nd 1\n", "not a sample"),
+    ("1c 1\n", "not a sample"),
+    ("c{1a=\"x\"} 1\n", "label name"),
+    ("c{a=\"x\",a=\"y\"} 1\n", "given twice"),
+    ("c 1_000\n", "value"), ("c 0x10\n", "value"), ("c infinity\n", "value"),
+    ("c 1 2.5\n", "value"), ("c\n", "value"),
+    ("c 1", "newline"),
+])
+def test_parser_rejects_invalid_exposition(text, problem):
+    with pytest.raises(ExpositionError, match=re.escape(problem)):
+        parse_exposition(text)
+
+
+def test_metrics_is_prometheus_text_with_every_metric_named_valet(app):
+    status, headers, text = scrape(app)
+    assert status == 200
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    families = parse_exposition(text)
+    assert [(name, f.type, f.help) for name, f in families.items()] == list(valet._METRICS)
+    assert all(name.startswith("valet_") for name in families)
+    assert all(line.startswith(("valet_", "# HELP valet_", "# TYPE valet_"))
+               for line in text.splitlines())
+
+
+def test_jobs_by_status_match_the_jobs_stored(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1})
+    done, failed = submit(app), submit(app, "fail")
+    wait_for_status(app, done["id"], valet.COMPLETED)
+    wait_for_status(app, failed["id"], valet.FAILED)
+    cancelled_job(app)
+    submit(app, run_at=in_a_day())
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    submit(app)  # waits behind the gate
+    expected = expected_jobs(COMPLETED=1, FAILED=1, CANCELLED=1, SCHEDULED=1,
+                             IN_PROGRESS=1, PENDING=1)
+    assert stored_counts(app) == expected
+    assert jobs_by_status(metrics(app)) == expected
+    assert call(app, "GET", "/status").body["jobs"] == expected
+    gate.opened.set()
+    wait_until(lambda: stored_counts(app) == expected_jobs(
+        COMPLETED=3, FAILED=1, CANCELLED=1, SCHEDULED=1), what="the queue to empty")
+    assert jobs_by_status(metrics(app)) == stored_counts(app)
+
+
+@SQLITE_ONLY
+def test_sqlite_job_counts_survive_a_restart_and_are_rebuilt_in_a_file_without_them(
+        make_app, storage):
+    first = make_app()
+    for task, status in (("echo", valet.COMPLETED), ("echo", valet.COMPLETED),
+                         ("fail", valet.FAILED)):
+        wait_for_status(first, submit(first, task)["id"], status)
+    cancelled_job(first)
+    submit(first, run_at=in_a_day())
+    expected = expected_jobs(COMPLETED=2, FAILED=1, CANCELLED=1, SCHEDULED=1)
+    assert jobs_by_status(metrics(first)) == expected
+    first.stop()
+    second = make_app()
+    assert jobs_by_status(metrics(second)) == expected
+    second.stop()
+    with contextlib.closing(sqlite3.connect(storage["storage"]["sqlite"]["path"],
+                                            isolation_level=None)) as conn:
+        for trigger in ("count_added", "count_moved", "count_deleted"):
+            conn.execute(f"DROP TRIGGER {trigger}")
+        conn.execute("DROP TABLE job_counts")  # as a file from an older valet
+    third = make_app()
+    assert jobs_by_status(metrics(third)) == expected
+    wait_for_status(third, submit(third)["id"], valet.COMPLETED)  # its triggers count
+    assert jobs_by_status(metrics(third)) == {**expected, "COMPLETED": 3}
+
+
+def test_deleting_jobs_lowers_their_counts(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock, **{"retention.finished_jobs": "1h"})
+    done = [submit(app) for _ in range(3)]
+    failed = [submit(app, "fail") for _ in range(2)]
+    for job in done:
+        wait_for_status(app, job["id"], valet.COMPLETED)
+    for job in failed:
+        wait_for_status(app, job["id"], valet.FAILED)
+    cancelled_job(app, clock)
+    assert jobs_by_status(metrics(app)) == expected_jobs(COMPLETED=3, FAILED=2, CANCELLED=1)
+    assert call(app, "DELETE", f"/jobs/{done[0]['id']}").status == 204
+    assert jobs_by_status(metrics(app)) == expected_jobs(COMPLETED=2, FAILED=2, CANCELLED=1)
+    assert call(app, "DELETE", "/jobs?status=FAILED").body == {"deleted": 2}
+    assert jobs_by_status(metrics(app)) == expected_jobs(COMPLETED=2, CANCELLED=1)
+    clock.advance(3601)
+    assert app.sweep() == 3
+    assert jobs_by_status(metrics(app)) == expected_jobs() == stored_counts(app)
+
+
+def test_submitted_counts_jobs_of_posts_and_pipelines_not_replays(app):
+    zeros = {task: 0 for task in app.tasks}
+    assert values(metrics(app), "valet_jobs_submitted_total", "task") == zeros
+    submit(app), submit(app)
+    body = {"name": "k", "task_name": "fail", "metadata": None}
+    assert [keyed(app, "/jobs", body, "job-key").status for _ in range(2)] == [202, 200]
+    submit_pipeline(app, stage(), stage("returns_set"), stage("returns_set"))
+    pipeline = {"name": "p", "jobs": [stage("returns_nan"), stage("returns_nan")]}
+    assert [keyed(app, "/pipelines", pipeline, "pipe-key").status
+            for _ in range(2)] == [202, 200]
+    assert values(metrics(app), "valet_jobs_submitted_total", "task") == {
+        **zeros, "echo": 3, "fail": 1, "returns_set": 2, "returns_nan": 2}
+
+
+def test_finished_counts_each_outcome_by_task(make_app, gate):
+    app = started_with_fake_deadlines(
+        make_app, tasks={"a": noop, "b": noop, "c": noop, "d": noop, "e": noop},
+        **{"worker_pool.workers": 1})
+    done, failed = submit(app), submit(app, "fail")
+    wait_for_status(app, done["id"], valet.COMPLETED)
+    wait_for_status(app, failed["id"], valet.FAILED)
+    failing = submit_pipeline(app, stage("fail"), stage("e"))  # e is cancelled with it
+    wait_for_pipeline(app, failing["id"], valet.FAILED)
+    stuck = submit(app, "gate", timeout=5)
+    assert gate.entered.wait(10)
+    pending = submit(app, "a")  # waits behind the gate
+    assert call(app, "POST", f"/jobs/{pending['id']}/cancel").status == 200
+    scheduled = submit(app, "b", run_at=in_a_day())
+    assert call(app, "POST", f"/jobs/{scheduled['id']}/cancel").status == 200
+    pipeline = submit_pipeline(app, stage("c"), stage("d"), stage("d"), run_at=in_a_day())
+    assert call(app, "POST", f"/pipelines/{pipeline['id']}/cancel").status == 200
+    assert app.pool.tick(1000.0 + 5) == 1
+    timed_out = wait_for_status(app, stuck["id"], valet.FAILED)
+    assert timed_out["failure_reason"].startswith("timed out after")
+    expected = {**finished_zeros(app), ("echo", "completed"): 1, ("fail", "failed"): 2,
+                ("gate", "timed_out"): 1, ("a", "cancelled"): 1, ("b", "cancelled"): 1,
+                ("c", "cancelled"): 1, ("d", "cancelled"): 2, ("e", "cancelled"): 1}
+    assert finished(metrics_when(app, lambda m: finished(m) == expected)) == expected
+
+
+def test_retries_count_automatic_retries_and_retries_by_request(make_app):
+    app = make_app(tasks={"flaky": failing_until(2)})
+    zeros = {task: 0 for task in app.tasks}
+    assert values(metrics(app), "valet_job_retries_total", "task") == zeros
+    flaky = submit(app, "flaky", max_retries=1, retry_backoff=0)
+    assert wait_for_status(app, flaky["id"], valet.COMPLETED)["attempts"] == 2
+    failed = submit(app, "fail")
+    wait_for_status(app, failed["id"], valet.FAILED)
+    assert call(app, "POST", f"/jobs/{failed['id']}/retry").status == 200
+    wait_until(lambda: (lambda job: (job["attempts"], job["status"]) == (2, valet.FAILED))(
+        call(app, "GET", f"/jobs/{failed['id']}").body), what="its second attempt to fail")
+    assert values(metrics(app), "valet_job_retries_total", "task") == {
+        **zeros, "flaky": 1, "fail": 1}
+
+
+def test_run_and_wait_histograms_count_each_attempt_of_a_task(make_app):
+    app = make_app(tasks={"work": busy_for(0.002)})
+    jobs = [submit(app, "work") for _ in range(3)]
+    for job in jobs:
+        wait_for_status(app, job["id"], valet.COMPLETED)
+
+    def counts(m):
+        return (values(m, "valet_job_run_seconds_count", "task"),
+                values(m, "valet_job_wait_seconds_count", "task"))
+    found = metrics_when(app, lambda m: counts(m) == ({"work": 3}, {"work": 3}))
+    assert counts(found) == ({"work": 3}, {"work": 3})
+    assert values(found, "valet_job_run_seconds_sum", "task")["work"] >= 3 * 0.002 > 0
+    assert values(found, "valet_job_wait_seconds_sum", "task")["work"] >= 0
+    for name in ("valet_job_run_seconds", "valet_job_wait_seconds"):
+        bounds = [float(labels["le"]) for sample, labels, _ in found[name].samples
+                  if sample.endswith("_bucket")]
+        assert bounds == [*map(float, valet._BUCKETS[name]), math.inf]
+
+
+def test_oldest_waiting_age_is_0_until_a_job_waits_behind_a_busy_worker(make_app, gate):
+    app = make_app(**{"worker_pool.workers": 1})
+
+    def oldest():
+        return (one(metrics(app), "valet_oldest_waiting_job_age_seconds"),
+                call(app, "GET", "/status").body["queue"]["oldest_waiting_seconds"])
+
+    def aged():
+        found = oldest()
+        return found[0] > 0 and found
+    assert oldest() == (0, None)
+    submit(app, "gate")
+    assert gate.entered.wait(10)
+    assert oldest() == (0, None)  # running is not waiting
+    waiting = submit(app)
+    _, status_age = wait_until(aged, what="the waiting job to age")
+    assert isinstance(status_age, (int, float)) and status_age > 0
+    found = metrics(app)
+    assert [one(found, name) for name in ("valet_workers", "valet_workers_busy",
+                                          "valet_queue_depth")] == [1, 1, 1]
+    gate.opened.set()
+    wait_for_status(app, waiting["id"], valet.COMPLETED)
+    assert oldest() == (0, None)
+
+
+def test_http_requests_are_counted_by_route_pattern_never_by_raw_path(app):
+    jobs = [submit(app), submit(app)]
+    for job in jobs:
+        assert call(app, "GET", f"/jobs/{job['id']}").status == 200
+    assert call(app, "GET", "/no/such/path").status == 404
+    assert call(app, "GET", f"/jobs/{jobs[0]['id']}/nothing-here").status == 404
+
+    def requests(m):
+        return values(m, "valet_http_requests_total", "method", "route", "code")
+
+    def durations(m):
+        return values(m, "valet_http_request_duration_seconds_count", "method", "route")
+
+    def agree(m):
+        by_route = collections.Counter()
+        for (method, route, _), n in requests(m).items():
+            by_route[method, route] += n
+        return dict(by_route) == durations(m)
+
+    want = {("POST", "/jobs", "202"): 2, ("GET", "/jobs/{id}", "200"): 2,
+            ("GET", "other", "404"): 2}
+    found = metrics_when(app, lambda m: want.items() <= requests(m).items() and agree(m))
+    assert {key: n for key, n in requests(found).items() if key in want} == want
+    assert {key for key in requests(found)} - set(want) <= {("GET", "/metrics", "200")}
+    assert agree(found), (requests(found), durations(found))
+    assert durations(found)["GET", "/jobs/{id}"] == 2
+    _, _, text = scrape(app)
+    assert not any(job["id"] in text for job in jobs)
+    assert "no/such" not in text and "nothing-here" not in text
+
+
+def test_methods_http_does_not_define_are_counted_as_other_not_by_their_name(app):
+    """A client may send any token as a method: as a label value each would make a new
+    series (and histogram) for as long as valet runs."""
+    methods = ["BREW", "X-1", "QUERY2"]
+    for method in methods:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+        try:
+            conn.request(method, "/jobs")
+            assert conn.getresponse().status in (405, 501)
+        finally:
+            conn.close()
+
+    def by_method(m):
+        found = collections.Counter()
+        for (method, _, _), n in values(m, "valet_http_requests_total", "method", "route",
+                                        "code").items():
+            found[method] += n
+        return found
+    found = metrics_when(app, lambda m: sum(by_method(m).values()) >= 3)
+    assert set(by_method(found)) & set(methods) == set()
+    assert by_method(found)["other"] == 3
+    text = scrape(app)[2]
+    assert not any(f'method="{method}"' in text for method in methods)
+
+
+@SQLITE_ONLY
+def test_storage_errors_rise_while_the_store_fails_and_metrics_still_answers(make_app):
+    app = make_app()
+    assert one(metrics(app), "valet_storage_errors_total") == 0
+    with Fault(app.lifecycle.store, "read-only"):
+        assert call(app, "POST", "/jobs", {"name": "n", "task_name": "echo",
+                                           "metadata": None}).status == 503
+        status, _, text = scrape(app)
+        assert status == 200
+        failing = parse_exposition(text)
+        assert one(failing, "valet_storage_errors_total") >= 1
+        assert jobs_by_status(failing) == expected_jobs()  # the counts can be read
+    errors = one(failing, "valet_storage_errors_total")
+    assert one(metrics(app), "valet_storage_errors_total") == errors  # never goes down
+
+
+def test_metrics_answers_without_job_counts_while_they_cannot_be_read(app):
+    submit(app, run_at=in_a_day())
+    app.lifecycle.store = Flaky(app.lifecycle.store, "counts")
+    failing = metrics(app)
+    assert app.lifecycle.store.failed
+    assert failing["valet_jobs"].type == "gauge" and failing["valet_jobs"].samples == []
+    assert set(failing) == {name for name, _, _ in valet._METRICS}
+    assert jobs_by_status(metrics(app)) == expected_jobs(SCHEDULED=1)  # and once it works
+
+
+def test_start_time_is_when_the_app_was_built_and_info_has_the_version(make_app):
+    before = time.time()
+    app = make_app()
+    after = time.time()
+    found = metrics(app)
+    assert before <= one(found, "valet_process_start_time_seconds") <= after
+    assert values(found, "valet_info", "version") == {valet.__version__: 1}
+
+
+def test_metrics_needs_the_token_like_every_route(make_app):
+    app = make_app(**{"server.auth_token": TOKEN})
+    status, headers, _ = scrape(app)
+    assert status == 401 and headers["WWW-Authenticate"].startswith('Bearer realm="valet"')
+    status, _, text = scrape(app, {"Authorization": "Bearer " + "x" * len(TOKEN)})
+    assert status == 401 and TOKEN not in text
+    assert "valet_jobs" in metrics(app, AUTH)
+
+
+WEIRD = 'we"ird\\name\nand {le="1"}'  # a quote, a backslash, a newline, braces
+
+
+def test_a_task_name_that_needs_escaping_is_given_back_exactly(make_app):
+    app = make_app(tasks={WEIRD: noop})
+    job = call(app, "POST", "/jobs", {"name": "weird", "task_name": WEIRD, "metadata": 1})
+    assert job.status == 202, job
+    wait_for_status(app, job.body["id"], valet.COMPLETED)
+    found = metrics_when(app, lambda m: finished(m)[WEIRD, "completed"] == 1 and
+                         values(m, "valet_job_run_seconds_count", "task") == {WEIRD: 1})
+    assert values(found, "valet_jobs_submitted_total", "task")[WEIRD] == 1
+    assert finished(found)[WEIRD, "completed"] == 1
+    assert values(found, "valet_job_run_seconds_count", "task") == {WEIRD: 1}
+    _, _, text = scrape(app)
+    assert 'task="we\\"ird\\\\name\\nand {le=\\"1\\"}"' in text
 
 
 # --------------------------------------------------------------------- HTTP --
@@ -4063,8 +4760,10 @@ def test_status_reports_version_storage_queue_and_workers(app, storage, gate):
     assert body["version"] == valet.__version__
     assert body["storage"] == {"option": storage["storage"]["option"], "ok": True,
                                "error": None}
-    assert body["queue"] == {"depth": 0, "capacity": 20, "accepting": True}
+    assert body["queue"] == {"depth": 0, "capacity": 20, "accepting": True,
+                             "oldest_waiting_seconds": None}
     assert body["workers"] == {"busy": 1, "total": 2, "abandoned": 0}
+    assert body["jobs"] == {**dict.fromkeys(valet.STATUSES, 0), valet.IN_PROGRESS: 1}
     assert body["time"].endswith("Z")
     assert 0 < body["uptime"] < 60
 
@@ -4078,6 +4777,97 @@ def test_store_error_on_submit_is_a_503_that_gives_back_the_backlog_place(make_a
     assert call(app, "GET", "/status").body["queue"]["depth"] == 0
     assert call(app, "GET", "/jobs").body["jobs"] == []
     wait_for_status(app, submit(app, "echo")["id"], valet.COMPLETED)
+
+
+# -- the API's description: GET /openapi.json
+
+def test_openapi_documents_every_route_and_nothing_else(app):
+    document = call(app, "GET", "/openapi.json").body
+    documented = {(method.upper(), path) for path, operations in document["paths"].items()
+                  for method in operations}
+    assert documented == {(method, path) for method, path, *_ in valet.ROUTES}
+    assert set(valet._OPERATIONS) == documented
+
+
+def test_openapi_json_is_an_openapi_3_1_document_whose_references_all_resolve(app):
+    resp = call(app, "GET", "/openapi.json")
+    assert resp.status == 200 and resp.headers["Content-Type"] == "application/json"
+    document = resp.body
+    assert document["openapi"] == "3.1.0" and document["info"]["version"] == valet.__version__
+    refs = re.findall(r'"\$ref": "#/([^"]+)"', json.dumps(document))
+    assert refs
+    for ref in refs:
+        where = document
+        for part in ref.split("/"):
+            where = where[part]  # a KeyError: a reference to nothing
+    ids = [op["operationId"] for ops in document["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            query = next(q for m, p, _, q in valet.ROUTES if (m, p) == (method.upper(), path))
+            named = [p["name"] for p in operation["parameters"] if p["in"] == "query"]
+            assert named == list(query), f"{method} {path}"
+            assert any(code.startswith("2") for code in operation["responses"])
+            assert "400" in operation["responses"] and "503" in operation["responses"]
+
+
+def test_openapi_names_the_registered_tasks_and_the_timeout_unit(make_app):
+    app = make_app(timeout_unit="millisecond")
+    schemas = call(app, "GET", "/openapi.json").body["components"]["schemas"]
+    new_job = schemas["NewJob"]["properties"]
+    assert new_job["task_name"]["enum"] == sorted(app.tasks)
+    timeout = new_job["timeout"]["anyOf"][0]
+    assert timeout["maximum"] == valet._MAX_TIMEOUT_SECONDS * 1000
+    assert timeout["description"] == "in milliseconds"
+
+
+def test_openapi_has_the_bearer_scheme_only_when_a_token_is_set(make_app, tmp_path):
+    open_app = make_app(**{"storage.sqlite.path": str(tmp_path / "open.db")})
+    assert "security" not in call(open_app, "GET", "/openapi.json").body
+    app = make_app(**{"server.auth_token": "s3cret-token-for-tests"})
+    assert call(app, "GET", "/openapi.json").status == 401
+    document = call(app, "GET", "/openapi.json",
+                    headers={"Authorization": "Bearer s3cret-token-for-tests"}).body
+    assert document["security"] == [{"bearer": []}]
+    assert document["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"}}
+    assert "401" in document["paths"]["/jobs"]["post"]["responses"]
+    assert "s3cret" not in json.dumps(document)
+
+
+def test_the_documented_schemas_find_what_does_not_match():
+    job = {**dict.fromkeys(valet.JOB_FIELDS), "id": "a", "name": "n", "task_name": "echo",
+           "status": "PENDING", "priority": 0, "attempts": 0, "max_retries": 0,
+           "retry_backoff": 1, "created_at": "2026-12-02T10:00:00.000000Z",
+           "use_previous_results": False}
+    ref = {"$ref": "#/components/schemas/Job"}
+    assert schema_problems(job, ref) == []
+    assert schema_problems({**job, "status": "DONE"}, ref)
+    assert schema_problems({**job, "extra": 1}, ref)
+    assert schema_problems({**job, "created_at": "yesterday"}, ref)
+    assert schema_problems({**job, "attempts": -1}, ref)
+    assert schema_problems({k: v for k, v in job.items() if k != "id"}, ref)
+    assert schema_problems({**job, "progress": {"fraction": 2, "message": ""}}, ref)
+    with pytest.raises(AssertionError, match="is not documented"):
+        check_documented("DELETE", "/jobs/x", Response(200, None, {}), "")
+
+
+@pytest.mark.parametrize("storage", ["sqlite"], indirect=True)  # the default, once: slow
+def test_a_property_based_tester_finds_no_server_error_and_no_undocumented_answer(
+        make_app, tmp_path):
+    tester = shutil.which("schemathesis")
+    if tester is None:
+        pytest.skip("schemathesis is not installed: pip install schemathesis (in a venv of "
+                    "its own, on the PATH) to let a property-based tester try the API")
+    app = make_app(**{"worker_pool.queue_capacity": 1000})
+    run = subprocess.run(
+        [tester, "run", f"{app.url}/openapi.json", "--checks",
+         "not_a_server_error,status_code_conformance,content_type_conformance,"
+         "response_schema_conformance", "--max-examples", "5", "--workers", "2",
+         "--seed", "1", "--phases", "fuzzing,stateful"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"})
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
 # -- the long-poll
@@ -5368,8 +6158,8 @@ def test_floods_of_503s_are_logged_as_the_first_line_then_a_count_a_second(
 
 # The fuzz test sends thousands of random and mutated requests (request lines,
 # headers, bodies, framing) over raw sockets, checks each answer, then checks the
-# server is alive. Besides 503 with Retry-After, two 5xx are right: 501 for a
-# method valet does not know and 505 for HTTP/2 or later (RFC 9110). A failure
+# server is alive. Besides 503 with Retry-After, one 5xx is right: 505 for HTTP/2
+# or later (RFC 9110); any other method than valet's gets 404 or 405. A failure
 # names its seed: VALET_FUZZ_SEED=<seed> pytest test_valet.py -k fuzz replays it.
 # Per store, so that each run is one fixed sequence; VALET_FUZZ_SEED replays another.
 SEEDS = {"memory": 5150, "sqlite": 1906}
@@ -5917,12 +6707,9 @@ class Fuzzer:
         self.counts[status] += 1
         if 500 <= status:
             message = _message(headers, body)
-            known = re.fullmatch(r"method (['\"])(.*)\1 is not supported", message or "", re.S)
             version = re.fullmatch(r"Invalid HTTP version \(([0-9]+)\.[0-9]+\)", message or "")
             if status == 503 and "retry-after" in headers:
                 pass
-            elif status == 501 and known and known.group(2) not in KNOWN_METHODS:
-                pass  # RFC 9110: a method the server does not recognize
             elif status == 505 and version and int(version.group(1)) >= 2:
                 pass  # RFC 9110: HTTP/2 or later on an HTTP/1.1 server
             else:
@@ -6041,7 +6828,7 @@ def fuzz_app(make_app):
 def test_thousands_of_random_and_mutated_requests_get_no_5xx_and_leave_the_server_alive(
         make_app, caplog):
     """Every answer is HTTP with a JSON body ({error, code, message} from 400 up); none
-    is a 5xx but 503 with Retry-After (and 501, 505: see the top); no request hangs;
+    is a 5xx but 503 with Retry-After (and 505: see the top); no request hangs;
     then /status answers 200, a job still runs, and nothing was logged as an error."""
     caplog.set_level(logging.WARNING, logger="valet")
     app = fuzz_app(make_app)

@@ -46,7 +46,7 @@ job lifecycle, workers, scheduler, HTTP, the Valet facade, the command-line
 client, main.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "Valet", "load_config", "main", "Context",
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 import argparse
+import base64
 import bisect
 import contextlib
 import datetime
@@ -142,6 +143,7 @@ _MAX_PRIORITY = 1_000_000  # priorities run from -_MAX_PRIORITY to _MAX_PRIORITY
 _MAX_PIPELINE_JOBS = 100
 _CORRUPT = "database is corrupt"  # the cause of a StorageError that waiting will not mend
 _MAX_DEPTH = 64  # how deeply metadata and results may nest: far from Python's ~1000
+_TIMED_OUT = "timed out after"  # how a timeout's failure reason begins (for metrics)
 _MAX_TRACEBACK = 8192  # characters of a failed task's traceback kept: its last ones
 MAX_WAIT = 60  # seconds: the longest GET /jobs/{id}?wait= may hold a request
 _SETTLE_WAIT = 5    # seconds a cancel waits for another thread to write a job's end
@@ -1017,6 +1019,7 @@ class Store:
     """
 
     option = None  # the storage.option that names this store
+    errors = 0     # calls that met a storage fault (raised StorageError), since it opened
 
     def add(self, *jobs, pipeline=None, fired=None, key=None) -> bool:
         """Store new job records, in the order given (a pipeline's jobs in their
@@ -1116,6 +1119,12 @@ class Store:
     def health(self) -> str | None:
         """None if the store can be read and written now, else the cause of its fault
         ("disk is full"), for /status. It may write to find out, but not often."""
+        raise NotImplementedError
+
+    def counts(self) -> dict:
+        """How many jobs are stored in each status: {status: n} for every one of
+        STATUSES. Cheap: it must not read every job (GET /metrics and /status ask
+        for it)."""
         raise NotImplementedError
 
     def close(self):
@@ -1378,6 +1387,10 @@ class MemoryStore(Store):
     def health(self):
         return None
 
+    def counts(self):
+        with self._lock:
+            return {status: len(seqs) for status, seqs in self._by_status.items()}
+
     def close(self):
         pass
 
@@ -1452,6 +1465,27 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (completed_at)
     WHERE completed_at IS NOT NULL AND pipeline_id IS NULL;
 CREATE INDEX IF NOT EXISTS keys_by_item ON keys (item_id);
 """
+
+# How many jobs there are in each status, kept by triggers in the write that changes
+# it, so that counting them reads six rows, not every job. Made in one transaction
+# with its first counts, on a new file and on one from before valet 0.6.0 alike.
+_SQL_COUNTS = (
+    "CREATE TABLE job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
+    "INSERT INTO job_counts SELECT status, count(*) FROM jobs GROUP BY status",
+    """CREATE TRIGGER count_added AFTER INSERT ON jobs BEGIN
+           INSERT INTO job_counts VALUES (NEW.status, 1)
+               ON CONFLICT (status) DO UPDATE SET n = n + 1;
+       END""",
+    """CREATE TRIGGER count_moved AFTER UPDATE OF status ON jobs
+           WHEN OLD.status != NEW.status BEGIN
+           UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+           INSERT INTO job_counts VALUES (NEW.status, 1)
+               ON CONFLICT (status) DO UPDATE SET n = n + 1;
+       END""",
+    """CREATE TRIGGER count_deleted AFTER DELETE ON jobs BEGIN
+           UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+       END""",
+)
 
 _JOB_COLUMNS = ("seq", "id", "name", "description", "task_name", "metadata", "timeout",
                 "status", "failure_reason", "created_at", "started_at", "completed_at",
@@ -1648,6 +1682,7 @@ class SqliteStore(Store):
             conn.executescript(_SQL_TABLES)
             self._add_columns()
             conn.executescript(_SQL_INDEXES)
+            self._add_counts()
             self._vacuums = conn.execute("PRAGMA auto_vacuum").fetchone()[
                 "auto_vacuum"] == 2  # INCREMENTAL
             # A write, so that a file valet cannot write (read-only) stops it at start.
@@ -1663,6 +1698,7 @@ class SqliteStore(Store):
         cause = _cause(exc)
         with self._fault_lock:
             new, self._fault = self._fault != cause, cause
+            self.errors += 1
         if new:
             log.error("storage: %s (%s: %s); requests that need it get 503 until it "
                       "clears", cause, type(exc).__name__, exc)
@@ -1701,6 +1737,24 @@ class SqliteStore(Store):
                     self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
             if "attempts" not in have:  # every job that started made one attempt
                 self._conn.execute("UPDATE jobs SET attempts = 1 WHERE started_at IS NOT NULL")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _add_counts(self):
+        """Make the job counts table and its triggers, if this file has none yet."""
+        def made():
+            return self._conn.execute("SELECT 1 FROM sqlite_schema WHERE name = "
+                                      "'job_counts'").fetchone() is not None
+
+        if made():
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not made():  # again: another process may have just made it
+                for statement in _SQL_COUNTS:
+                    self._conn.execute(statement)
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
@@ -2086,6 +2140,11 @@ class SqliteStore(Store):
             return "the store is closed"
         return self._fault  # None, unless the file is corrupt
 
+    def counts(self):
+        found = {row["status"]: row["n"] for row in self._read(
+            "SELECT status, n FROM job_counts")}
+        return {status: found.get(status, 0) for status in STATUSES}
+
     def close(self):
         with self._queue_lock:
             if self._closed:
@@ -2169,9 +2228,10 @@ class _Lifecycle:
     nowhere else.
     """
 
-    def __init__(self, store, scheduler, clock=time.time):
+    def __init__(self, store, scheduler, clock=time.time, metrics=None):
         self.store = store
         self.scheduler = scheduler
+        self.metrics = metrics if metrics is not None else _Metrics()  # jobs counted
         self.pool = None  # the _WorkerPool, set by its owner: the two call each other
         self.recovered = False  # recover() has settled what the last run left running
         self._clock = clock  # the wall clock, for the times a job records
@@ -2203,7 +2263,19 @@ class _Lifecycle:
         _check_move(from_states, to_state)
         for _, states, state, _ in then:
             _check_move(states, state)
-        return self.store.transition(job_id, from_states, to_state, fields, result, then)
+        moved = self.store.transition(job_id, from_states, to_state, fields, result, then)
+        if moved is not None:
+            self._count(moved, from_states)
+        return moved
+
+    def _count(self, moved, from_states):
+        """Count a move for GET /metrics: a job that ended, or that runs again."""
+        task, status = moved["task_name"], moved["status"]
+        if status in FINISHED:
+            self.metrics.finished(task, status, moved["failure_reason"])
+        elif (status == SCHEDULED and IN_PROGRESS in from_states) or (
+                status == PENDING and SCHEDULED not in from_states):
+            self.metrics.count("valet_job_retries_total", (("task", task),))
 
     # -- a new job
 
@@ -2232,10 +2304,12 @@ class _Lifecycle:
             if reserved:
                 self.pool.unreserve()
             return False
+        for job in jobs:
+            self.metrics.count("valet_jobs_submitted_total", (("task", job["task_name"]),))
         if first["status"] == SCHEDULED:
             self.scheduler.at(first["run_at"], self.promote, first["id"], first["run_at"])
         else:
-            self.pool.enqueue(first, reserved=reserved)
+            self.pool.enqueue(first, reserved=reserved, since=first["created_at"])
         if pipeline is None:
             log.debug("job %s: created %s (task %s)", first["id"], first["status"],
                       first["task_name"])
@@ -2257,7 +2331,9 @@ class _Lifecycle:
         for job in list(self._stored(PENDING)):
             previous = job["previous_job_id"] and self.store.get(job["previous_job_id"])
             if not previous or previous["status"] == COMPLETED:  # its turn in a pipeline
-                self.pool.enqueue(job, reserved=False)
+                ready = max(job["created_at"], job["run_at"] or 0,
+                            previous["completed_at"] if previous else 0)
+                self.pool.enqueue(job, reserved=False, since=ready)
                 queued += 1
         if queued or scheduled:
             log.info("from the store: %d pending job(s) queued, %d scheduled", queued,
@@ -2286,7 +2362,7 @@ class _Lifecycle:
         job = self.persist(self._transition, job_id, (SCHEDULED,), PENDING)
         if job is not None:
             log.debug("job %s: %s -> %s", job_id, SCHEDULED, PENDING)
-            self.pool.enqueue(job, reserved=False)
+            self.pool.enqueue(job, reserved=False, since=due)
 
     def start(self, job):
         """PENDING -> IN_PROGRESS, for the worker that took `job` (its record as it was
@@ -2374,26 +2450,30 @@ class _Lifecycle:
         moved = self._transition(job["id"], from_states, status,
                                  {"completed_at": now, "failure_reason": reason,
                                   "failure_traceback": trace},
-                                 result=result, then=later)
+                                 result=result, then=[move for _, move in later])
         if moved is not None:
             log.info("job %s: %s -> %s (%s)", job["id"], job["status"], status, reason)
-            for later_id, *_ in later:
+            for task, (later_id, *_) in later:
                 self._forget(later_id)
+                self.metrics.finished(task, CANCELLED)
         return moved
 
     def _rest_of_pipeline(self, job, status, now):
-        """The moves that cancel the jobs after `job` in its pipeline."""
+        """The moves that cancel the jobs after `job` in its pipeline that have not
+        ended, each with its job's task: [(task name, move)]."""
         if job["next_job_id"] is None:
             return []
         pipeline = self.store.get_pipeline(job["pipeline_id"])
-        ids = [j["id"] for j in pipeline["jobs"]] if pipeline is not None else []
+        jobs = pipeline["jobs"] if pipeline is not None else []
+        ids = [j["id"] for j in jobs]
         if job["id"] not in ids:
             return []
         what = "failed" if status == FAILED else "was cancelled"
         reason = f"job {job['name']!r} ({job['id']}) before it in the pipeline {what}"
-        return [(later_id, (SCHEDULED, PENDING), CANCELLED,
-                 {"completed_at": now, "failure_reason": reason})
-                for later_id in ids[ids.index(job["id"]) + 1:]]
+        return [(later["task_name"], (later["id"], (SCHEDULED, PENDING), CANCELLED,
+                                      {"completed_at": now, "failure_reason": reason}))
+                for later in jobs[ids.index(job["id"]) + 1:]
+                if later["status"] in (SCHEDULED, PENDING)]
 
     def _forget(self, job_id):
         """A job ended or went without running: give back its backlog place, if it
@@ -2619,7 +2699,7 @@ class _Claim:
     cancel or stop to settle."""
 
     __slots__ = ("thread", "job_id", "job", "cancelled", "progress", "taken",
-                 "released", "abandoned", "deadline", "starting")
+                 "released", "abandoned", "deadline", "starting", "ready", "began")
 
     def __init__(self, thread, job_id):
         self.thread = thread    # None once its job's end could not be written
@@ -2632,6 +2712,8 @@ class _Claim:
         self.abandoned = False  # taken from its thread, which left the pool
         self.deadline = False   # it has an entry in the pool's deadline heap
         self.starting = True    # its job's start is being written
+        self.ready = None       # when (wall clock) its job was ready to run
+        self.began = None       # when (monotonic) its attempt began, once it has
 
 
 _STOP = object()  # put on the ready queue, one per worker, to end it
@@ -2728,14 +2810,17 @@ class _WorkerPool:
         with self._lock:
             self._reserved -= 1
 
-    def enqueue(self, job, reserved=True):
-        """Queue a stored PENDING job (its record). Jobs accepted earlier (scheduled ones
-        coming due, a pipeline's next job, start-up recovery) pass reserved=False:
-        they take a place even when the backlog is full."""
+    def enqueue(self, job, reserved=True, since=None):
+        """Queue a stored PENDING job (its record), ready to run since `since` (wall
+        clock; default now). Jobs accepted earlier (scheduled ones coming due, a
+        pipeline's next job, start-up recovery) pass reserved=False: they take a
+        place even when the backlog is full."""
         order = next(self._order)
+        since = self._clock() if since is None else since
         with self._lock:
             self._reserved -= reserved
-            self._waiting[job["id"]] = order
+            self._waiting.pop(job["id"], None)  # (last in line: _waiting is in queue order)
+            self._waiting[job["id"]] = (order, since)
         self._ready.put((-job["priority"], order, job))
 
     def withdraw(self, job_id):
@@ -2745,9 +2830,12 @@ class _WorkerPool:
             self._waiting.pop(job_id, None)
 
     def stats(self):
+        """Queue depth, busy and abandoned workers, and since when (wall clock) the job
+        queued longest ago has been ready (None when none waits)."""
         with self._lock:
+            oldest = next(iter(self._waiting.values()), (None, None))[1]
             return {"depth": len(self._waiting) + self._reserved, "busy": len(self._running),
-                    "abandoned": self._abandoned}
+                    "abandoned": self._abandoned, "oldest": oldest}
 
     def progress(self, job_id):
         """What the running job's task last reported, or None."""
@@ -2805,6 +2893,10 @@ class _WorkerPool:
             claim.released = True
             if self._running.get(claim.job_id) is claim:
                 del self._running[claim.job_id]
+            if claim.began is not None:
+                self._lifecycle.metrics.observe("valet_job_run_seconds",
+                                                (("task", claim.job["task_name"]),),
+                                                self._monotonic() - claim.began)
             if claim.deadline:  # its entry in the heap is stale now
                 self._stale += 1
                 self._prune_deadlines()
@@ -2819,15 +2911,17 @@ class _WorkerPool:
         taken its place. Raises queue.Empty when not blocking (or after
         `timeout`) and nothing is queued.
         """
-        _, order, job = self._ready.get(block, timeout)
+        _, entry_order, job = self._ready.get(block, timeout)
         if job is _STOP:
             return False
         with self._lock:
-            if self._waiting.get(job["id"]) != order or self._stopping:
+            order, ready = self._waiting.get(job["id"], (None, None))
+            if order != entry_order or self._stopping:
                 return True  # deleted or cancelled while queued (maybe queued again since,
                 # with an entry of its own); or left for the next start
             del self._waiting[job["id"]]
             claim = self._running[job["id"]] = _Claim(threading.current_thread(), job["id"])
+            claim.ready = ready
             self._starting[job["id"]] = self._starting.get(job["id"], 0) + 1
         try:
             return self._run(job, claim)
@@ -2863,9 +2957,13 @@ class _WorkerPool:
             if started is None or claim.taken:  # cancelled or deleted before it started
                 return not claim.taken  # if taken, the canceller started a replacement
             claim.job = started
+            claim.began = self._monotonic()
             deadline = self._add_deadline(claim)
             if self._stopping:
                 self._changed.notify_all()  # stop() waits for starts being written
+        self._lifecycle.metrics.observe("valet_job_wait_seconds",
+                                        (("task", started["task_name"]),),
+                                        max(0.0, self._clock() - claim.ready))
         context = Context(started["id"], started["attempts"], deadline, claim, self._clock)
         status, value, reason, trace = self._call(started, context)
         with self._lock:
@@ -2889,11 +2987,11 @@ class _WorkerPool:
             return None
         if timeout is None:
             seconds = self.default_timeout
-            reason = (f"timed out after {seconds:g} second{'' if seconds == 1 else 's'} "
+            reason = (f"{_TIMED_OUT} {seconds:g} second{'' if seconds == 1 else 's'} "
                       f"(worker_pool.default_timeout)")
         else:
             seconds = timeout / (1000 if self._unit == "millisecond" else 1)
-            reason = f"timed out after {timeout:g} {self._unit}{'' if timeout == 1 else 's'}"
+            reason = f"{_TIMED_OUT} {timeout:g} {self._unit}{'' if timeout == 1 else 's'}"
         heapq.heappush(self._deadlines,
                        (self._monotonic() + seconds, next(self._order), claim, reason))
         claim.deadline = True
@@ -3082,6 +3180,7 @@ class _Scheduler:
         self._heap = []
         self._running = True
         self._next_firing = {}  # periodic entry name -> epoch second it fires next
+        self._last_firing = {}  # periodic entry name -> the due time it last fired at
 
     def at(self, when, action, *args):
         """Run action(*args) on the scheduler's thread at epoch second `when`."""
@@ -3140,8 +3239,11 @@ class _Scheduler:
         store's periodic_last); fire(entry, due) creates its job for that due time."""
         now = self.clock()
         for entry in self.periodic:
-            self._plan(entry, _next_due(entry.schedule, last_fired(entry["name"], now), now),
-                       fire)
+            last = last_fired(entry["name"], now)
+            if last != now:  # (now: the entry is new, and its first due time is to come)
+                with self._lock:
+                    self._last_firing[entry["name"]] = last
+            self._plan(entry, _next_due(entry.schedule, last, now), fire)
 
     def _plan(self, entry, due, fire):
         with self._lock:
@@ -3151,15 +3253,19 @@ class _Scheduler:
     def _fire(self, entry, due, fire):
         try:
             fire(entry, due)
+            with self._lock:
+                self._last_firing[entry["name"]] = due
         finally:  # a firing that failed (a full disk, say) does not end the schedule
             self._plan(entry, _next_due(entry.schedule, due, self.clock()), fire)
 
     def periodic_json(self):
-        """The periodic entries, with the time each fires next (GET /periodic)."""
+        """The periodic entries, with the due time each fires at next and the one it
+        last fired at (GET /periodic)."""
         with self._lock:
             return [{"name": entry["name"], "task_name": entry["task_name"],
                      "cron": entry.get("cron"), "every": entry.get("every"),
-                     "next_run_at": _rfc3339(self._next_firing.get(entry["name"]))}
+                     "next_run_at": _rfc3339(self._next_firing.get(entry["name"])),
+                     "last_fired_at": _rfc3339(self._last_firing.get(entry["name"]))}
                     for entry in self.periodic]
 
 
@@ -3344,6 +3450,153 @@ def _periodic_entry(entry, i):
     return parsed
 
 
+# ------------------------------------------------------------------ metrics --
+
+# (name, type, help) of every metric GET /metrics writes, in the order written.
+# Counters and histograms are kept by _Metrics since the process started; the gauges
+# are read when asked (Valet.metrics_text), from the store and the worker pool.
+_METRICS = (
+    ("valet_info", "gauge", "Always 1; the version is a label"),
+    ("valet_process_start_time_seconds", "gauge", "When valet started (Unix time)"),
+    ("valet_jobs", "gauge", "Jobs stored, by status"),
+    ("valet_oldest_waiting_job_age_seconds", "gauge",
+     "How long the job queued longest ago has waited for a worker (0 when none waits)"),
+    ("valet_queue_depth", "gauge", "Jobs waiting for a worker, with the places held for "
+                                   "submissions being stored"),
+    ("valet_queue_capacity", "gauge", "The most jobs that may wait (queue_capacity)"),
+    ("valet_workers", "gauge", "Worker threads in the pool"),
+    ("valet_workers_busy", "gauge", "Workers running a job"),
+    ("valet_workers_abandoned", "gauge", "Threads still running the task of a job that "
+                                         "timed out or was cancelled"),
+    ("valet_jobs_submitted_total", "counter", "Jobs created (by requests, pipelines and "
+                                              "periodic entries), by task"),
+    ("valet_jobs_finished_total", "counter", "Jobs that reached a final status, by task "
+                                             "and outcome"),
+    ("valet_job_retries_total", "counter", "Attempts scheduled again after a failure, "
+                                           "and jobs retried by request, by task"),
+    ("valet_job_run_seconds", "histogram", "How long each attempt ran, by task"),
+    ("valet_job_wait_seconds", "histogram", "How long each attempt waited for a worker "
+                                            "once it was ready to run, by task"),
+    ("valet_http_requests_total", "counter", "HTTP requests answered, by method, route "
+                                             "and status code"),
+    ("valet_http_request_duration_seconds", "histogram", "Time to answer an HTTP "
+                                                         "request, by method and route"),
+    ("valet_storage_errors_total", "counter", "Storage calls that failed (a full disk, a "
+                                              "read-only or corrupt file)"),
+)
+_OUTCOMES = ("completed", "failed", "timed_out", "cancelled")
+_BUCKETS = {  # upper bounds, in seconds
+    "valet_job_run_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                              30, 60, 300, 900, 3600),
+    "valet_job_wait_seconds": (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                               5, 10, 30, 60, 300, 900, 3600),
+    "valet_http_request_duration_seconds": (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                            0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
+}
+
+
+def _outcome(status, reason):
+    """The outcome label of a job that reached a final status."""
+    if status == FAILED and (reason or "").startswith(_TIMED_OUT):
+        return "timed_out"
+    return status.lower()
+
+
+def _label_value(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _sample(name, labels, value):
+    """One line of the text format: name{label="value",...} value."""
+    if labels:
+        name += "{" + ",".join(f'{key}="{_label_value(v)}"' for key, v in labels) + "}"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{name} {value!r}"
+    return f"{name} {int(value)}"
+
+
+class _Metrics:
+    """The counters and histograms of GET /metrics: kept in memory since valet
+    started (they restart at zero with the process, as Prometheus expects). A
+    sample's labels are a tuple of (name, value) pairs. Every method is
+    thread-safe and cheap (one lock, a dict update, a bisect)."""
+
+    def __init__(self, tasks=(), clock=time.time):
+        self.started_at = clock()
+        self._lock = threading.Lock()  # guards the two dicts below
+        self._counters = {}    # (metric name, labels) -> count
+        self._histograms = {}  # (metric name, labels) -> [count per bucket..., +Inf, sum]
+        for task in tasks:     # so that a rate is known before the first job ends
+            self.count("valet_jobs_submitted_total", (("task", task),), 0)
+            for outcome in _OUTCOMES:
+                self.count("valet_jobs_finished_total",
+                           (("task", task), ("outcome", outcome)), 0)
+            self.count("valet_job_retries_total", (("task", task),), 0)
+
+    def count(self, name, labels, n=1):
+        key = (name, labels)
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0) + n
+
+    def observe(self, name, labels, seconds):
+        bounds = _BUCKETS[name]
+        at = bisect.bisect_left(bounds, seconds)  # the first bound at or above it
+        key = (name, labels)
+        with self._lock:
+            counts = self._histograms.get(key)
+            if counts is None:
+                counts = self._histograms[key] = [0] * (len(bounds) + 1) + [0.0]
+            counts[at] += 1
+            counts[-1] += seconds
+
+    # What the lifecycle, the pool and the HTTP handler report.
+
+    def finished(self, task, status, reason=None):
+        self.count("valet_jobs_finished_total",
+                   (("task", task), ("outcome", _outcome(status, reason))))
+
+    def request(self, method, route, code, seconds):
+        self.count("valet_http_requests_total",
+                   (("method", method), ("route", route), ("code", str(code))))
+        self.observe("valet_http_request_duration_seconds",
+                     (("method", method), ("route", route)), seconds)
+
+    def text(self, gauges):
+        """The whole exposition (text format 0.0.4). `gauges` maps the name of each
+        gauge (and of each counter kept elsewhere) to its value, or to a list of
+        (labels, value)."""
+        with self._lock:
+            counters = sorted(self._counters.items())
+            histograms = sorted((key, list(counts))
+                                for key, counts in self._histograms.items())
+        lines = []
+        for name, kind, text in _METRICS:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if name in gauges:
+                value = gauges[name]
+                lines += ([_sample(name, labels, v) for labels, v in value]
+                          if isinstance(value, list) else [_sample(name, (), value)])
+            elif kind == "counter":
+                lines += [_sample(name, labels, value)
+                          for (metric, labels), value in counters if metric == name]
+            else:
+                for (metric, labels), counts in histograms:
+                    if metric == name:
+                        lines += _histogram_lines(name, labels, counts)
+        return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(name, labels, counts):
+    """A histogram's samples: its buckets, counted cumulatively, then sum and count."""
+    lines, total = [], 0
+    for bound, n in zip((*_BUCKETS[name], "+Inf"), counts):
+        total += n
+        le = bound if bound == "+Inf" else repr(float(bound))
+        lines.append(_sample(f"{name}_bucket", (*labels, ("le", le)), total))
+    return [*lines, _sample(f"{name}_sum", labels, counts[-1]),
+            _sample(f"{name}_count", labels, total)]
+
+
 # --------------------------------------------------------------------- HTTP --
 
 class HTTPError(Exception):
@@ -3420,6 +3673,9 @@ def _json_type(value):
     return "null"
 
 
+_JSON = "application/json"
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+_PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")  # 2, 0.5: a plain, short decimal
 
 
@@ -3615,6 +3871,18 @@ def _status(app, req):
     return 503, status, {"Retry-After": "5"}
 
 
+def _metrics(app, req):
+    return 200, app.metrics_text().encode(), {"Content-Type": _PROMETHEUS_TYPE}
+
+
+def _openapi_json(app, req):
+    return 200, app.openapi()
+
+
+def _dashboard(app, req):
+    return 200, _DASHBOARD, _DASHBOARD_HEADERS
+
+
 _LISTING = ("status", "limit", "cursor")
 _JOB_FILTERS = ("task_name", "name", "created_after", "created_before")
 
@@ -3641,29 +3909,46 @@ ROUTES = [
     ("GET", "/periodic", _list_periodic, ()),
     ("GET", "/tasks", _list_tasks, ()),
     ("GET", "/status", _status, ()),
+    ("GET", "/metrics", _metrics, ()),
+    ("GET", "/openapi.json", _openapi_json, ()),
+    ("GET", "/", _dashboard, ()),  # the page asks for the token itself: it needs none
 ]
 
 _COMPILED_ROUTES = [
     (method, re.compile(r"(?P<prefix>/api)?" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
-                        + "/?"), fn, query)
+                        + "/?"), fn, query, pattern)
     for method, pattern, fn, query in ROUTES
 ]
 
 
+_DASHBOARD_PATH = next(regex for _, regex, fn, *_ in _COMPILED_ROUTES if fn is _dashboard)
+
+
 def _match(method, path):
-    """Return (route function, path parameters, allowed query parameters), or raise
-    HTTPError 404 or 405."""
+    """Return (route function, path parameters, allowed query parameters, the route's
+    path pattern), or raise HTTPError 404 or 405."""
     allowed = []
-    for route_method, regex, fn, query in _COMPILED_ROUTES:
+    for route_method, regex, fn, query, pattern in _COMPILED_ROUTES:
         found = regex.fullmatch(path)
         if found:
             if route_method == method:
-                return fn, found.groupdict(), query
+                return fn, found.groupdict(), query, pattern
             allowed.append(route_method)
     if allowed:
         raise HTTPError(405, f"{method} is not allowed on {path}; allowed: "
                              f"{', '.join(allowed)}", {"Allow": ", ".join(allowed)})
     raise HTTPError(404, f"no such path: {path}")
+
+
+def _is_dashboard(path):
+    """Whether a request's path is the dashboard's (which holds no data)."""
+    return _DASHBOARD_PATH.fullmatch(path.partition("?")[0]) is not None
+
+
+def _route_of(path):
+    """The path pattern of a route that `path` matches (for metrics), or "other"."""
+    return next((pattern for _, regex, _, _, pattern in _COMPILED_ROUTES
+                 if regex.fullmatch(path)), "other")
 
 
 def _parse_query(query, allowed):
@@ -3865,7 +4150,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.rfile = body
             if not parsed:
                 return
-            getattr(self, f"do_{self.command}", self._unknown_method)()
+            getattr(self, f"do_{self.command}", self._other_method)()
         except TimeoutError:
             self.close_connection = True
             kind = (f"closed a connection: its request did not arrive within "
@@ -3876,14 +4161,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             log.debug("connection from %s ended: %s", self.client_address[0], exc)
 
-    def _unknown_method(self):
-        self.send_error(501, f"method {_cut(self.command, 40)!r} is not supported")
+    def _method(self):
+        """The request's method as a metric's label: any other than the usual ones is
+        "other" (a client may send thousands of made-up ones)."""
+        return self.command if self.command in _METHODS else "other"
+
+    def _other_method(self):
+        """Any other method (TRACE, QUERY, BREW) is routed too, to 404, or 405 with the
+        Allow of its path: not 501, which would tell monitoring that valet failed.
+        One that is not a token cannot be a method at all."""
+        if not _HEADER_NAME.fullmatch(self.command):
+            self.send_error(400, f"malformed method {_cut(self.command, 40)!r}")
+            return
+        self._dispatch()
 
     def _dispatch(self):
         started = time.perf_counter()
         app = self.server.app
         path, _, query = self.path.partition("?")
-        why, body = "", None
+        why, body, route = "", None, None
         try:
             self._check_head()
             if self.command == "OPTIONS" and self._field("origin"):
@@ -3893,13 +4189,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if app.stopping:  # a keep-alive connection that outlived the listener
                     self.close_connection = True
                     raise _shutting_down()
-                fn, params, allowed = _match(self.command, path)
+                fn, params, allowed, route = _match(self.command, path)
                 prefix = params.pop("prefix") or ""
                 request = _Request(params, _parse_query(query, allowed), body, prefix,
                                    self.fields)
                 status, payload, *rest = fn(app, request)
                 headers = rest[0] if rest else {}
-                data = b"" if payload is None else _encode(payload)
+                data = (b"" if payload is None else payload if isinstance(payload, bytes)
+                        else _encode(payload))
         except _ANSWERED as exc:
             error = exc if isinstance(exc, HTTPError) else _http_error(exc)
             status, headers, data = error.status, error.headers, _encode(error.body())
@@ -3917,12 +4214,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 status, headers = 500, {}
                 data = _encode(HTTPError(500, "internal server error").body())
         self._send(status, data, headers)
+        elapsed = time.perf_counter() - started
+        app.metrics.request(self._method(), route or _route_of(path), status, elapsed)
         level = logging.INFO if status >= 400 else logging.DEBUG
         if status == 503 and not self.server.tally.first(f"{status}{why}"):
             return
         if log.isEnabledFor(level):
             log.log(level, "%s %s %d %.2fms%s", self.command, _cut(self.path), status,
-                    (time.perf_counter() - started) * 1000, why)
+                    elapsed * 1000, why)
 
     def _check_head(self):
         """Refuse, before its body is read, a request whose framing is ambiguous or
@@ -3985,7 +4284,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._cors = origin
         if self.command == "OPTIONS" and origin is not None:
             return  # a preflight: the browser sends no credentials with it
-        if server.token is not None:
+        if server.token is not None and not (self.command == "GET" and _is_dashboard(
+                self.path)):
             given = self._field("authorization") or ""
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -4051,8 +4351,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         lines = [f"HTTP/1.1 {status} {phrase}", f"Server: {self.server_version}",
                  f"Date: {self._date()}"]
         if status != 204:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
+            lines += [f"Content-Type: {headers.get('Content-Type', 'application/json')}",
+                      f"Content-Length: {len(data)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()
+                  if name != "Content-Type"]
         if self._cors is not None:
             lines += [f"Access-Control-Allow-Origin: {self._cors}", "Vary: Origin",
                       "Access-Control-Expose-Headers: Location, Retry-After, "
@@ -4079,6 +4381,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         message = message or self.responses.get(code, ("error",))[0]
         self._cors = None
         self._send(code, _encode(HTTPError(code, message).body()), {})
+        self.server.app.metrics.request(self._method(), "other", code, 0.0)
         log.info("%s %s %d (%s)", _cut(getattr(self, "command", "") or ""),
                  _cut(getattr(self, "path", "")), code, _cut(message))
 
@@ -4223,6 +4526,285 @@ class _Server(http.server.ThreadingHTTPServer):
                       exc_info=True)
 
 
+# The API's description, GET /openapi.json (OpenAPI 3.1): built from ROUTES, each
+# route's entry in _OPERATIONS, and the schemas below, which follow the checks the
+# routes make. (The tests check every answer of the suite against it.)
+
+def _nullable(schema):
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_STRING, _ANY = {"type": "string"}, {}
+_TIME = {"type": "string", "format": "date-time"}
+_NAME = {"type": "string", "pattern": r"\S"}  # not empty, not only spaces
+_COUNT = {"type": "integer", "minimum": 0}
+
+
+def _object(properties, required=()):
+    """The schema of a JSON object with these properties and no others."""
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+def _job_input(task_names, timeout_unit, pipeline_job=False):
+    """The schema of a job in a POST /jobs body (or a job of a POST /pipelines body)."""
+    number = {"type": "number"}
+    longest = _MAX_TIMEOUT_SECONDS * (1000 if timeout_unit == "millisecond" else 1)
+    fields = {
+        "name": _NAME, "description": _nullable(_STRING),
+        "task_name": {"type": "string", "enum": task_names},
+        "metadata": _ANY, "task_params": {"deprecated": True,
+                                          "description": "metadata's old name"},
+        "timeout": _nullable({**number, "exclusiveMinimum": 0, "maximum": longest,
+                              "description": f"in {timeout_unit}s"}),
+        "priority": _nullable({"type": "integer", "minimum": -_MAX_PRIORITY,
+                               "maximum": _MAX_PRIORITY}),
+        "run_at": _nullable(_TIME),
+        "max_retries": _nullable({"type": "integer", "minimum": 0, "maximum": _MAX_RETRIES}),
+        "retry_backoff": _nullable({**number, "minimum": 0, "maximum": _MAX_BACKOFF}),
+        "use_previous_results": {"type": "boolean"},
+    }
+    allowed = _PIPELINE_JOB_INPUT if pipeline_job else _JOB_INPUT
+    return {**_object({key: fields[key] for key in allowed}, ("name", "task_name")),
+            "not": {"required": ["metadata", "task_params"]}}  # one or the other
+
+
+_TIME_OR_NULL, _TEXT_OR_NULL = _nullable(_TIME), _nullable(_STRING)
+_REF = {name: {"$ref": f"#/components/schemas/{name}"} for name in ("Job", "Pipeline")}
+
+
+def _answer_schemas():
+    """The schemas of a job's and a pipeline's JSON, and of /status."""
+    time_or_null, text_or_null = _TIME_OR_NULL, _TEXT_OR_NULL
+    job = _object({
+        "id": _STRING, "name": _STRING, "description": text_or_null, "task_name": _STRING,
+        "metadata": _ANY, "timeout": _nullable({"type": "number"}),
+        "priority": {"type": "integer"}, "status": {"enum": list(STATUSES)},
+        "failure_reason": text_or_null, "failure_traceback": text_or_null,
+        "progress": _nullable(_object({"fraction": {"type": "number", "minimum": 0,
+                                                    "maximum": 1},
+                                       "message": _STRING}, ("fraction", "message"))),
+        "attempts": _COUNT, "max_retries": _COUNT, "retry_backoff": {"type": "number"},
+        "run_at": time_or_null, "created_at": _TIME, "started_at": time_or_null,
+        "completed_at": time_or_null, "duration": _nullable({"type": "number"}),
+        "pipeline_id": text_or_null, "next_job_id": text_or_null,
+        "use_previous_results": {"type": "boolean"}}, JOB_FIELDS)
+    pipeline = _object({
+        "id": _STRING, "name": _STRING, "description": text_or_null,
+        "priority": {"type": "integer"}, "status": {"enum": list(STATUSES)},
+        "run_at": time_or_null, "created_at": _TIME, "started_at": time_or_null,
+        "completed_at": time_or_null, "duration": _nullable({"type": "number"}),
+        "jobs": {"type": "array", "items": _REF["Job"]}}, PIPELINE_FIELDS)
+    count = {"type": "object", "properties": {s: _COUNT for s in STATUSES},
+             "required": list(STATUSES), "additionalProperties": False}
+    status = _object({
+        "version": _STRING, "time": _TIME, "uptime": {"type": "number", "minimum": 0},
+        "storage": _object({"option": _STRING, "ok": {"type": "boolean"},
+                            "error": text_or_null}, ("option", "ok", "error")),
+        "jobs": _nullable(count),
+        "queue": _object({"depth": _COUNT, "capacity": _COUNT,
+                          "accepting": {"type": "boolean"},
+                          "oldest_waiting_seconds": _nullable({"type": "number",
+                                                               "minimum": 0})},
+                         ("depth", "capacity", "accepting", "oldest_waiting_seconds")),
+        "workers": _object({"busy": _COUNT, "total": _COUNT, "abandoned": _COUNT},
+                           ("busy", "total", "abandoned"))},
+        ("version", "time", "uptime", "storage", "jobs", "queue", "workers"))
+    return {"Job": job, "Pipeline": pipeline, "Status": status}
+
+
+def _schemas(task_names, timeout_unit):
+    ref, time_or_null, text_or_null = _REF, _TIME_OR_NULL, _TEXT_OR_NULL
+    cursor = _nullable({"type": "string", "pattern": "^[0-9]+$"})
+    return {
+        **_answer_schemas(),
+        "Error": _object({"error": {"const": True}, "code": {"type": "integer"},
+                          "message": _STRING}, ("error", "code", "message")),
+        "NewJob": _job_input(task_names, timeout_unit),
+        "NewPipeline": _object({
+            "name": _NAME, "description": text_or_null,
+            "priority": _nullable({"type": "integer", "minimum": -_MAX_PRIORITY,
+                                   "maximum": _MAX_PRIORITY}),
+            "run_at": time_or_null,
+            "jobs": {"type": "array", "minItems": 2, "maxItems": _MAX_PIPELINE_JOBS,
+                     "items": _job_input(task_names, timeout_unit, pipeline_job=True)}},
+            ("name", "jobs")),
+        "Changes": {**_object({"name": _NAME, "description": text_or_null}),
+                    "minProperties": 1},
+        "JobPage": _object({"jobs": {"type": "array", "items": ref["Job"]},
+                            "next_cursor": cursor}, ("jobs", "next_cursor")),
+        "PipelinePage": _object({"pipelines": {"type": "array", "items": ref["Pipeline"]},
+                                 "next_cursor": cursor}, ("pipelines", "next_cursor")),
+        "Jobs": _object({"jobs": {"type": "array", "items": ref["Job"]}}, ("jobs",)),
+        "Result": _object({"job_id": _STRING, "metadata": _ANY, "error": text_or_null},
+                          ("job_id", "metadata", "error")),
+        "Deleted": _object({"deleted": _COUNT}, ("deleted",)),
+        "Retried": _object({"retried": _COUNT, "more": {"type": "boolean"}},
+                           ("retried", "more")),
+        "Periodic": _object({"periodic": {"type": "array", "items": _object({
+            "name": _STRING, "task_name": _STRING, "cron": text_or_null,
+            "every": _nullable({"type": "number"}), "next_run_at": time_or_null,
+            "last_fired_at": time_or_null}, ("name", "task_name", "cron", "every",
+                                            "next_run_at", "last_fired_at"))}},
+            ("periodic",)),
+        "Tasks": _object({"tasks": {"type": "array", "items": _STRING}}, ("tasks",)),
+    }
+
+
+def _statuses(*statuses):
+    return {"type": "string", "enum": [*statuses, *(s.lower() for s in statuses)]}
+
+
+# The query parameters of ROUTES: name -> (schema, description).
+_PARAMETERS = {
+    "status": (_statuses(*STATUSES), "Only jobs (or pipelines) in this status, in any "
+                                     "case"),
+    "limit": ({"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+              f"Page size (default {DEFAULT_PAGE_SIZE})"),
+    "cursor": ({"type": "string", "pattern": "^[0-9]*$"},
+               "The next_cursor of the previous page"),
+    "task_name": (_STRING, "Only jobs of this task"),
+    "name": (_STRING, "Only jobs with this name"),
+    "created_after": (_TIME, "Only jobs created after this time (RFC 3339)"),
+    "created_before": (_TIME, "Only jobs created before this time (RFC 3339)"),
+    "order": ({"type": "string", "enum": ["asc", "desc", "ASC", "DESC"]},
+              "asc (oldest first, the default) or desc (newest first)"),
+    "finished_before": (_TIME, "Only jobs that finished before this time (RFC 3339)"),
+    "wait": ({"type": "string", "pattern": r"^[0-9]{1,6}(\.[0-9]{1,6})?$"},
+             f"Wait up to this many seconds (0 to {MAX_WAIT}) for the job to finish"),
+}
+
+
+# Where a route takes fewer statuses: (method, path) -> the status parameter.
+_STATUS_PARAMETER = {
+    ("DELETE", "/jobs"): (_statuses(*FINISHED), "Only finished jobs in this status"),
+    ("POST", "/jobs/retry"): (_statuses(FAILED, CANCELLED), "The jobs to retry"),
+}
+
+# (method, path) -> (summary, request body schema or None, {success code: response
+# schema, or None for no body}, the codes of the errors it may answer besides those
+# of every route).
+_OPERATIONS = {
+    ("POST", "/jobs"): ("Submit a job", "NewJob", {202: "Job", 200: "Job"}, (409,)),
+    ("GET", "/jobs"): ("List jobs, a page at a time", None, {200: "JobPage"}, ()),
+    ("DELETE", "/jobs"): ("Delete finished jobs in bulk", None, {200: "Deleted"}, ()),
+    ("GET", "/jobs/{id}"): ("One job (with wait: once it finishes)", None, {200: "Job"},
+                            (404,)),
+    ("PATCH", "/jobs/{id}"): ("Rename or describe a job", "Changes", {204: None}, (404,)),
+    ("DELETE", "/jobs/{id}"): ("Delete a job that is not running", None, {204: None},
+                               (404, 409)),
+    ("POST", "/jobs/{id}/cancel"): ("Cancel a job", None, {200: "Job"}, (404, 409)),
+    ("POST", "/jobs/{id}/retry"): ("Run a failed or cancelled job again", None,
+                                   {200: "Job"}, (404, 409)),
+    ("POST", "/jobs/retry"): ("Retry failed or cancelled jobs in bulk", None,
+                              {200: "Retried"}, ()),
+    ("GET", "/jobs/{id}/results"): ("A finished job's result", None, {200: "Result"},
+                                    (404,)),
+    ("DELETE", "/jobs/{id}/results"): ("Delete a job's result", None, {204: None}, (404,)),
+    ("POST", "/pipelines"): ("Submit a pipeline", "NewPipeline",
+                             {202: "Pipeline", 200: "Pipeline"}, (409,)),
+    ("GET", "/pipelines"): ("List pipelines, a page at a time", None,
+                            {200: "PipelinePage"}, ()),
+    ("GET", "/pipelines/{id}"): ("One pipeline with its jobs", None, {200: "Pipeline"},
+                                 (404,)),
+    ("PATCH", "/pipelines/{id}"): ("Rename or describe a pipeline", "Changes",
+                                   {204: None}, (404,)),
+    ("DELETE", "/pipelines/{id}"): ("Delete a pipeline that is not running", None,
+                                    {204: None}, (404, 409)),
+    ("GET", "/pipelines/{id}/jobs"): ("A pipeline's jobs", None, {200: "Jobs"}, (404,)),
+    ("POST", "/pipelines/{id}/cancel"): ("Cancel what is left of a pipeline", None,
+                                         {200: "Pipeline"}, (404, 409)),
+    ("GET", "/periodic"): ("The periodic entries", None, {200: "Periodic"}, ()),
+    ("GET", "/tasks"): ("The registered task names", None, {200: "Tasks"}, ()),
+    ("GET", "/status"): ("Health and load (503 while the storage fails)", None,
+                         {200: "Status"}, ()),
+    ("GET", "/metrics"): ("Metrics in the Prometheus text format", None, {200: "text"},
+                          ()),
+    ("GET", "/openapi.json"): ("This document", None, {200: "any"}, ()),
+    ("GET", "/"): ("The dashboard (HTML)", None, {200: "html"}, ()),
+}
+# Errors any route may answer (see the README's Errors).
+_EVERY_ROUTE_ERRORS = (400, 403, 411, 413, 415, 431, 503)
+
+
+def _response(code, schema):
+    """The OpenAPI response object for a code and a schema name (or a kind of text)."""
+    phrase = http.HTTPStatus(code).phrase
+    if schema is None:
+        return {"description": phrase}
+    kinds = {"text": (_PROMETHEUS_TYPE.split(";")[0], _STRING),
+             "html": ("text/html", _STRING), "any": (_JSON, {"type": "object"})}
+    kind, body = kinds.get(schema, (_JSON, {"$ref": f"#/components/schemas/{schema}"}))
+    return {"description": phrase, "content": {kind: {"schema": body}}}
+
+
+def _operation_id(method, pattern):
+    """get_jobs_id_results, for GET /jobs/{id}/results."""
+    words = re.findall(r"\w+", pattern) or ["dashboard"]
+    return "_".join([method.lower(), *words])
+
+
+def _operation(method, pattern, query, token):
+    summary, body, answers, errors = _OPERATIONS[(method, pattern)]
+    public = pattern == "/"  # the dashboard, which needs no token
+    codes = sorted({*errors, *_EVERY_ROUTE_ERRORS, *((401,) if token and not public else ())})
+    parameters = [{"name": "id", "in": "path", "required": True, "schema": _STRING}
+                  if "{id}" in pattern else None]
+    described = {**_PARAMETERS, "status": _STATUS_PARAMETER.get((method, pattern),
+                                                                _PARAMETERS["status"])}
+    parameters += [{"name": name, "in": "query", "required": name == "status" and
+                    pattern == "/jobs/retry", "schema": described[name][0],
+                    "description": described[name][1]} for name in query]
+    if method == "POST" and body is not None:
+        parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                           "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}})
+    operation = {
+        "summary": summary, "operationId": _operation_id(method, pattern),
+        "parameters": [p for p in parameters if p is not None],
+        "responses": {**{str(code): _response(code, schema)
+                         for code, schema in answers.items()},
+                      **{str(code): {"$ref": f"#/components/responses/{code}"}
+                         for code in codes}}}
+    if pattern == "/status":
+        operation["responses"]["503"] = _response(503, "Status")
+    if public and token:
+        operation["security"] = []
+    if method == "POST" and pattern in ("/jobs", "/pipelines"):
+        links = {_operation_id(m, p): {"operationId": _operation_id(m, p),
+                                       "parameters": {"id": "$response.body#/id"}}
+                 for m, p, *_ in ROUTES if p.startswith(pattern + "/{id}")}
+        for code in answers:
+            operation["responses"][str(code)]["links"] = links
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {
+            _JSON: {"schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    return operation
+
+
+def _openapi(task_names, token, timeout_unit="second"):
+    """The OpenAPI 3.1 document of the API, for these tasks and timeout_unit, with
+    the bearer token scheme if a token is required."""
+    paths = {}
+    for method, pattern, _, query in ROUTES:
+        paths.setdefault(pattern, {})[method.lower()] = _operation(method, pattern, query,
+                                                                   token)
+    errors = (*_EVERY_ROUTE_ERRORS, 401, 404, 409)
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "valet", "version": __version__,
+                 "description": "An asynchronous job server. Every path also answers "
+                                "under /api."},
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(task_names, timeout_unit),
+            "responses": {str(code): _response(code, "Error") for code in sorted(errors)}},
+    }
+    if token:
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document
+
 # ------------------------------------------------------------------- facade --
 
 class Valet:
@@ -4255,8 +4837,9 @@ class Valet:
         self.clock = clock
         self._monotonic = monotonic
         self.scheduler = _Scheduler(clock, self.config["periodic"])
+        self.metrics = _Metrics(self.tasks, clock)  # the counters of GET /metrics
         self.lifecycle = _Lifecycle(store if store is not None else _open_store(self.config),
-                                    self.scheduler, clock)
+                                    self.scheduler, clock, self.metrics)
         self.pool = _WorkerPool(self.lifecycle, self.tasks, self.config["worker_pool.workers"],
                                 self.config["worker_pool.queue_capacity"],
                                 self.config["timeout_unit"], clock, monotonic,
@@ -4270,6 +4853,7 @@ class Valet:
         self._closed = False    # set once stop() closes the store
         self._recovered = False
         self._server = None
+        self._openapi = None  # the API's description, made when first asked for
         self._state = threading.Lock()  # guards started_at and stopping
 
     @property
@@ -4669,8 +5253,9 @@ class Valet:
         return sorted(self.tasks)
 
     def status(self) -> dict:
-        """Version, time, uptime, storage (ok, or the cause of its fault), backlog and
-        workers (GET /status, which answers 503 while the storage is not ok)."""
+        """Version, time, uptime, storage (ok, or the cause of its fault), jobs by
+        status, backlog and workers (GET /status, which answers 503 while the
+        storage is not ok; then "jobs" is null)."""
         pool = self.pool.stats()
         fault = "valet is stopped" if self._closed else self._store.health()
         return {
@@ -4680,11 +5265,49 @@ class Valet:
                        if self.started_at is not None else 0),
             "storage": {"option": self._store.option, "ok": fault is None,
                         "error": fault},
+            "jobs": self._counts() if fault is None else None,
             "queue": {"depth": pool["depth"], "capacity": self.pool.capacity,
-                      "accepting": pool["depth"] < self.pool.capacity},
+                      "accepting": pool["depth"] < self.pool.capacity,
+                      "oldest_waiting_seconds": self._waited(pool["oldest"])},
             "workers": {"busy": pool["busy"], "total": self.pool.size,
                         "abandoned": pool["abandoned"]},
         }
+
+    def _counts(self):
+        """Jobs by status, or None if the store cannot tell now."""
+        try:
+            return self._store.counts()
+        except (StorageError, RuntimeError):  # a fault (logged by the store); or closed
+            return None
+
+    def _waited(self, since):
+        """Seconds since `since` (wall clock), to the millisecond; None for None."""
+        return None if since is None else round(max(0.0, self.clock() - since), 3)
+
+    def metrics_text(self) -> str:
+        """Every metric, in the Prometheus text format (GET /metrics). It answers also
+        while the store fails: then without the jobs by status."""
+        self._refuse_when_closed()
+        pool, counts = self.pool.stats(), self._counts()
+        return self.metrics.text({
+            "valet_info": [((("version", __version__),), 1)],
+            "valet_process_start_time_seconds": self.metrics.started_at,
+            "valet_jobs": [((("status", status),), n) for status, n in (counts or {}).items()],
+            "valet_oldest_waiting_job_age_seconds": self._waited(pool["oldest"]) or 0,
+            "valet_queue_depth": pool["depth"],
+            "valet_queue_capacity": self.pool.capacity,
+            "valet_workers": self.pool.size,
+            "valet_workers_busy": pool["busy"],
+            "valet_workers_abandoned": pool["abandoned"],
+            "valet_storage_errors_total": self._store.errors,
+        })
+
+    def openapi(self) -> dict:
+        """The OpenAPI 3.1 document of the HTTP API (GET /openapi.json)."""
+        if self._openapi is None:
+            self._openapi = _openapi(sorted(self.tasks), self.config["server.auth_token"],
+                                     self.config["timeout_unit"])
+        return self._openapi
 
     def _json_of_job(self, job):
         """A stored job record as its JSON, with its progress while it runs."""
@@ -4888,6 +5511,30 @@ def _is_client(argv):
     while rest and (rest[0] == "--json" or rest[0].startswith("--url")):
         rest = rest[2:] if rest[0] == "--url" else rest[1:]
     return bool(rest) and rest[0] in _CLIENT_COMMANDS
+
+
+# ---------------------------------------------------------------- dashboard --
+
+# The page at GET /: HTML, CSS and JavaScript in one, with nothing from elsewhere.
+# It asks for the token (with one set) and keeps it in the tab's sessionStorage.
+_DASHBOARD_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>valet</title>
+<link rel="icon" href="data:,"></head><body><p>valet</p><script>
+</script></body></html>
+"""
+_DASHBOARD = _DASHBOARD_PAGE.encode()
+_DASHBOARD_SCRIPT = _DASHBOARD_PAGE.split("<script>")[1].split("</script>")[0]
+_DASHBOARD_HEADERS = {  # it may run its own script, and fetch from valet, nothing else
+    "Content-Type": "text/html; charset=utf-8",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'sha256-"
+        + base64.b64encode(hashlib.sha256(_DASHBOARD_SCRIPT.encode()).digest()).decode()
+        + "'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; "
+          "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 # --------------------------------------------------------------------- main --
