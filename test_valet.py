@@ -4863,7 +4863,7 @@ def test_a_property_based_tester_finds_no_server_error_and_no_undocumented_answe
     run = subprocess.run(
         [tester, "run", f"{app.url}/openapi.json", "--checks",
          "not_a_server_error,status_code_conformance,content_type_conformance,"
-         "response_schema_conformance", "--max-examples", "5", "--workers", "2",
+         "response_schema_conformance", "--max-examples", "3", "--workers", "2",
          "--seed", "1", "--phases", "fuzzing,stateful"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"})
@@ -5501,6 +5501,18 @@ def test_http10_request_without_host_is_served(make_app):
 
 # -- access: origin and CORS
 
+def test_a_page_of_valets_own_host_behind_a_tls_proxy_may_post(make_app):
+    """A proxy that ends TLS passes the Host on: the page's origin is https://{Host}.
+    Nothing but that proxy can serve a page of that origin, so it is valet's own."""
+    app = make_app()
+    resp = raw(app.port, (f"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
+                          f"Origin: https://127.0.0.1:{app.port}\r\nContent-Type: "
+                          f"application/json\r\nContent-Length: {len(NEW_JOB_BYTES)}\r\n"
+                          f"\r\n").encode() + NEW_JOB_BYTES)
+    assert resp.status == 202, resp
+    assert "Access-Control-Allow-Origin" not in resp.headers  # not a cross-origin answer
+
+
 def test_cross_site_simple_post_is_refused_with_403_and_creates_nothing(make_app):
     app = make_app()
     form = b"name=n&task_name=echo"
@@ -5510,7 +5522,6 @@ def test_cross_site_simple_post_is_refused_with_403_and_creates_nothing(make_app
             ("http://evil.example", "application/json", NEW_JOB_BYTES),
             (f"http://127.0.0.1:{app.port + 1 if app.port < 65535 else 1}",
              "application/json", NEW_JOB_BYTES),
-            (f"https://127.0.0.1:{app.port}", "application/json", NEW_JOB_BYTES),
             ("null", "text/plain", form)):
         resp = raw(app.port, (f"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\n"
                               f"Origin: {origin}\r\nContent-Type: {content_type}\r\n"
@@ -7548,6 +7559,467 @@ def test_a_server_option_value_that_names_a_command_still_runs_the_server():
     assert not valet._is_client(["--host", "jobs", "--port", "0"])
     assert valet._is_client(["--url", "http://x", "--json", "jobs"])
     assert valet._is_client(["--url=http://x", "status"])
+
+
+# ---------------------------------------------------------------- dashboard --
+
+# The dashboard (GET /), driven in a real headless Chromium through chromedriver's
+# W3C WebDriver HTTP API, with the standard library only. Skips, saying how to
+# enable it, when chromium or chromedriver is missing.
+
+_WD_ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C key of an element reference
+
+
+# -- dashboard: a WebDriver client, and helpers
+
+def _browser_paths():
+    """(chromium, chromedriver): /usr/bin's, or VALET_CHROMIUM and VALET_CHROMEDRIVER."""
+    return (os.environ.get("VALET_CHROMIUM", "/usr/bin/chromium"),
+            os.environ.get("VALET_CHROMEDRIVER", "/usr/bin/chromedriver"))
+
+
+def _browser_wait_for(fn, timeout=8.0, what="the condition"):
+    """Return fn()'s first truthy value, polling; fail the test if none comes in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class _WdError(Exception):
+    def __init__(self, status, error, message):
+        super().__init__(f"{status} {error}: {message}")
+        self.error = error
+
+
+class _WdClient:
+    """A minimal W3C WebDriver client over http.client: one session."""
+
+    def __init__(self, port):
+        self.port, self.session = port, None
+
+    def call(self, method, path, body=None, timeout=30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data,
+                         headers={"Content-Type": "application/json"} if data else {})
+            resp = conn.getresponse()
+            payload = json.loads(resp.read() or b"null")
+        finally:
+            conn.close()
+        value = payload.get("value") if isinstance(payload, dict) else payload
+        if resp.status >= 400:
+            value = value or {}
+            raise _WdError(resp.status, value.get("error"), value.get("message"))
+        return value
+
+    def __call__(self, method, path, body=None):
+        """A command of the session: path is relative to /session/{id}."""
+        return self.call(method, f"/session/{self.session}{path}", body)
+
+    def start(self, user_data_dir):
+        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={user_data_dir}", "--window-size=1280,900"]
+        caps = {"browserName": "chrome", "pageLoadStrategy": "normal",
+                "goog:chromeOptions": {"binary": _browser_paths()[0], "args": args},
+                "goog:loggingPrefs": {"browser": "ALL"}}
+        value = self.call("POST", "/session", {"capabilities": {"alwaysMatch": caps}}, timeout=60)
+        self.session = value["sessionId"]
+        self("POST", "/timeouts", {"implicit": 0, "script": 10000, "pageLoad": 20000})
+
+    def quit(self):
+        if self.session is not None:
+            try:
+                self.call("DELETE", f"/session/{self.session}", timeout=20)
+            finally:
+                self.session = None
+
+    # -- the page
+    def get(self, url):
+        self("POST", "/url", {"url": url})
+
+    def js(self, script, *args):
+        return self("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def find(self, css):
+        """The first element matching css, or None."""
+        found = self("POST", "/elements", {"using": "css selector", "value": css})
+        return found[0][_WD_ELEMENT] if found else None
+
+    def wait_find(self, css, timeout=8.0):
+        return _browser_wait_for(lambda: self.find(css), timeout, f"an element {css!r}")
+
+    def click(self, css):
+        """Click the element once it is there, shown and enabled (the page updates live)."""
+        def attempt():
+            element = self.find(css)
+            if element is None or not self.js(
+                    "const e = arguments[0]; return !!(e.offsetParent || e.getClientRects().length)"
+                    " && !e.disabled", {_WD_ELEMENT: element}):
+                return False
+            try:
+                self("POST", f"/element/{element}/click", {})
+            except _WdError as exc:  # replaced or covered between find and click
+                if exc.error not in ("stale element reference", "element click intercepted",
+                                     "element not interactable"):
+                    raise
+                return False
+            return True
+        _browser_wait_for(attempt, what=f"{css!r} to be clickable")
+
+    def choose(self, select_css, value):
+        """Pick an option of a <select>, as a user does (WebDriver clicks the option)."""
+        option = self.wait_find(f'{select_css} option[value="{value}"]')
+        self("POST", f"/element/{option}/click", {})
+        _browser_wait_for(lambda: self.js("return document.querySelector(arguments[0]).value",
+                                          select_css) == value, what=f"{value!r} chosen")
+
+    def type(self, css, text):
+        element = self.wait_find(css)
+        self("POST", f"/element/{element}/clear", {})
+        self("POST", f"/element/{element}/value", {"text": text})
+
+    def text(self, css):
+        return self.js("const e = document.querySelector(arguments[0]); return e && e.textContent",
+                       css)
+
+    def visible(self, css):
+        return self.js("const e = document.querySelector(arguments[0]);"
+                       "return !!e && !!(e.offsetParent || e.getClientRects().length)", css)
+
+    def console(self):
+        """The browser console entries since the last call: [{level, message, ...}]."""
+        return self("POST", "/se/log", {"type": "browser"})
+
+
+def _wd_start_driver():
+    """Start chromedriver on a free port; (process, port, its output lines)."""
+    proc = subprocess.Popen([_browser_paths()[1], "--port=0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+
+    def drain():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, name="chromedriver-output", daemon=True).start()
+    deadline, seen = time.monotonic() + 20, []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        found = re.search(r"started successfully on port (\d+)", line)
+        if found:
+            return proc, int(found.group(1))
+    proc.kill()
+    proc.wait(10)
+    pytest.fail("chromedriver did not start: " + "".join(seen)[-2000:])
+
+
+def _wd_stop_driver(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _browser_app(tmp_path, release, **overrides):
+    """A started Valet on a free port with a SQLite file in tmp_path and test tasks:
+    echo, and block (runs until `release` is set or the job is cancelled)."""
+    def echo(metadata):
+        return metadata
+
+    def block(metadata, context):
+        while not (release.is_set() or context.cancelled.is_set()):
+            context.progress(0.5, "halfway")
+            context.cancelled.wait(0.05)
+        return {"released": release.is_set()}
+
+    config = valet.load_config({"storage": {"option": "sqlite",
+                                            "sqlite": {"path": str(tmp_path / "valet.db")}}},
+                               {"server.port": 0, "worker_pool.workers": 2,
+                                "worker_pool.shutdown_grace": 5, **overrides})
+    return valet.Valet(config, tasks={"echo": echo, "block": block}).start()
+
+
+def _browser_call(app, method, path, body=None, token=None):
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = None if body is None else json.dumps(body).encode()
+        if data:
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        text = resp.read()
+        return resp.status, (json.loads(text) if text else None)
+    finally:
+        conn.close()
+
+
+def _browser_submit(app, token=None, **fields):
+    status, job = _browser_call(app, "POST", "/jobs", {"name": "job", "task_name": "echo",
+                                                       **fields}, token)
+    assert status == 202, job
+    return job
+
+
+def _browser_later(seconds=3600):
+    moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _browser_severe(entries):
+    return [e for e in entries if e.get("level") in ("SEVERE", "WARNING")]
+
+
+# -- dashboard: fixtures
+
+@pytest.fixture(scope="module")
+def _browser_driver():
+    """chromedriver, started once for the module; skips when it cannot run."""
+    missing = [path for path in _browser_paths()
+               if not (os.path.isfile(path) and os.access(path, os.X_OK))]
+    if missing:
+        pytest.skip(f"the dashboard tests need {' and '.join(missing)}: "
+                    f"apt-get install chromium chromium-driver")
+    proc, port = _wd_start_driver()
+    yield port
+    _wd_stop_driver(proc)
+
+
+@pytest.fixture(scope="module")
+def _browser_session(_browser_driver, tmp_path_factory):
+    """One headless Chromium for the module (starting one takes a second or two)."""
+    client = _WdClient(_browser_driver)
+    try:
+        client.start(tmp_path_factory.mktemp("chromium-profile"))
+        yield client
+    finally:
+        client.quit()
+
+
+@pytest.fixture
+def _browser(_browser_session):
+    """The browser on a blank page, its console read empty, so that a test sees only
+    its own entries. Each test's valet listens on a port of its own, so its page has
+    an origin (and sessionStorage) of its own too."""
+    _browser_session.get("about:blank")
+    _browser_session.console()
+    yield _browser_session
+    _browser_session.get("about:blank")
+
+
+@pytest.fixture
+def _browser_valet(tmp_path):
+    """make(**config overrides) -> a started Valet; stopped, its blocked tasks released."""
+    release, apps = threading.Event(), []
+
+    def make(**overrides):
+        app = _browser_app(tmp_path, release, **overrides)
+        apps.append(app)
+        return app
+
+    yield make
+    release.set()
+    for app in apps:
+        app.stop()
+
+
+# -- dashboard: the tests
+
+def test_dashboard_loads_without_console_errors(_browser, _browser_valet):
+    app = _browser_valet()
+    _browser_submit(app, name="done")
+    _browser.get(app.url + "/")
+    for status in valet.STATUSES:
+        _browser.wait_find(f'[data-count="{status}"]')
+    # the counts come from /status: wait until they are numbers, and the echo job ran
+    _browser_wait_for(lambda: _browser.text('[data-count="COMPLETED"] .n') == "1",
+                      what="the COMPLETED tile to count the job")
+    assert _browser.text('[data-count="FAILED"] .n') == "0"
+    assert _browser.js("return document.title") == "valet"
+    # a second poll has come and gone without errors either
+    version = _browser.text("#version")
+    assert version == valet.__version__
+    entries = _browser.console()
+    assert _browser_severe(entries) == [], entries
+
+
+def test_a_job_submitted_over_the_api_appears_without_a_reload(_browser, _browser_valet):
+    app = _browser_valet()
+    _browser.get(app.url + "/")
+    _browser.wait_find('[data-count="SCHEDULED"]')
+    _browser.js("window.__same_page = true")
+    job = _browser_submit(app, name="later", run_at=_browser_later())
+    row = f'tr[data-job-id="{job["id"]}"]'
+    _browser.wait_find(row)
+    assert _browser.js("return window.__same_page === true"), "the page was reloaded"
+    assert _browser.text(row + " .badge") == "SCHEDULED"
+    assert "later" in _browser.text(row)
+    _browser_wait_for(lambda: _browser.text('[data-count="SCHEDULED"] .n') == "1",
+                      what="the SCHEDULED tile to count the job")
+    assert _browser_severe(_browser.console()) == []
+
+
+def test_cancel_from_the_detail_cancels_the_job(_browser, _browser_valet):
+    app = _browser_valet()
+    job = _browser_submit(app, name="long one", task_name="block")
+    _browser_wait_for(lambda: app.job(job["id"])["status"] == "IN_PROGRESS",
+                      what="the job to start")
+    _browser.get(app.url + "/")
+    _browser.click(f'tr[data-job-id="{job["id"]}"]')
+    status = '#detail [data-field="status"]'
+    _browser_wait_for(lambda: _browser.js(
+        "const e = document.querySelector(arguments[0]); return e && e.dataset.value",
+        status) == "IN_PROGRESS", what="the detail to show IN_PROGRESS")
+    _browser_wait_for(lambda: _browser.visible('#detail [data-section="progress"]'),
+                      what="the progress bar")
+    _browser.click('#detail [data-action="cancel"]')
+    _browser.click('#confirm [data-action="confirm"]')  # the in-page confirmation
+    _browser_wait_for(lambda: app.job(job["id"])["status"] == "CANCELLED",
+                      what="the job to be CANCELLED over the API")
+    assert _browser_call(app, "GET", f"/jobs/{job['id']}")[1]["status"] == "CANCELLED"
+    _browser_wait_for(lambda: _browser.text(status) == "CANCELLED",
+                      what="the detail to show CANCELLED")
+    assert _browser.text('#detail [data-field="failure_reason"]') == "cancelled by request"
+    assert not _browser.visible('#detail [data-action="cancel"]')
+    assert _browser_severe(_browser.console()) == []
+
+
+def test_a_token_is_asked_for_kept_in_the_session_and_never_put_in_a_url(
+        _browser, _browser_valet):
+    token = "dashboard-test-token-5f2c9a"
+    app = _browser_valet(**{"server.auth_token": token})
+    job = _browser_submit(app, token=token, name="guarded", run_at=_browser_later())
+    paths, logger = [], logging.getLogger("valet")
+
+    class Paths(logging.Handler):  # every request valet answers, as its debug line
+        def emit(self, record):
+            paths.append(record.getMessage())
+
+    handler, level = Paths(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        _browser.get(app.url + "/")
+        _browser_wait_for(lambda: _browser.visible("#token-form"), what="the token form")
+        assert not _browser.visible("#tiles")
+        _browser.type('#token-form input[name="token"]', "not-the-token")
+        _browser.click('#token-form button[type="submit"]')
+        _browser_wait_for(lambda: _browser.visible("#token-error"),
+                          what="the token form to say the token was refused")
+        assert "not accepted" in _browser.text("#token-error")
+        assert _browser.visible("#token-form")
+        _browser.type('#token-form input[name="token"]', token)
+        _browser.click('#token-form button[type="submit"]')
+        _browser.wait_find(f'tr[data-job-id="{job["id"]}"]')
+        assert not _browser.visible("#token-form")
+        assert _browser.js("return sessionStorage.getItem('valet-token')") == token
+        urls = _browser.js("return [location.href, document.referrer, ...performance"
+                           ".getEntriesByType('resource').map(e => e.name)]")
+        assert any("/jobs" in url for url in urls)
+        entries = _browser.console()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert paths and any(" /status " in line for line in paths)
+    quoted = urllib.parse.quote(token)
+    for text in [*urls, *paths, *(e.get("message", "") for e in entries)]:
+        assert token not in text and quoted not in text, text
+    # forgetting it asks again
+    _browser.click("#forget-token")
+    _browser_wait_for(lambda: _browser.visible("#token-form"), what="the token form again")
+    assert _browser.js("return sessionStorage.getItem('valet-token')") is None
+
+
+def test_a_job_submitted_from_the_form_is_created(_browser, _browser_valet):
+    app = _browser_valet()
+    _browser.get(app.url + "/")
+    _browser.click('[data-tab="submit"]')
+    _browser.choose('#submit-form select[name="task_name"]', "echo")
+    _browser.type('#submit-form input[name="name"]', "from the form")
+    _browser.type('#submit-form textarea[name="metadata"]', '{"n": 5, oops}')
+    _browser.click('#submit-form button[type="submit"]')
+    _browser_wait_for(lambda: _browser.visible("#submit-error"), what="the JSON error")
+    assert "not valid JSON" in _browser.text("#submit-error")
+    assert app.list_jobs()["jobs"] == []  # nothing was sent
+    _browser.type('#submit-form textarea[name="metadata"]', '{"n": 5, "words": ["a", "b"]}')
+    _browser.click('#submit-form button[type="submit"]')
+    jobs = _browser_wait_for(lambda: app.list_jobs(name="from the form")["jobs"],
+                             what="the job to be created")
+    assert len(jobs) == 1
+    assert jobs[0]["task_name"] == "echo"
+    assert jobs[0]["metadata"] == {"n": 5, "words": ["a", "b"]}
+    _browser_wait_for(lambda: _browser.text('#detail [data-field="name"]') == "from the form",
+                      what="the detail of the new job")
+    _browser_wait_for(lambda: _browser.text('#detail [data-field="status"]') == "COMPLETED",
+                      what="the detail to show it COMPLETED")
+    _browser_wait_for(lambda: '"words"' in (_browser.text('#detail [data-field="result"]') or ""),
+                      what="the result in the detail")
+    assert _browser_severe(_browser.console()) == []
+
+
+def test_a_refused_action_shows_the_servers_message(_browser, _browser_valet):
+    app = _browser_valet()
+    job = _browser_submit(app, name="soon gone", run_at=_browser_later())
+    _browser.get(app.url + f"/#job={job['id']}")  # a link to a job opens its detail
+    _browser_wait_for(lambda: _browser.text('#detail [data-field="name"]') == "soon gone",
+                      what="the detail from the link")
+    _browser.click('#detail [data-action="cancel"]')
+    _browser.wait_find("#confirm[open]")
+    # while the page asks, the job is cancelled elsewhere: the page's cancel gets a 409
+    assert _browser_call(app, "POST", f"/jobs/{job['id']}/cancel")[0] == 200
+    _browser.click('#confirm [data-action="confirm"]')
+    _browser_wait_for(lambda: _browser.visible("#notice"), what="the notice")
+    status, answer = _browser_call(app, "POST", f"/jobs/{job['id']}/cancel")
+    assert status == 409
+    assert _browser.text("#notice-text") == answer["message"]
+    _browser_wait_for(lambda: _browser.text('#detail [data-field="status"]') == "CANCELLED",
+                      what="the detail to show CANCELLED")
+    # the one console entry is the browser's own line about the 409
+    entries = _browser_severe(_browser.console())
+    assert all("409" in e["message"] for e in entries), entries
+
+
+def test_the_page_fits_a_phone_screen(_browser, _browser_valet):
+    app = _browser_valet()
+    job = _browser_submit(app, name="a rather long job name " * 6, metadata={"k": "v " * 200},
+                          run_at=_browser_later())
+    _browser("POST", "/window/rect", {"width": 390, "height": 844})
+    try:
+        _browser.get(app.url + "/")
+        _browser.wait_find(f'tr[data-job-id="{job["id"]}"]')
+        fits = ("return document.documentElement.scrollWidth <= "
+                "document.documentElement.clientWidth")
+        assert _browser.js(fits)
+        assert not _browser.visible("td.hide-sm")  # the less important columns
+        _browser.click(f'tr[data-job-id="{job["id"]}"]')
+        _browser_wait_for(lambda: _browser.text('#detail [data-field="status"]') == "SCHEDULED",
+                          what="the detail")
+        assert _browser.js(fits)
+        width = _browser.js("return document.querySelector('#detail').getBoundingClientRect()"
+                            ".width")
+        assert width >= _browser.js("return document.documentElement.clientWidth") - 1
+        _browser.click("#detail-close")
+        _browser_wait_for(lambda: not _browser.visible("#detail"), what="the detail to close")
+    finally:
+        _browser("POST", "/window/rect", {"width": 1280, "height": 900})
+    assert _browser_severe(_browser.console()) == []
 
 
 # -------------------------------------------------------------- the process --

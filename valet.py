@@ -4277,7 +4277,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(403, f"Host {_cut(host, 80)!r} is not in server.allowed_hosts; "
                                  f"add it there if clients reach valet by that name")
         origin = self._field("origin") or None
-        if origin is not None and origin != f"http://{host}":  # a cross-origin request
+        if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
             if not server.allows_origin(origin):
                 raise HTTPError(403, f"requests from origin {_cut(origin, 80)!r} are not "
                                      f"allowed (server.cors_origins)")
@@ -5518,9 +5518,706 @@ def _is_client(argv):
 # The page at GET /: HTML, CSS and JavaScript in one, with nothing from elsewhere.
 # It asks for the token (with one set) and keeps it in the tab's sessionStorage.
 _DASHBOARD_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>valet</title>
-<link rel="icon" href="data:,"></head><body><p>valet</p><script>
-</script></body></html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>valet</title>
+<link rel="icon" href="data:,">
+<style>
+:root { --bg: #f6f7f9; --panel: #fff; --fg: #1c2330; --muted: #5b6575; --line: #dde1e7; --accent: #2456c9;
+  --accent-soft: #e8eefb; --hover: #f3f6fb; --code: #f2f4f7; --err: #a4161a; --err-bg: #fdecec; --input: #c5cbd4; color-scheme: light;
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+* { box-sizing: border-box; } [hidden] { display: none !important; }
+body { margin: 0; background: var(--bg); color: var(--fg); }
+button, input, select, textarea { font: inherit; color: inherit; } button { cursor: pointer; }
+h2 { font-size: 16px; margin: 0; }
+h3 { font-size: 12px; margin: 16px 0 6px; color: var(--muted); text-transform: uppercase; letter-spacing: .05em; }
+.mono, pre, code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; }
+.muted { color: var(--muted); } .spacer { flex: 1; }
+.top { background: var(--panel); border-bottom: 1px solid var(--line); }
+.top .row { max-width: 1440px; margin: 0 auto; padding: 10px 20px; display: flex; flex-wrap: wrap; align-items: baseline; gap: 6px 20px; }
+.brand { font-size: 18px; font-weight: 700; } .brand small { font-size: 13px; font-weight: 400; color: var(--muted); }
+.health { display: flex; align-items: center; gap: 6px; } .health.bad { color: var(--err); font-weight: 600; }
+.dot { width: 9px; height: 9px; border-radius: 50%; background: var(--muted); align-self: center; }
+.dot.ok { background: #1f9d55; } .dot.bad { background: #d92d20; }
+.figures { display: flex; flex-wrap: wrap; gap: 4px 18px; color: var(--muted); margin-left: auto; }
+.figures b { color: var(--fg); font-weight: 600; font-variant-numeric: tabular-nums; }
+.link { background: none; border: 0; padding: 0; color: var(--accent); text-decoration: underline; }
+.wrap { max-width: 1440px; margin: 0 auto; padding: 14px 20px 40px; }
+.notice { display: flex; gap: 12px; align-items: flex-start; justify-content: space-between; padding: 10px 14px; border-radius: 8px;
+  margin-bottom: 12px; border: 1px solid; overflow-wrap: anywhere; }
+.notice.error { background: var(--err-bg); color: var(--err); border-color: #f2b8b5; }
+.notice.info { background: var(--accent-soft); color: #173a8a; border-color: #c3d3f5; }
+.notice button { background: none; border: 0; color: inherit; font-weight: 600; padding: 0; }
+.tiles { display: grid; grid-template-columns: repeat(6, minmax(0, 1fr)); gap: 10px; margin-bottom: 14px; }
+.tile { text-align: left; background: var(--panel); border: 1px solid var(--line); border-left: 4px solid var(--b-line);
+  border-radius: 8px; padding: 8px 12px; min-width: 0; }
+.tile:hover { border-color: var(--b-line); }
+.tile[aria-pressed="true"] { background: var(--b-bg); box-shadow: 0 0 0 2px var(--b-line) inset; }
+.tile .n { display: block; font-size: 22px; font-weight: 650; font-variant-numeric: tabular-nums; }
+.tile .l { display: block; font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .04em;
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.s-SCHEDULED { --b-bg: #efeafd; --b-fg: #4c2a9e; --b-line: #7c5cdb; } .s-PENDING { --b-bg: #fdf1d8; --b-fg: #7a4a00; --b-line: #d99a0b; }
+.s-IN_PROGRESS { --b-bg: #e1ecfd; --b-fg: #1a4595; --b-line: #2f6fe0; } .s-COMPLETED { --b-bg: #dff3e6; --b-fg: #14593a; --b-line: #23a15a; }
+.s-FAILED { --b-bg: #fde3e1; --b-fg: #92140f; --b-line: #d92d20; } .s-CANCELLED { --b-bg: #e8eaee; --b-fg: #3c4452; --b-line: #8a93a3; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 12px; font-weight: 600; letter-spacing: .02em;
+  background: var(--b-bg, #eee); color: var(--b-fg, #333); white-space: nowrap; }
+.tabs { display: flex; gap: 2px; border-bottom: 1px solid var(--line); margin-bottom: 12px; overflow-x: auto; }
+.tabs button { background: none; border: 0; border-bottom: 3px solid transparent; padding: 8px 14px; color: var(--muted);
+  font-weight: 600; white-space: nowrap; }
+.tabs button[aria-selected="true"] { color: var(--fg); border-bottom-color: var(--accent); }
+.layout { display: grid; grid-template-columns: minmax(0, 1fr); gap: 16px; align-items: start; }
+.layout.open { grid-template-columns: minmax(0, 1fr) minmax(360px, 460px); }
+.toolbar { display: flex; flex-wrap: wrap; gap: 8px 12px; align-items: center; margin-bottom: 10px; }
+.toolbar label { display: flex; gap: 6px; align-items: center; color: var(--muted); }
+select, input, textarea { background: var(--panel); border: 1px solid var(--input); border-radius: 6px; padding: 5px 8px; font-weight: 400; }
+textarea { width: 100%; resize: vertical; }
+.btn { background: var(--panel); border: 1px solid var(--input); border-radius: 6px; padding: 5px 12px; font-weight: 600; }
+.btn:hover:not(:disabled) { border-color: var(--accent); color: var(--accent); } .btn:disabled { opacity: .5; cursor: default; }
+.btn.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
+.btn.primary:hover:not(:disabled) { color: #fff; filter: brightness(1.1); } .btn.danger { color: var(--err); border-color: #e3a29e; }
+.card { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; overflow: hidden; }
+table { width: 100%; border-collapse: collapse; table-layout: fixed; }
+th, td { text-align: left; padding: 8px 12px; border-bottom: 1px solid var(--line); white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+th { font-size: 12px; color: var(--muted); font-weight: 600; text-transform: uppercase; letter-spacing: .04em; background: var(--code); }
+tbody tr[tabindex] { cursor: pointer; } tbody tr[tabindex]:hover { background: var(--hover); } tbody tr:last-child td { border-bottom: 0; }
+tbody tr.selected { background: var(--accent-soft); box-shadow: 3px 0 0 var(--accent) inset; }
+td.num { font-variant-numeric: tabular-nums; }
+.sub { display: none; font-size: 12px; color: var(--muted); }
+.empty { padding: 28px 12px; text-align: center; color: var(--muted); }
+.pager { display: flex; gap: 8px; align-items: center; justify-content: flex-end; margin-top: 10px; }
+#detail { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px 18px;
+  position: sticky; top: 12px; max-height: calc(100vh - 24px); overflow: auto; }
+.dhead { display: flex; gap: 10px; align-items: flex-start; } .dhead h2 { flex: 1; overflow-wrap: anywhere; }
+.close { background: none; border: 1px solid var(--line); border-radius: 6px; width: 30px; height: 30px; font-size: 18px; line-height: 1; }
+.actions { display: flex; flex-wrap: wrap; gap: 8px; margin: 10px 0 4px; }
+dl.fields { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 4px 14px; margin: 0; }
+dl.fields dt { color: var(--muted); } dl.fields dd { margin: 0; overflow-wrap: anywhere; }
+pre { background: var(--code); border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; margin: 0; font-size: 12px;
+  line-height: 1.5; max-height: 300px; overflow: auto; white-space: pre; }
+.reason { color: var(--err); font-weight: 600; margin: 0 0 6px; overflow-wrap: anywhere; }
+.bar { height: 8px; background: var(--line); border-radius: 4px; overflow: hidden; margin: 4px 0; }
+.bar span { display: block; height: 100%; width: 0; background: var(--accent); transition: width .4s; }
+ol.pipe { list-style: none; margin: 0; padding: 0; counter-reset: step; } ol.pipe li { counter-increment: step; }
+ol.pipe button { width: 100%; display: flex; align-items: center; gap: 8px; text-align: left; background: none; border: 0;
+  border-radius: 6px; padding: 6px 8px; }
+ol.pipe button::before { content: counter(step); color: var(--muted); width: 1.4em; font-variant-numeric: tabular-nums; }
+ol.pipe button:hover { background: var(--hover); } ol.pipe button.current { background: var(--accent-soft); font-weight: 600; }
+ol.pipe .pn { flex: 1; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.form { max-width: 640px; display: grid; gap: 12px; padding: 16px; }
+.form label { display: grid; gap: 4px; font-weight: 600; } .form .hint { font-weight: 400; color: var(--muted); font-size: 13px; }
+.field-error { color: var(--err); margin: 0; font-weight: 500; overflow-wrap: anywhere; }
+[aria-invalid="true"] { border-color: var(--err); outline-color: var(--err); }
+.panel-box { margin-top: 14px; padding: 12px 14px; }
+#token-panel { max-width: 460px; margin: 40px auto; padding: 20px; } #token-panel form { display: grid; gap: 10px; }
+dialog { border: 1px solid var(--line); border-radius: 10px; padding: 18px; max-width: min(440px, calc(100vw - 32px));
+  background: var(--panel); color: var(--fg); }
+dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justify-content: flex-end; margin-top: 14px; }
+:focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+@media (max-width: 980px) {
+  .layout.open { grid-template-columns: minmax(0, 1fr); } .figures { margin-left: 0; }
+  #detail { position: fixed; inset: 0; z-index: 10; max-height: none; border-radius: 0; border: 0; }
+}
+@media (max-width: 640px) {
+  .top .row, .wrap { padding-left: 12px; padding-right: 12px; } th, td { padding: 8px; }
+  .tiles { grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 8px; } .tile .n { font-size: 19px; }
+  .hide-sm { display: none; } .sub { display: block; overflow: hidden; text-overflow: ellipsis; } .tabs button { padding: 8px 10px; }
+  .tile .l { font-size: 11px; letter-spacing: 0; }
+  .toolbar label { flex: 1 1 150px; } .toolbar select { flex: 1; min-width: 0; }
+}
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #12161c; --panel: #1a1f27; --fg: #e4e8ee; --muted: #9aa4b2; --line: #2e3540; --accent: #6c9cff; --input: #3a4350;
+    --accent-soft: #1e2b45; --hover: #202734; --code: #151a21; --err: #ff8a80; --err-bg: #3a1d1d; color-scheme: dark; }
+  .btn.primary, .btn.primary:hover:not(:disabled) { color: #0c1220; }
+  .notice.info { color: #c9d8ff; border-color: #2f4470; } .notice.error { border-color: #6b2b2b; }
+  .s-SCHEDULED { --b-bg: #2d2450; --b-fg: #d4c6ff; } .s-PENDING { --b-bg: #3d2f12; --b-fg: #fbd68a; }
+  .s-IN_PROGRESS { --b-bg: #1c3159; --b-fg: #b9d0ff; } .s-COMPLETED { --b-bg: #163a26; --b-fg: #a6e9bf; }
+  .s-FAILED { --b-bg: #4a1c1a; --b-fg: #ffb4ad; } .s-CANCELLED { --b-bg: #2c323c; --b-fg: #cdd3dc; }
+}
+</style>
+</head>
+<body>
+<header class="top"><div class="row">
+  <div class="brand">valet <small id="version"></small></div>
+  <div class="health" id="health"><span class="dot"></span><span id="health-text">connecting…</span></div>
+  <div class="figures" id="figures"><span>queue <b id="f-queue">–</b></span> <span>oldest waiting <b id="f-oldest">–</b></span>
+    <span>workers busy <b id="f-workers">–</b></span> <span>abandoned <b id="f-abandoned">–</b></span>
+    <button class="link" id="forget-token" type="button" hidden>forget token</button></div>
+</div></header>
+<div class="wrap">
+  <div id="notice" class="notice" role="alert" hidden><span id="notice-text"></span>
+    <button type="button" id="notice-close" aria-label="Dismiss">Dismiss</button></div>
+  <section id="token-panel" class="card" hidden>
+    <form id="token-form" method="post" autocomplete="off">
+      <h2>This valet needs its access token</h2>
+      <p class="muted" style="margin:0">It is kept in this tab only (sessionStorage) and sent as an
+        <code>Authorization: Bearer</code> header.</p>
+      <p class="field-error" id="token-error" hidden></p>
+      <input type="password" name="token" aria-label="Access token" placeholder="access token" autocomplete="off" required>
+      <div><button class="btn primary" type="submit">Use this token</button></div>
+    </form>
+  </section>
+  <div id="app">
+    <div class="tiles" id="tiles"></div>
+    <nav class="tabs" role="tablist">
+      <button type="button" role="tab" data-tab="jobs" aria-selected="true">Jobs</button> <button type="button" role="tab"
+        data-tab="pipelines" aria-selected="false">Pipelines</button> <button type="button" role="tab" data-tab="periodic"
+        aria-selected="false">Periodic</button> <button type="button" role="tab" data-tab="submit" aria-selected="false">Submit a job</button>
+    </nav>
+    <div class="layout" id="layout">
+      <div>
+        <section id="tab-jobs" role="tabpanel">
+          <div class="toolbar">
+            <label>Status <select id="f-status"><option value="">all</option></select></label>
+            <label>Task <select id="f-task"><option value="">all</option></select></label>
+            <span class="spacer"></span>
+            <button type="button" class="btn" id="bulk-retry">Retry failed jobs</button>
+          </div>
+          <div class="card">
+            <table>
+              <colgroup><col><col class="hide-sm" style="width:16%"><col style="width:140px">
+                <col class="hide-sm" style="width:100px"><col style="width:104px"><col class="hide-sm" style="width:104px"></colgroup>
+              <thead><tr><th>Name</th><th class="hide-sm">Task</th><th>Status</th><th class="hide-sm">Attempts</th>
+                <th>Created</th><th class="hide-sm">Duration</th></tr></thead>
+              <tbody id="jobs-body"></tbody>
+            </table>
+            <div class="empty" id="jobs-empty" hidden></div>
+          </div>
+          <div class="pager" id="jobs-pager"><span class="muted" id="jobs-page"></span>
+            <button type="button" class="btn" id="jobs-prev">Previous</button> <button type="button" class="btn" id="jobs-next">Next</button></div>
+        </section>
+        <section id="tab-pipelines" role="tabpanel" hidden>
+          <p class="muted" style="margin:0 0 8px">Oldest first (the order <code>GET /pipelines</code> gives).</p>
+          <div class="card">
+            <table>
+              <colgroup><col><col style="width:140px"><col style="width:80px"><col style="width:104px"></colgroup>
+              <thead><tr><th>Name</th><th>Status</th><th>Done</th><th>Created</th></tr></thead>
+              <tbody id="pipes-body"></tbody>
+            </table>
+            <div class="empty" id="pipes-empty" hidden>No pipelines.</div>
+          </div>
+          <div class="pager" id="pipes-pager"><button type="button" class="btn" id="pipes-prev">Previous</button>
+            <button type="button" class="btn" id="pipes-next">Next</button></div>
+          <div class="card panel-box" id="pipe-view" hidden>
+            <div class="dhead"><h2 id="pipe-name"></h2><span class="badge" id="pipe-status"></span></div>
+            <p class="muted" id="pipe-meta" style="margin:4px 0 8px"></p>
+            <ol class="pipe" id="pipe-jobs"></ol>
+          </div>
+        </section>
+        <section id="tab-periodic" role="tabpanel" hidden>
+          <div class="card">
+            <table>
+              <colgroup><col><col class="hide-sm" style="width:18%"><col class="hide-sm" style="width:22%"><col style="width:108px">
+                <col style="width:108px"></colgroup>
+              <thead><tr><th>Name</th><th class="hide-sm">Task</th><th class="hide-sm">Schedule</th><th>Next run</th><th>Last fired</th></tr></thead>
+              <tbody id="periodic-body"></tbody>
+            </table>
+            <div class="empty" id="periodic-empty" hidden>No periodic entries in the config.</div>
+          </div>
+        </section>
+        <section id="tab-submit" role="tabpanel" hidden>
+          <form id="submit-form" class="card form" method="post" novalidate>
+            <h2>Submit a job</h2>
+            <label>Task <select name="task_name" required></select></label>
+            <label>Name <span class="hint">optional; defaults to the task's name</span>
+              <input name="name" maxlength="200" autocomplete="off"></label>
+            <label>Metadata <span class="hint">JSON handed to the task; leave empty for null</span>
+              <textarea name="metadata" rows="7" spellcheck="false" class="mono" placeholder='{"text": "a b a"}'></textarea></label>
+            <p class="field-error" id="submit-error" hidden></p>
+            <div><button class="btn primary" type="submit">Submit</button></div>
+          </form>
+        </section>
+      </div>
+      <aside id="detail" hidden aria-label="Job detail">
+        <div class="dhead"><h2 data-field="name"></h2>
+          <button type="button" class="close" id="detail-close" aria-label="Close">×</button></div>
+        <div id="detail-missing" class="empty" hidden>This job no longer exists.</div>
+        <div id="detail-body">
+          <span class="badge" data-field="status"></span> <span class="muted" data-field="task_name"></span>
+          <div class="actions"><button type="button" class="btn" data-action="cancel">Cancel</button>
+            <button type="button" class="btn" data-action="retry">Retry</button> <button type="button" class="btn danger" data-action="delete">Delete</button></div>
+          <div data-section="progress"><h3>Progress</h3>
+            <div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100"><span></span></div>
+            <div class="muted" data-field="progress"></div></div>
+          <div data-section="failure"><h3 data-field="failure-title">Failure</h3>
+            <p class="reason" data-field="failure_reason"></p><pre data-field="failure_traceback"></pre></div>
+          <div data-section="result"><h3>Result</h3><pre data-field="result"></pre></div>
+          <h3>Details</h3><dl class="fields" id="detail-fields"></dl>
+          <div data-section="metadata"><h3>Metadata</h3><pre data-field="metadata"></pre></div>
+          <div data-section="pipeline"><h3 data-field="pipeline-title">Pipeline</h3><ol class="pipe" id="detail-pipe"></ol></div>
+        </div>
+      </aside>
+    </div>
+  </div>
+</div>
+<dialog id="confirm" aria-labelledby="confirm-text">
+  <p id="confirm-text" style="margin:0"></p>
+  <div class="actions"><button type="button" class="btn" data-action="dismiss" autofocus>Keep</button>
+    <button type="button" class="btn primary" data-action="confirm" id="confirm-ok">OK</button></div>
+</dialog>
+<script>
+"use strict";
+const STATUSES = ["SCHEDULED", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"];
+const UNFINISHED = STATUSES.slice(0, 3), FINISHED = STATUSES.slice(3);
+const TOKEN_KEY = "valet-token", PAGE = 25, POLL_MS = 2000;
+const $ = (sel, root) => (root || document).querySelector(sel);
+const enc = encodeURIComponent;
+let token = sessionStorage.getItem(TOKEN_KEY);
+let needToken = false, authOk = false, skew = 0, tab = "jobs", tasksLoaded = false;
+const filter = { status: "", task: "" };
+const jobsPager = { stack: [null], next: null }, pipesPager = { stack: [null], next: null };
+let detailId = null, detailJob = null, detailGone = false, resultKey = null, pipeKey = null, pipeViewId = null;
+// ---------------------------------------------------------------- helpers
+function el(tag, attrs, ...kids) {  // el("td", {class: "num", text: "3"}, child, ...)
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) if (k === "text") e.textContent = v; else e.setAttribute(k, v);
+  e.append(...kids);
+  return e;
+}
+function setText(e, text) { text = text == null ? "" : String(text); if (e.textContent !== text) e.textContent = text; }
+function setAttr(e, name, value) { if (e.getAttribute(name) !== value) e.setAttribute(name, value); }
+function show(e, on) { if (e.hidden === !!on) e.hidden = !on; }
+function enable(e, on) { if (e.disabled === !!on) e.disabled = !on; }
+const label = status => (status || "").replace("_", " ");
+function badge(e, status) { setText(e, label(status)); setAttr(e, "data-value", status || ""); setAttr(e, "class", "badge s-" + status); }
+const now = () => Date.now() + skew;
+const ms = iso => (iso ? Date.parse(iso) : NaN);
+function pad(n) { return String(n).padStart(2, "0"); }
+function absTime(iso) {  // local time, 2026-12-02 13:00:23
+  const d = new Date(ms(iso));
+  return iso ? d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+    pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds()) : "";
+}
+function human(seconds) {  // 0.4 s -> "400 ms", 3.21 -> "3.2 s", 250 -> "4 min"
+  if (seconds == null || !isFinite(seconds)) return "–";
+  const s = Math.abs(seconds);
+  if (s < 1) return Math.round(s * 1000) + " ms";
+  if (s < 10) return s.toFixed(1) + " s";
+  if (s < 60) return Math.floor(s) + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min";
+  if (s < 86400) return (s < 36000 ? (s / 3600).toFixed(1) : Math.floor(s / 3600)) + " h";
+  return (s < 864000 ? (s / 86400).toFixed(1) : Math.floor(s / 86400)) + " d";
+}
+function rel(iso) {
+  if (!iso) return "–";
+  const d = (now() - ms(iso)) / 1000, t = Math.abs(d) < 60 ? Math.floor(Math.abs(d)) + " s" : human(d);
+  return Math.abs(d) < 3 ? "just now" : d > 0 ? t + " ago" : "in " + t;
+}
+function when(iso) { return iso ? absTime(iso) + " (" + rel(iso) + ")" : "–"; }
+function duration(job, suffix) {  // a running job's: how long so far
+  return job.duration != null ? human(job.duration / 1000) :
+    job.status === "IN_PROGRESS" && job.started_at ? human((now() - ms(job.started_at)) / 1000) + suffix : "–";
+}
+// -------------------------------------------------------------------- API
+class ApiError extends Error { constructor(status, message, data) { super(message); this.status = status; this.data = data; } }
+async function api(method, path, body) {
+  const headers = {};
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const init = { method, headers, cache: "no-store", credentials: "omit" };
+  if (body !== undefined) { headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
+  let resp;
+  try { resp = await fetch(path, init); } catch (e) { setHealth(false, "cannot reach valet; retrying"); throw new ApiError(0, "cannot reach valet"); }
+  let data = null;
+  try { data = JSON.parse(await resp.text()); } catch (e) { data = null; }  // 204s and odd bodies: null
+  const message = (data && data.message) || ("HTTP " + resp.status);
+  if (resp.status === 401) { askForToken(message, !!headers["Authorization"]); throw new ApiError(401, message, data); }
+  authOk = true;
+  if (!resp.ok) throw new ApiError(resp.status, message, data);
+  return data;
+}
+function notice(message, kind) {
+  setText($("#notice-text"), message); $("#notice").className = "notice " + (kind || "error"); show($("#notice"), true);
+}
+function failed(e) { if (e.status !== 401 && e.status !== 0) notice(e.message); }
+// ------------------------------------------------------------------- auth
+function askForToken(message, hadToken) {
+  authOk = false;
+  if (hadToken) { sessionStorage.removeItem(TOKEN_KEY); token = null; }
+  const err = $("#token-error");
+  setText(err, hadToken ? "That token was not accepted. The server says: " + message : "");
+  show(err, hadToken);
+  if (!needToken) {
+    needToken = true;
+    show($("#token-panel"), true); show($("#app"), false); show($("#figures"), false);
+    setHealth(false, "needs an access token"); $("#token-form").elements.token.focus();
+  }
+}
+$("#token-form").addEventListener("submit", ev => {
+  ev.preventDefault();
+  const input = ev.target.elements.token, value = input.value.trim();
+  if (!value) return input.focus();
+  token = value; input.value = ""; sessionStorage.setItem(TOKEN_KEY, token); needToken = false;
+  show($("#token-panel"), false); show($("#app"), true); show($("#figures"), true); show($("#forget-token"), true);
+  setHealth(true, "connecting…"); refresh();
+});
+$("#forget-token").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY); token = null; show($("#forget-token"), false);
+  refresh();
+});
+// ----------------------------------------------------------------- status
+function setHealth(ok, text) {
+  $("#health").classList.toggle("bad", !ok); setAttr($(".dot"), "class", "dot " + (ok ? "ok" : "bad")); setText($("#health-text"), text);
+}
+for (const s of STATUSES) {
+  const b = el("button", { type: "button", class: "tile s-" + s, "data-count": s, "aria-pressed": "false",
+    title: "Show " + label(s).toLowerCase() + " jobs" }, el("span", { class: "n", text: "–" }), el("span", { class: "l", text: label(s) }));
+  b.addEventListener("click", () => setStatusFilter(filter.status === s ? "" : s));
+  $("#tiles").append(b); $("#f-status").append(el("option", { value: s, text: label(s) }));
+}
+async function loadStatus() {
+  let s;
+  try { s = await api("GET", "/status"); } catch (e) {
+    if (e.data && e.data.storage) s = e.data; else return;  // 503 while the storage fails
+  }
+  if (s.time) skew = ms(s.time) - Date.now();
+  setText($("#version"), s.version || "");
+  const st = s.storage || {};
+  setHealth(!!st.ok, (st.option || "storage") + (st.ok ? " · ok" : " · failing: " + (st.error || "unknown error")));
+  const q = s.queue || {}, w = s.workers || {};
+  setText($("#f-queue"), q.depth + " / " + q.capacity + (q.accepting === false ? " (full)" : ""));
+  setText($("#f-oldest"), q.oldest_waiting_seconds == null ? (q.depth ? "–" : "none") : human(q.oldest_waiting_seconds));
+  setText($("#f-workers"), w.busy + " / " + w.total);
+  setText($("#f-abandoned"), w.abandoned);
+  const counts = s.jobs || {};
+  for (const b of document.querySelectorAll("[data-count]")) setText($(".n", b), counts[b.dataset.count] ?? "–");
+  enable($("#bulk-retry"), counts.FAILED !== 0);
+}
+// ------------------------------------------------------------------- jobs
+const jobRows = new Map();
+function syncRows(tbody, map, items, key, make, update) {
+  const seen = new Set();
+  let prev = null;
+  for (const item of items) {
+    const id = key(item);
+    let tr = map.get(id);
+    if (!tr) { tr = make(id); map.set(id, tr); }
+    update(tr, item);
+    seen.add(id);
+    const want = prev ? prev.nextSibling : tbody.firstChild;
+    if (want !== tr) tbody.insertBefore(tr, want);
+    prev = tr;
+  }
+  for (const [id, tr] of map) if (!seen.has(id)) { tr.remove(); map.delete(id); }
+}
+function makeJobRow(id) {
+  const tr = el("tr", { "data-job-id": id, tabindex: "0" },
+    el("td", {}, el("span", { class: "nm" }), el("span", { class: "sub" })), el("td", { class: "hide-sm" }),
+    el("td", {}, el("span", { class: "badge" })), el("td", { class: "num hide-sm" }),
+    el("td", { class: "num" }), el("td", { class: "num hide-sm" }));
+  return clickable(tr, () => openJob(id));
+}
+function clickable(tr, fn) {
+  tr.addEventListener("click", fn); tr.addEventListener("keydown", ev => { if (ev.key === "Enter") fn(); });
+  return tr;
+}
+function updateJobRow(tr, job) {
+  const c = tr.cells;
+  setText($(".nm", c[0]), job.name); setText($(".sub", c[0]), job.task_name); setAttr(c[0], "title", job.name);
+  setText(c[1], job.task_name); badge($(".badge", c[2]), job.status);
+  setText(c[3], job.attempts); setAttr(c[3], "title", "max retries " + job.max_retries);
+  setText(c[4], rel(job.created_at)); setAttr(c[4], "title", absTime(job.created_at));
+  setText(c[5], duration(job, "")); c[5].classList.toggle("muted", job.duration == null);
+  tr.classList.toggle("selected", job.id === detailId);
+}
+function jobsQuery() {  // newest first; empty values count as not given
+  const cursor = jobsPager.stack[jobsPager.stack.length - 1] || "";
+  return new URLSearchParams({ order: "desc", limit: PAGE, status: filter.status, task_name: filter.task, cursor }).toString();
+}
+async function loadJobs() {
+  const q = jobsQuery();
+  let data;
+  try { data = await api("GET", "/jobs?" + q); } catch (e) { failed(e); return; }
+  if (q !== jobsQuery()) return;  // the filter or page changed meanwhile
+  syncRows($("#jobs-body"), jobRows, data.jobs, j => j.id, makeJobRow, updateJobRow);
+  jobsPager.next = data.next_cursor;
+  const empty = $("#jobs-empty");
+  setText(empty, filter.status || filter.task ? "No jobs match these filters." : "No jobs yet. Submit one from the “Submit a job” tab.");
+  show(empty, data.jobs.length === 0);
+  pagerButtons(jobsPager, "#jobs-prev", "#jobs-next");
+  setText($("#jobs-page"), jobsPager.stack.length > 1 ? "page " + jobsPager.stack.length : "");
+}
+function pagerButtons(p, prev, next) {
+  enable($(prev), p.stack.length > 1); enable($(next), !!p.next);
+  show($(prev).parentNode, p.stack.length > 1 || !!p.next);
+}
+function turn(p, forward, load) {
+  if (forward && p.next) p.stack.push(p.next); else if (!forward && p.stack.length > 1) p.stack.pop(); else return;
+  p.next = null; load();
+}
+function resetJobs() {
+  jobsPager.stack = [null]; jobsPager.next = null;
+  for (const b of document.querySelectorAll("[data-count]")) setAttr(b, "aria-pressed", String(b.dataset.count === filter.status));
+  loadJobs();
+}
+function setStatusFilter(s) { filter.status = s; $("#f-status").value = s; selectTab("jobs"); resetJobs(); }
+$("#f-status").addEventListener("change", ev => setStatusFilter(ev.target.value));
+$("#f-task").addEventListener("change", ev => { filter.task = ev.target.value; resetJobs(); });
+$("#jobs-prev").addEventListener("click", () => turn(jobsPager, false, loadJobs));
+$("#jobs-next").addEventListener("click", () => turn(jobsPager, true, loadJobs));
+async function loadTasks() {
+  let data;
+  try { data = await api("GET", "/tasks"); } catch (e) { failed(e); return; }
+  tasksLoaded = true;
+  for (const sel of [$("#f-task"), $("#submit-form").elements.task_name]) {
+    const keep = sel.value;
+    sel.replaceChildren(...(sel.id === "f-task" ? [el("option", { value: "", text: "all" })] : []),
+      ...data.tasks.map(t => el("option", { value: t, text: t })));
+    if (keep && data.tasks.includes(keep)) sel.value = keep;
+  }
+}
+// -------------------------------------------------------------- job detail
+const field = name => $('#detail [data-field="' + name + '"]');
+const section = name => $('#detail [data-section="' + name + '"]');
+function openJob(id) {
+  if (!id) return;
+  if (id !== detailId) {
+    detailId = id; detailJob = null; detailGone = false; resultKey = null; pipeKey = null;
+    setText(field("name"), "Loading…"); show($("#detail-body"), false); show($("#detail-missing"), false);
+    setText(field("result"), ""); setText(field("failure_traceback"), "");
+    $("#detail-pipe").replaceChildren();
+  }
+  show($("#detail"), true); $("#layout").classList.add("open");
+  if (location.hash !== "#job=" + id) history.replaceState(null, "", "#job=" + enc(id));
+  for (const [rid, tr] of jobRows) tr.classList.toggle("selected", rid === id);
+  loadDetail();
+}
+function closeDetail() {
+  detailId = detailJob = null;
+  show($("#detail"), false); $("#layout").classList.remove("open");
+  for (const tr of jobRows.values()) tr.classList.remove("selected");
+  if (location.hash) history.replaceState(null, "", location.pathname + location.search);
+}
+$("#detail-close").addEventListener("click", closeDetail);
+document.addEventListener("keydown", ev => { if (ev.key === "Escape" && detailId && !$("#confirm").open) closeDetail(); });
+window.addEventListener("hashchange", fromHash);
+function fromHash() {
+  const h = location.hash;
+  if (h.startsWith("#job=")) openJob(decodeURIComponent(h.slice(5)));
+  if (h.startsWith("#tab=") && $("#tab-" + h.slice(5))) selectTab(h.slice(5));
+}
+async function loadDetail() {
+  const id = detailId;
+  if (!id || detailGone || !authOk) return;  // (refresh() asks once it knows the token is fine)
+  let job;
+  try { job = await api("GET", "/jobs/" + enc(id)); } catch (e) {
+    if (id !== detailId) return;
+    if (e.status === 404) {
+      detailGone = true; detailJob = null;
+      setText(field("name"), "Job " + id); show($("#detail-body"), false); show($("#detail-missing"), true);
+    } else failed(e);
+    return;
+  }
+  if (id !== detailId) return;
+  detailJob = job;
+  renderDetail(job);
+  const rkey = job.status === "COMPLETED" ? job.id + "|" + job.completed_at : null;
+  if (rkey && rkey !== resultKey) {
+    try {
+      const r = await api("GET", "/jobs/" + enc(id) + "/results");
+      if (id === detailId) { resultKey = rkey; setText(field("result"), JSON.stringify(r.metadata, null, 2)); }
+    } catch (e) { if (e.status === 404 && id === detailId) { resultKey = rkey; setText(field("result"), "(the result was deleted)"); } }
+  }
+  show(section("result"), !!rkey && resultKey === rkey);
+  if (job.pipeline_id) await loadDetailPipeline(job);
+  show(section("pipeline"), !!job.pipeline_id);
+}
+async function loadDetailPipeline(job) {
+  if (pipeKey === job.pipeline_id + "|done") { markPipe(job.id); return; }
+  let p;
+  try { p = await api("GET", "/pipelines/" + enc(job.pipeline_id)); } catch (e) { return; }
+  if (job.id !== detailId) return;
+  setText(field("pipeline-title"), "Pipeline · " + p.name);
+  renderPipeJobs($("#detail-pipe"), p.jobs, job.id);
+  pipeKey = job.pipeline_id + (FINISHED.includes(p.status) ? "|done" : "");
+}
+function renderPipeJobs(ol, jobs, current) {
+  const items = [...ol.children];
+  jobs.forEach((j, i) => {
+    let b = items[i] && items[i].firstChild;
+    if (!b) {
+      b = el("button", { type: "button" }, el("span", { class: "pn" }), el("span", { class: "badge" }));
+      b.addEventListener("click", () => openJob(b.dataset.openJob));
+      ol.append(el("li", {}, b));
+    }
+    setAttr(b, "data-open-job", j.id); setText($(".pn", b), j.name + " (" + j.task_name + ")"); badge($(".badge", b), j.status);
+  });
+  while (ol.children.length > jobs.length) ol.lastChild.remove();
+  markPipe(current, ol);
+}
+function markPipe(current, ol) {
+  for (const b of (ol || $("#detail-pipe")).querySelectorAll("button")) {
+    b.classList.toggle("current", b.dataset.openJob === current);
+    if (b.dataset.openJob === current) setAttr(b, "aria-current", "step"); else b.removeAttribute("aria-current");
+  }
+}
+function renderDetail(job) {
+  show($("#detail-missing"), false); show($("#detail-body"), true);
+  setText(field("name"), job.name); badge(field("status"), job.status); setText(field("task_name"), job.task_name);
+  const inPipe = !!job.pipeline_id;
+  show($('#detail [data-action="cancel"]'), UNFINISHED.includes(job.status));
+  show($('#detail [data-action="retry"]'), (job.status === "FAILED" || job.status === "CANCELLED") && !inPipe);
+  show($('#detail [data-action="delete"]'), FINISHED.includes(job.status) && !inPipe);
+  const prog = job.status === "IN_PROGRESS" ? job.progress : null, bar = $(".bar", section("progress"));
+  const pct = prog ? Math.round(Math.max(0, Math.min(1, prog.fraction)) * 100) : 0;
+  show(section("progress"), job.status === "IN_PROGRESS");
+  $("span", bar).style.width = pct + "%"; setAttr(bar, "aria-valuenow", String(pct));
+  setText(field("progress"), prog ? pct + "%" + (prog.message ? " · " + prog.message : "") : "running; no progress reported");
+  show(section("failure"), !!job.failure_reason && job.status !== "COMPLETED");
+  setText(field("failure-title"), job.status === "FAILED" || job.status === "CANCELLED" ? "Failure" : "Last attempt failed");
+  setText(field("failure_reason"), job.failure_reason);
+  setText(field("failure_traceback"), job.failure_traceback); show(field("failure_traceback"), !!job.failure_traceback);
+  const rows = [["ID", job.id], ["Task", job.task_name], ["Description", job.description],
+    ["Attempts", job.attempts + " (max retries " + job.max_retries + ")"], ["Priority", job.priority],
+    ["Timeout", job.timeout == null ? "none" : job.timeout], ["Created", when(job.created_at)],
+    ["Run at", job.run_at && when(job.run_at)], ["Started", job.started_at && when(job.started_at)],
+    ["Completed", job.completed_at && when(job.completed_at)], ["Duration", duration(job, " so far")],
+    ["Pipeline", job.pipeline_id], ["Next job", job.next_job_id]].filter(r => r[1] != null && r[1] !== "");
+  const dl = $("#detail-fields");
+  if (dl.children.length !== rows.length * 2) dl.replaceChildren(...rows.flatMap(() => [el("dt"), el("dd")]));
+  rows.forEach((r, i) => { setText(dl.children[2 * i], r[0]); setText(dl.children[2 * i + 1], r[1]); });
+  setText(field("metadata"), JSON.stringify(job.metadata, null, 2));
+}
+for (const b of document.querySelectorAll("#detail [data-action]")) b.addEventListener("click", () => act(b.dataset.action, b));
+async function act(action, button) {
+  const job = detailJob;
+  if (!job) return;
+  const asks = { cancel: ["Cancel job “" + job.name + "”?" + (job.status === "IN_PROGRESS" ? " Its task is told to stop." : "") +
+      (job.next_job_id ? " The jobs after it in its pipeline are cancelled too." : ""), "Cancel job"],
+    delete: ["Delete job “" + job.name + "” and its result? This cannot be undone.", "Delete"] };
+  if (asks[action] && !(await ask(...asks[action]))) return;
+  button.disabled = true;
+  try {
+    if (action !== "delete") await api("POST", "/jobs/" + enc(job.id) + "/" + action);
+    else { await api("DELETE", "/jobs/" + enc(job.id)); closeDetail(); notice("Deleted job “" + job.name + "”.", "info"); }
+  } catch (e) { failed(e); } finally { button.disabled = false; }
+  quick = 3; refresh();
+}
+function ask(text, okLabel) {
+  const d = $("#confirm");
+  if (d.open) return Promise.resolve(false);
+  setText($("#confirm-text"), text); setText($("#confirm-ok"), okLabel); d.returnValue = ""; d.showModal();
+  return new Promise(resolve => d.addEventListener("close", () => resolve(d.returnValue === "confirm"), { once: true }));
+}
+$('#confirm [data-action="confirm"]').addEventListener("click", () => $("#confirm").close("confirm"));
+$('#confirm [data-action="dismiss"]').addEventListener("click", () => $("#confirm").close("dismiss"));
+$("#notice-close").addEventListener("click", () => show($("#notice"), false));
+$("#bulk-retry").addEventListener("click", async () => {
+  const task = filter.task;
+  if (!(await ask("Retry every FAILED job" + (task ? " of task " + task : "") + " that is not in a pipeline?", "Retry them"))) return;
+  try {
+    const r = await api("POST", "/jobs/retry?" + new URLSearchParams(task ? { status: "FAILED", task_name: task } : { status: "FAILED" }));
+    notice("Retried " + r.retried + " failed job" + (r.retried === 1 ? "" : "s") +
+      (r.more ? "; more are left (the backlog is full): try again shortly." : "."), "info");
+  } catch (e) { failed(e); }
+  quick = 3; refresh();
+});
+// ---------------------------------------------------------- pipelines tab
+const pipeRows = new Map();
+async function loadPipelines() {
+  const cursor = pipesPager.stack[pipesPager.stack.length - 1];
+  let data;
+  try { data = await api("GET", "/pipelines?limit=" + PAGE + (cursor ? "&cursor=" + enc(cursor) : "")); } catch (e) { failed(e); return; }
+  if (cursor !== pipesPager.stack[pipesPager.stack.length - 1]) return;
+  syncRows($("#pipes-body"), pipeRows, data.pipelines, p => p.id, id => {
+    return clickable(el("tr", { "data-pipeline-id": id, tabindex: "0" }, el("td"), el("td", {}, el("span", { class: "badge" })),
+      el("td", { class: "num" }), el("td", { class: "num" })), () => openPipeline(id));
+  }, (tr, p) => {
+    setText(tr.cells[0], p.name); setAttr(tr.cells[0], "title", p.name); badge($(".badge", tr), p.status);
+    setText(tr.cells[2], p.jobs.filter(j => j.status === "COMPLETED").length + " / " + p.jobs.length);
+    setText(tr.cells[3], rel(p.created_at)); setAttr(tr.cells[3], "title", absTime(p.created_at));
+    tr.classList.toggle("selected", p.id === pipeViewId);
+    if (p.id === pipeViewId) renderPipeView(p);
+  });
+  pipesPager.next = data.next_cursor;
+  pagerButtons(pipesPager, "#pipes-prev", "#pipes-next");
+  show($("#pipes-empty"), data.pipelines.length === 0);
+}
+async function openPipeline(id) {
+  pipeViewId = id;
+  for (const [pid, tr] of pipeRows) tr.classList.toggle("selected", pid === id);
+  try { renderPipeView(await api("GET", "/pipelines/" + enc(id))); } catch (e) { failed(e); }
+}
+function renderPipeView(p) {
+  show($("#pipe-view"), true);
+  setText($("#pipe-name"), p.name); badge($("#pipe-status"), p.status);
+  setText($("#pipe-meta"), "created " + rel(p.created_at) + (p.duration != null ? " · took " + human(p.duration / 1000) : "") +
+    (p.description ? " · " + p.description : ""));
+  renderPipeJobs($("#pipe-jobs"), p.jobs, detailId);
+}
+$("#pipes-prev").addEventListener("click", () => turn(pipesPager, false, loadPipelines));
+$("#pipes-next").addEventListener("click", () => turn(pipesPager, true, loadPipelines));
+// ----------------------------------------------------------- periodic tab
+const periodicRows = new Map();
+async function loadPeriodic() {
+  let data;
+  try { data = await api("GET", "/periodic"); } catch (e) { failed(e); return; }
+  syncRows($("#periodic-body"), periodicRows, data.periodic, p => p.name,
+    id => el("tr", { "data-periodic": id }, el("td", {}, el("span"), el("span", { class: "sub" })), el("td", { class: "hide-sm" }),
+      el("td", { class: "mono hide-sm" }), el("td"), el("td")),
+    (tr, p) => {
+      const c = tr.cells, when = p.cron ? p.cron : "every " + p.every + (typeof p.every === "number" ? " s" : "");
+      setText(c[0].firstChild, p.name); setText($(".sub", c[0]), p.task_name + " · " + when); setText(c[1], p.task_name); setText(c[2], when);
+      setText(c[3], rel(p.next_run_at)); setAttr(c[3], "title", absTime(p.next_run_at));
+      setText(c[4], "last_fired_at" in p ? (p.last_fired_at ? rel(p.last_fired_at) : "never") : "–"); setAttr(c[4], "title", absTime(p.last_fired_at));
+    });
+  show($("#periodic-empty"), data.periodic.length === 0);
+}
+// ------------------------------------------------------------- submit tab
+$("#submit-form").addEventListener("submit", async ev => {
+  ev.preventDefault();
+  const f = ev.target, err = $("#submit-error"), meta = f.elements.metadata;
+  const fail = msg => { setText(err, msg); show(err, !!msg); };
+  let metadata = null;
+  if (meta.value.trim()) {
+    try { metadata = JSON.parse(meta.value); } catch (e) {
+      setAttr(meta, "aria-invalid", "true"); meta.focus();
+      return fail("Metadata is not valid JSON: " + e.message);
+    }
+  }
+  meta.removeAttribute("aria-invalid"); fail("");
+  const task = f.elements.task_name.value;
+  if (!task) return fail("Choose a task.");
+  const button = $('button[type="submit"]', f); button.disabled = true;
+  try {
+    const job = await api("POST", "/jobs", { name: f.elements.name.value.trim() || task, task_name: task, metadata });
+    f.elements.name.value = ""; meta.value = "";
+    notice("Submitted job “" + job.name + "”.", "info");
+    selectTab("jobs"); openJob(job.id); quick = 3; refresh();
+  } catch (e) { if (e.status !== 401) fail(e.message); } finally { button.disabled = false; }
+});
+$("#submit-form").elements.metadata.addEventListener("input", ev => ev.target.removeAttribute("aria-invalid"));
+// ------------------------------------------------------------ tabs, polling
+function selectTab(name) {
+  tab = name;
+  for (const b of document.querySelectorAll("[data-tab]")) setAttr(b, "aria-selected", String(b.dataset.tab === name));
+  for (const t of ["jobs", "pipelines", "periodic", "submit"]) show($("#tab-" + t), t === name);
+  if (name === "pipelines") loadPipelines();
+  if (name === "periodic") loadPeriodic();
+}
+for (const b of document.querySelectorAll("[data-tab]")) b.addEventListener("click", () => selectTab(b.dataset.tab));
+let timer = null, running = false, again = false, quick = 0;  // quick: fast polls left after an action
+async function refresh() {
+  if (running) { again = true; return; }
+  running = true; clearTimeout(timer);
+  try {
+    if (!authOk && !needToken) await loadStatus();  // one request to learn whether a token is needed
+    if (!needToken && !document.hidden) {
+      const work = [loadStatus(), loadJobs()];
+      if (!tasksLoaded) work.push(loadTasks());
+      if (detailId) work.push(loadDetail());
+      if (tab === "pipelines") work.push(loadPipelines());
+      if (tab === "periodic") work.push(loadPeriodic());
+      await Promise.all(work);
+    }
+  } finally { running = false; timer = setTimeout(refresh, again ? 0 : quick > 0 ? (quick--, 400) : POLL_MS); again = false; }
+}
+document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+show($("#forget-token"), !!token); fromHash(); refresh();
+</script>
+</body>
+</html>
 """
 _DASHBOARD = _DASHBOARD_PAGE.encode()
 _DASHBOARD_SCRIPT = _DASHBOARD_PAGE.split("<script>")[1].split("</script>")[0]

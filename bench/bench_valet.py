@@ -9,9 +9,11 @@ Run it with a Python that has PyYAML (valet needs it), from anywhere:
     .venv/bin/python bench/bench_valet.py --only submit,idle_latency --rounds 5
 
 Options: --quick, --rounds N, --json PATH (default bench/results.json), --no-wrk
-(use the built-in load generator even when wrk is installed) and --only NAMES (a
-comma list of the sections below). The bench starts its own servers on free
-ports of 127.0.0.1 and stops every process it started before it exits.
+(use the built-in load generator even when wrk is installed), --only NAMES (a
+comma list of the sections below) and --against REV (submit also measures
+valet.py as it was at a git revision, in the same interleaved rounds: the cost or
+gain of a change, as two ratios to one ceiling). The bench starts its own servers
+on free ports of 127.0.0.1 and stops every process it started before it exits.
 
 Sections
     ceiling       a bare http.server that parses the JSON body and answers 202: the
@@ -665,8 +667,10 @@ class ValetServer:
 
     _count = 0
 
-    def __init__(self, workdir, store="sqlite", db_path=None, queue_capacity=QUEUE_CAPACITY):
+    def __init__(self, workdir, store="sqlite", db_path=None, queue_capacity=QUEUE_CAPACITY,
+                 root=ROOT):
         ValetServer._count += 1
+        self.root = Path(root)  # the folder of the valet.py and tasks.py to run
         self.dir = Path(workdir) / f"valet-{ValetServer._count}"
         self.dir.mkdir(parents=True)
         self.db_path = Path(db_path) if db_path else self.dir / "valet.db"
@@ -694,9 +698,9 @@ class ValetServer:
         config_path.write_text(json.dumps(self.config(), indent=2))  # JSON is YAML
         with open(self.log_path, "wb") as log_file:
             t0 = time.perf_counter()
-            self.proc = spawn([sys.executable, str(ROOT / "valet.py"), "--config",
+            self.proc = spawn([sys.executable, str(self.root / "valet.py"), "--config",
                                str(config_path), "--port", str(self.port)],
-                              cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+                              cwd=self.root, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _wait_answering(self.proc, self.url, "/status", START_TIMEOUT, self.log_path)
         except BaseException:
@@ -741,6 +745,7 @@ class Bench:
         self.workdir = workdir
         self.use_wrk = use_wrk
         self.ceiling_rps = None  # the median ceiling req/s, once measured
+        self.against = None      # (git revision, folder of its valet.py), with --against
         self.notes = []          # odd things seen, printed under the table
 
     def ratio(self, rps):
@@ -815,8 +820,10 @@ def _ceiling_round(bench):
         return load(server.url, JOB_BODY, bench.s["load_seconds"], bench.use_wrk)
 
 
-def _submit_round(bench, store):
-    with ValetServer(bench.workdir, store) as server:
+def _submit_round(bench, target):
+    store, _, revision = target.partition(" at ")  # "sqlite at 3f2a1b0": --against's
+    root = bench.against[1] if revision else ROOT
+    with ValetServer(bench.workdir, store, root=root) as server:
         result = load(server.url, JOB_BODY, bench.s["load_seconds"], bench.use_wrk)
         status = Client(server.url).get("/status")
         result["final_queue_depth"] = status["queue"]["depth"]
@@ -829,8 +836,12 @@ def measure_ceiling_and_submit(bench, with_submit):
     could do). submit: the same load against POST /jobs of valet with the memory
     store and with SQLite (synchronous full: each 202 has been fsynced), while
     WORKERS threads run the no-op jobs; the queue depth left at the end is noted
-    (jobs accepted but not yet run). Rounds interleave ceiling, memory, sqlite."""
-    targets = ["ceiling"] + (["memory", "sqlite"] if with_submit else [])
+    (jobs accepted but not yet run). Rounds interleave ceiling, memory, sqlite (and,
+    with --against REV, memory and sqlite at REV)."""
+    stores = ["memory", "sqlite"]
+    if bench.against is not None:
+        stores += [f"{store} at {bench.against[0]}" for store in ("memory", "sqlite")]
+    targets = ["ceiling"] + (stores if with_submit else [])
     rounds = interleave(
         bench, "submit" if with_submit else "ceiling", targets,
         lambda target, i: (_ceiling_round(bench) if target == "ceiling"
@@ -1369,6 +1380,9 @@ def parse_args(argv):
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     parser.add_argument("--no-wrk", action="store_true", help="use the built-in load generator")
     parser.add_argument("--only", help=f"comma list of sections: {', '.join(SECTIONS)}")
+    parser.add_argument("--against", metavar="REV",
+                        help="also measure submit with valet.py and tasks.py as they were "
+                             "at this git revision, in the same interleaved rounds")
     # Hidden modes: the bench runs copies of itself as load processes and ceiling server.
     parser.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -1387,6 +1401,16 @@ def parse_args(argv):
             parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; "
                          f"known: {', '.join(SECTIONS)}")
     return args
+
+
+def checkout(revision, folder):
+    """valet.py and tasks.py as they were at a git revision, written into `folder`."""
+    folder.mkdir()
+    for name in ("valet.py", "tasks.py"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{name}"],
+                              check=True, capture_output=True).stdout
+        (folder / name).write_bytes(text)
+    return folder
 
 
 def _on_sigterm(signum, frame):
@@ -1421,6 +1445,9 @@ def run_benchmarks(args):
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="valet-bench-") as workdir:
         bench = Bench(settings, workdir, use_wrk)
+        if args.against:
+            bench.against = (args.against, checkout(args.against, Path(workdir) / "against"))
+            meta["against"] = args.against
         plan = []
         if "ceiling" in selected or "submit" in selected:  # submit needs the ceiling
             plan.append(("submit" if "submit" in selected else "ceiling",
