@@ -7578,18 +7578,6 @@ def _browser_paths():
             os.environ.get("VALET_CHROMEDRIVER", "/usr/bin/chromedriver"))
 
 
-def _browser_wait_for(fn, timeout=8.0, what="the condition"):
-    """Return fn()'s first truthy value, polling; fail the test if none comes in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 class _WdError(Exception):
     def __init__(self, status, error, message):
         super().__init__(f"{status} {error}: {message}")
@@ -7654,7 +7642,7 @@ class _WdClient:
         return found[0][_WD_ELEMENT] if found else None
 
     def wait_find(self, css, timeout=8.0):
-        return _browser_wait_for(lambda: self.find(css), timeout, f"an element {css!r}")
+        return wait_until(lambda: self.find(css), timeout, f"an element {css!r}")
 
     def click(self, css):
         """Click the element once it is there, shown and enabled (the page updates live)."""
@@ -7672,13 +7660,13 @@ class _WdClient:
                     raise
                 return False
             return True
-        _browser_wait_for(attempt, what=f"{css!r} to be clickable")
+        wait_until(attempt, what=f"{css!r} to be clickable")
 
     def choose(self, select_css, value):
         """Pick an option of a <select>, as a user does (WebDriver clicks the option)."""
         option = self.wait_find(f'{select_css} option[value="{value}"]')
         self("POST", f"/element/{option}/click", {})
-        _browser_wait_for(lambda: self.js("return document.querySelector(arguments[0]).value",
+        wait_until(lambda: self.js("return document.querySelector(arguments[0]).value",
                                           select_css) == value, what=f"{value!r} chosen")
 
     def type(self, css, text):
@@ -7849,7 +7837,7 @@ def test_dashboard_loads_without_console_errors(_browser, _browser_valet):
     for status in valet.STATUSES:
         _browser.wait_find(f'[data-count="{status}"]')
     # the counts come from /status: wait until they are numbers, and the echo job ran
-    _browser_wait_for(lambda: _browser.text('[data-count="COMPLETED"] .n') == "1",
+    wait_until(lambda: _browser.text('[data-count="COMPLETED"] .n') == "1",
                       what="the COMPLETED tile to count the job")
     assert _browser.text('[data-count="FAILED"] .n') == "0"
     assert _browser.js("return document.title") == "valet"
@@ -7871,7 +7859,7 @@ def test_a_job_submitted_over_the_api_appears_without_a_reload(_browser, _browse
     assert _browser.js("return window.__same_page === true"), "the page was reloaded"
     assert _browser.text(row + " .badge") == "SCHEDULED"
     assert "later" in _browser.text(row)
-    _browser_wait_for(lambda: _browser.text('[data-count="SCHEDULED"] .n') == "1",
+    wait_until(lambda: _browser.text('[data-count="SCHEDULED"] .n') == "1",
                       what="the SCHEDULED tile to count the job")
     assert _browser_severe(_browser.console()) == []
 
@@ -7879,22 +7867,22 @@ def test_a_job_submitted_over_the_api_appears_without_a_reload(_browser, _browse
 def test_cancel_from_the_detail_cancels_the_job(_browser, _browser_valet):
     app = _browser_valet()
     job = _browser_submit(app, name="long one", task_name="block")
-    _browser_wait_for(lambda: app.job(job["id"])["status"] == "IN_PROGRESS",
+    wait_until(lambda: app.job(job["id"])["status"] == "IN_PROGRESS",
                       what="the job to start")
     _browser.get(app.url + "/")
     _browser.click(f'tr[data-job-id="{job["id"]}"]')
     status = '#detail [data-field="status"]'
-    _browser_wait_for(lambda: _browser.js(
+    wait_until(lambda: _browser.js(
         "const e = document.querySelector(arguments[0]); return e && e.dataset.value",
         status) == "IN_PROGRESS", what="the detail to show IN_PROGRESS")
-    _browser_wait_for(lambda: _browser.visible('#detail [data-section="progress"]'),
+    wait_until(lambda: _browser.visible('#detail [data-section="progress"]'),
                       what="the progress bar")
     _browser.click('#detail [data-action="cancel"]')
     _browser.click('#confirm [data-action="confirm"]')  # the in-page confirmation
-    _browser_wait_for(lambda: app.job(job["id"])["status"] == "CANCELLED",
+    wait_until(lambda: app.job(job["id"])["status"] == "CANCELLED",
                       what="the job to be CANCELLED over the API")
     assert _browser_call(app, "GET", f"/jobs/{job['id']}")[1]["status"] == "CANCELLED"
-    _browser_wait_for(lambda: _browser.text(status) == "CANCELLED",
+    wait_until(lambda: _browser.text(status) == "CANCELLED",
                       what="the detail to show CANCELLED")
     assert _browser.text('#detail [data-field="failure_reason"]') == "cancelled by request"
     assert not _browser.visible('#detail [data-action="cancel"]')
@@ -7917,11 +7905,11 @@ def test_a_token_is_asked_for_kept_in_the_session_and_never_put_in_a_url(
     logger.setLevel(logging.DEBUG)
     try:
         _browser.get(app.url + "/")
-        _browser_wait_for(lambda: _browser.visible("#token-form"), what="the token form")
+        wait_until(lambda: _browser.visible("#token-form"), what="the token form")
         assert not _browser.visible("#tiles")
         _browser.type('#token-form input[name="token"]', "not-the-token")
         _browser.click('#token-form button[type="submit"]')
-        _browser_wait_for(lambda: _browser.visible("#token-error"),
+        wait_until(lambda: _browser.visible("#token-error"),
                           what="the token form to say the token was refused")
         assert "not accepted" in _browser.text("#token-error")
         assert _browser.visible("#token-form")
@@ -7943,7 +7931,7 @@ def test_a_token_is_asked_for_kept_in_the_session_and_never_put_in_a_url(
         assert token not in text and quoted not in text, text
     # forgetting it asks again
     _browser.click("#forget-token")
-    _browser_wait_for(lambda: _browser.visible("#token-form"), what="the token form again")
+    wait_until(lambda: _browser.visible("#token-form"), what="the token form again")
     assert _browser.js("return sessionStorage.getItem('valet-token')") is None
 
 
@@ -7955,21 +7943,21 @@ def test_a_job_submitted_from_the_form_is_created(_browser, _browser_valet):
     _browser.type('#submit-form input[name="name"]', "from the form")
     _browser.type('#submit-form textarea[name="metadata"]', '{"n": 5, oops}')
     _browser.click('#submit-form button[type="submit"]')
-    _browser_wait_for(lambda: _browser.visible("#submit-error"), what="the JSON error")
+    wait_until(lambda: _browser.visible("#submit-error"), what="the JSON error")
     assert "not valid JSON" in _browser.text("#submit-error")
     assert app.list_jobs()["jobs"] == []  # nothing was sent
     _browser.type('#submit-form textarea[name="metadata"]', '{"n": 5, "words": ["a", "b"]}')
     _browser.click('#submit-form button[type="submit"]')
-    jobs = _browser_wait_for(lambda: app.list_jobs(name="from the form")["jobs"],
+    jobs = wait_until(lambda: app.list_jobs(name="from the form")["jobs"],
                              what="the job to be created")
     assert len(jobs) == 1
     assert jobs[0]["task_name"] == "echo"
     assert jobs[0]["metadata"] == {"n": 5, "words": ["a", "b"]}
-    _browser_wait_for(lambda: _browser.text('#detail [data-field="name"]') == "from the form",
+    wait_until(lambda: _browser.text('#detail [data-field="name"]') == "from the form",
                       what="the detail of the new job")
-    _browser_wait_for(lambda: _browser.text('#detail [data-field="status"]') == "COMPLETED",
+    wait_until(lambda: _browser.text('#detail [data-field="status"]') == "COMPLETED",
                       what="the detail to show it COMPLETED")
-    _browser_wait_for(lambda: '"words"' in (_browser.text('#detail [data-field="result"]') or ""),
+    wait_until(lambda: '"words"' in (_browser.text('#detail [data-field="result"]') or ""),
                       what="the result in the detail")
     assert _browser_severe(_browser.console()) == []
 
@@ -7978,18 +7966,18 @@ def test_a_refused_action_shows_the_servers_message(_browser, _browser_valet):
     app = _browser_valet()
     job = _browser_submit(app, name="soon gone", run_at=_browser_later())
     _browser.get(app.url + f"/#job={job['id']}")  # a link to a job opens its detail
-    _browser_wait_for(lambda: _browser.text('#detail [data-field="name"]') == "soon gone",
+    wait_until(lambda: _browser.text('#detail [data-field="name"]') == "soon gone",
                       what="the detail from the link")
     _browser.click('#detail [data-action="cancel"]')
     _browser.wait_find("#confirm[open]")
     # while the page asks, the job is cancelled elsewhere: the page's cancel gets a 409
     assert _browser_call(app, "POST", f"/jobs/{job['id']}/cancel")[0] == 200
     _browser.click('#confirm [data-action="confirm"]')
-    _browser_wait_for(lambda: _browser.visible("#notice"), what="the notice")
+    wait_until(lambda: _browser.visible("#notice"), what="the notice")
     status, answer = _browser_call(app, "POST", f"/jobs/{job['id']}/cancel")
     assert status == 409
     assert _browser.text("#notice-text") == answer["message"]
-    _browser_wait_for(lambda: _browser.text('#detail [data-field="status"]') == "CANCELLED",
+    wait_until(lambda: _browser.text('#detail [data-field="status"]') == "CANCELLED",
                       what="the detail to show CANCELLED")
     # the one console entry is the browser's own line about the 409
     entries = _browser_severe(_browser.console())
@@ -8009,14 +7997,14 @@ def test_the_page_fits_a_phone_screen(_browser, _browser_valet):
         assert _browser.js(fits)
         assert not _browser.visible("td.hide-sm")  # the less important columns
         _browser.click(f'tr[data-job-id="{job["id"]}"]')
-        _browser_wait_for(lambda: _browser.text('#detail [data-field="status"]') == "SCHEDULED",
+        wait_until(lambda: _browser.text('#detail [data-field="status"]') == "SCHEDULED",
                           what="the detail")
         assert _browser.js(fits)
         width = _browser.js("return document.querySelector('#detail').getBoundingClientRect()"
                             ".width")
         assert width >= _browser.js("return document.documentElement.clientWidth") - 1
         _browser.click("#detail-close")
-        _browser_wait_for(lambda: not _browser.visible("#detail"), what="the detail to close")
+        wait_until(lambda: not _browser.visible("#detail"), what="the detail to close")
     finally:
         _browser("POST", "/window/rect", {"width": 1280, "height": 900})
     assert _browser_severe(_browser.console()) == []
