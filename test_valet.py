@@ -4561,9 +4561,9 @@ def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(app):
     assert resp.status == 404 and resp.body["message"] == "no such path: /nothing/here"
     resp = call(app, "PUT", "/jobs")
     assert resp.status == 405
-    assert resp.headers["Allow"] == "POST, GET, DELETE"
+    assert resp.headers["Allow"] == "POST, GET, HEAD, DELETE"
     resp = call(app, "POST", "/jobs/some-id")
-    assert resp.status == 405 and resp.headers["Allow"] == "GET, PATCH, DELETE"
+    assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD, PATCH, DELETE"
 
 
 def test_routes_also_answer_under_api_prefix(app):
@@ -4811,6 +4811,13 @@ def test_openapi_json_is_an_openapi_3_1_document_whose_references_all_resolve(ap
             assert "400" in operation["responses"] and "503" in operation["responses"]
 
 
+def test_periodic_entries_with_every_as_a_duration_match_the_document(make_app):
+    app = make_app(periodic=[{**MINUTELY, "every": "5m"}])
+    entries = call(app, "GET", "/periodic").body["periodic"]  # (checked by request())
+    assert entries[0]["every"] == "5m"
+    assert_matches({"periodic": entries}, {"$ref": "#/components/schemas/Periodic"})
+
+
 def test_openapi_names_the_registered_tasks_and_the_timeout_unit(make_app):
     app = make_app(timeout_unit="millisecond")
     schemas = call(app, "GET", "/openapi.json").body["components"]["schemas"]
@@ -5011,14 +5018,20 @@ def test_bad_content_length_is_400_and_closes_the_connection(app):
     assert b"Content-Length must be a whole number" in reply
 
 
-def test_head_and_options_get_405_with_allow_and_head_gets_no_body(app):
+def test_head_answers_as_get_without_a_body_and_options_gets_405_with_allow(app):
     conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
     try:
-        conn.request("HEAD", "/jobs")
+        got = request(conn, "GET", "/status")
+        conn.request("HEAD", "/status")
         resp = conn.getresponse()
-        assert resp.status == 405 and resp.getheader("Allow") == "POST, GET, DELETE"
+        assert resp.status == 200 and resp.read() == b""
+        assert resp.getheader("Content-Length") == got.headers["Content-Length"]
+        conn.request("HEAD", "/jobs/x/cancel")  # a path with no GET
+        resp = conn.getresponse()
+        assert resp.status == 405 and resp.getheader("Allow") == "POST"
         assert resp.read() == b""
-        assert request(conn, "OPTIONS", "/tasks").status == 405
+        resp = request(conn, "OPTIONS", "/jobs")
+        assert resp.status == 405 and resp.headers["Allow"] == "POST, GET, HEAD, DELETE"
     finally:
         conn.close()
 
@@ -5608,7 +5621,7 @@ def test_star_cors_origins_allows_any_origin(make_app, star):
 def test_options_without_origin_is_still_405_with_allow(make_app, cors):
     app = make_app(**{"server.cors_origins": cors})
     resp = call(app, "OPTIONS", "/jobs")
-    assert resp.status == 405 and resp.headers["Allow"] == "POST, GET, DELETE"
+    assert resp.status == 405 and resp.headers["Allow"] == "POST, GET, HEAD, DELETE"
     assert "Access-Control-Allow-Origin" not in resp.headers
 
 
@@ -7506,6 +7519,31 @@ def test_client_submits_waits_and_exits_0_or_1_by_the_jobs_end(client):
     code, out, _ = client("submit", "echo", "--name", "later", "--run-at",
                           "2100-01-01T00:00:00Z")
     assert code == 0 and out.endswith(" SCHEDULED\n")
+
+
+def test_client_tells_a_failure_on_stderr_with_its_reason_and_exits_1(client):
+    code, out, err = client("submit", "fail", "--wait")
+    assert code == 1 and out == ""
+    assert re.fullmatch(r"job [0-9a-f-]{36} FAILED: ValueError: boom\n", err)
+    job_id = err.split()[1]
+    assert client("result", job_id) == (1, "", f"job {job_id} failed: ValueError: boom\n")
+    code, out, _ = client("--json", "result", job_id)
+    assert code == 1 and json.loads(out)["error"] == "ValueError: boom"
+
+
+def test_client_says_how_to_write_a_url_without_a_scheme(client, app):
+    code, out, err = client("--url", f"127.0.0.1:{app.port}", "status")
+    assert code == 2 and out == ""
+    assert err == (f"valet: --url (or VALET_URL) must be http://HOST:PORT or https://..., "
+                   f"got '127.0.0.1:{app.port}'\n")
+
+
+def test_client_status_gives_the_job_counts_and_the_oldest_wait(client, app):
+    submit(app, "echo", run_at="2100-01-01T00:00:00Z")
+    lines = client("status")[1].splitlines()
+    assert lines[2] == ("jobs: 1 scheduled, 0 pending, 0 in_progress, 0 completed, "
+                        "0 failed, 0 cancelled")
+    assert lines[3] == "queue: 0 of 20 waiting"
 
 
 def test_client_lists_shows_and_acts_on_jobs(client, app, tmp_path):

@@ -3926,14 +3926,15 @@ _DASHBOARD_PATH = next(regex for _, regex, fn, *_ in _COMPILED_ROUTES if fn is _
 
 def _match(method, path):
     """Return (route function, path parameters, allowed query parameters, the route's
-    path pattern), or raise HTTPError 404 or 405."""
+    path pattern), or raise HTTPError 404 or 405. HEAD is answered as GET, without
+    the body (for health checks that use it)."""
     allowed = []
     for route_method, regex, fn, query, pattern in _COMPILED_ROUTES:
         found = regex.fullmatch(path)
         if found:
-            if route_method == method:
+            if route_method == method or (method, route_method) == ("HEAD", "GET"):
                 return fn, found.groupdict(), query, pattern
-            allowed.append(route_method)
+            allowed += ["GET", "HEAD"] if route_method == "GET" else [route_method]
     if allowed:
         raise HTTPError(405, f"{method} is not allowed on {path}; allowed: "
                              f"{', '.join(allowed)}", {"Allow": ", ".join(allowed)})
@@ -4534,6 +4535,11 @@ def _nullable(schema):
     return {"anyOf": [schema, {"type": "null"}]}
 
 
+def _statuses(*statuses):
+    """The schema of a status, one of these (valet also takes `failed` in a query)."""
+    return {"type": "string", "enum": list(statuses)}
+
+
 _STRING, _ANY = {"type": "string"}, {}
 _TIME = {"type": "string", "format": "date-time"}
 _NAME = {"type": "string", "pattern": r"\S"}  # not empty, not only spaces
@@ -4570,6 +4576,8 @@ def _job_input(task_names, timeout_unit, pipeline_job=False):
 
 
 _TIME_OR_NULL, _TEXT_OR_NULL = _nullable(_TIME), _nullable(_STRING)
+_MILLISECONDS = {**_nullable({"type": "number", "minimum": 0}),
+                 "description": "milliseconds from the first start to the end"}
 _REF = {name: {"$ref": f"#/components/schemas/{name}"} for name in ("Job", "Pipeline")}
 
 
@@ -4579,21 +4587,21 @@ def _answer_schemas():
     job = _object({
         "id": _STRING, "name": _STRING, "description": text_or_null, "task_name": _STRING,
         "metadata": _ANY, "timeout": _nullable({"type": "number"}),
-        "priority": {"type": "integer"}, "status": {"enum": list(STATUSES)},
+        "priority": {"type": "integer"}, "status": _statuses(*STATUSES),
         "failure_reason": text_or_null, "failure_traceback": text_or_null,
         "progress": _nullable(_object({"fraction": {"type": "number", "minimum": 0,
                                                     "maximum": 1},
                                        "message": _STRING}, ("fraction", "message"))),
         "attempts": _COUNT, "max_retries": _COUNT, "retry_backoff": {"type": "number"},
         "run_at": time_or_null, "created_at": _TIME, "started_at": time_or_null,
-        "completed_at": time_or_null, "duration": _nullable({"type": "number"}),
+        "completed_at": time_or_null, "duration": _MILLISECONDS,
         "pipeline_id": text_or_null, "next_job_id": text_or_null,
         "use_previous_results": {"type": "boolean"}}, JOB_FIELDS)
     pipeline = _object({
         "id": _STRING, "name": _STRING, "description": text_or_null,
-        "priority": {"type": "integer"}, "status": {"enum": list(STATUSES)},
+        "priority": {"type": "integer"}, "status": _statuses(*STATUSES),
         "run_at": time_or_null, "created_at": _TIME, "started_at": time_or_null,
-        "completed_at": time_or_null, "duration": _nullable({"type": "number"}),
+        "completed_at": time_or_null, "duration": _MILLISECONDS,
         "jobs": {"type": "array", "items": _REF["Job"]}}, PIPELINE_FIELDS)
     count = {"type": "object", "properties": {s: _COUNT for s in STATUSES},
              "required": list(STATUSES), "additionalProperties": False}
@@ -4643,7 +4651,9 @@ def _schemas(task_names, timeout_unit):
                            ("retried", "more")),
         "Periodic": _object({"periodic": {"type": "array", "items": _object({
             "name": _STRING, "task_name": _STRING, "cron": text_or_null,
-            "every": _nullable({"type": "number"}), "next_run_at": time_or_null,
+            "every": {"anyOf": [{"type": "number"}, _STRING, {"type": "null"}],
+                      "description": "as in the config: seconds, or a duration such as 5m"},
+            "next_run_at": time_or_null,
             "last_fired_at": time_or_null}, ("name", "task_name", "cron", "every",
                                             "next_run_at", "last_fired_at"))}},
             ("periodic",)),
@@ -4651,14 +4661,9 @@ def _schemas(task_names, timeout_unit):
     }
 
 
-def _statuses(*statuses):
-    return {"type": "string", "enum": [*statuses, *(s.lower() for s in statuses)]}
-
-
 # The query parameters of ROUTES: name -> (schema, description).
 _PARAMETERS = {
-    "status": (_statuses(*STATUSES), "Only jobs (or pipelines) in this status, in any "
-                                     "case"),
+    "status": (_statuses(*STATUSES), "Only those in this status (in any case)"),
     "limit": ({"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
               f"Page size (default {DEFAULT_PAGE_SIZE})"),
     "cursor": ({"type": "string", "pattern": "^[0-9]*$"},
@@ -4667,8 +4672,8 @@ _PARAMETERS = {
     "name": (_STRING, "Only jobs with this name"),
     "created_after": (_TIME, "Only jobs created after this time (RFC 3339)"),
     "created_before": (_TIME, "Only jobs created before this time (RFC 3339)"),
-    "order": ({"type": "string", "enum": ["asc", "desc", "ASC", "DESC"]},
-              "asc (oldest first, the default) or desc (newest first)"),
+    "order": ({"type": "string", "enum": ["asc", "desc"]},
+              "asc (oldest first, the default) or desc (newest first), in any case"),
     "finished_before": (_TIME, "Only jobs that finished before this time (RFC 3339)"),
     "wait": ({"type": "string", "pattern": r"^[0-9]{1,6}(\.[0-9]{1,6})?$"},
              f"Wait up to this many seconds (0 to {MAX_WAIT}) for the job to finish"),
@@ -4677,51 +4682,62 @@ _PARAMETERS = {
 
 # Where a route takes fewer statuses: (method, path) -> the status parameter.
 _STATUS_PARAMETER = {
-    ("DELETE", "/jobs"): (_statuses(*FINISHED), "Only finished jobs in this status"),
-    ("POST", "/jobs/retry"): (_statuses(FAILED, CANCELLED), "The jobs to retry"),
+    ("DELETE", "/jobs"): (_statuses(*FINISHED), "Only finished jobs in this status (in "
+                                                "any case)"),
+    ("POST", "/jobs/retry"): (_statuses(FAILED, CANCELLED), "The jobs to retry: those "
+                                                            "in this status (in any case)"),
 }
 
-# (method, path) -> (summary, request body schema or None, {success code: response
-# schema, or None for no body}, the codes of the errors it may answer besides those
-# of every route).
+# (method, path) -> (operationId, summary, request body schema or None, {success
+# code: response schema, or None for no body}, the codes of the errors it may answer
+# besides those of every route).
 _OPERATIONS = {
-    ("POST", "/jobs"): ("Submit a job", "NewJob", {202: "Job", 200: "Job"}, (409,)),
-    ("GET", "/jobs"): ("List jobs, a page at a time", None, {200: "JobPage"}, ()),
-    ("DELETE", "/jobs"): ("Delete finished jobs in bulk", None, {200: "Deleted"}, ()),
-    ("GET", "/jobs/{id}"): ("One job (with wait: once it finishes)", None, {200: "Job"},
-                            (404,)),
-    ("PATCH", "/jobs/{id}"): ("Rename or describe a job", "Changes", {204: None}, (404,)),
-    ("DELETE", "/jobs/{id}"): ("Delete a job that is not running", None, {204: None},
-                               (404, 409)),
-    ("POST", "/jobs/{id}/cancel"): ("Cancel a job", None, {200: "Job"}, (404, 409)),
-    ("POST", "/jobs/{id}/retry"): ("Run a failed or cancelled job again", None,
+    ("POST", "/jobs"): ("submitJob", "Submit a job", "NewJob", {202: "Job", 200: "Job"},
+                        (409,)),
+    ("GET", "/jobs"): ("listJobs", "List jobs, a page at a time", None, {200: "JobPage"},
+                       ()),
+    ("DELETE", "/jobs"): ("deleteFinishedJobs", "Delete finished jobs in bulk", None,
+                          {200: "Deleted"}, ()),
+    ("GET", "/jobs/{id}"): ("getJob", "One job (with wait: once it finishes)", None,
+                            {200: "Job"}, (404,)),
+    ("PATCH", "/jobs/{id}"): ("updateJob", "Rename or describe a job", "Changes",
+                              {204: None}, (404,)),
+    ("DELETE", "/jobs/{id}"): ("deleteJob", "Delete a job that is not running", None,
+                               {204: None}, (404, 409)),
+    ("POST", "/jobs/{id}/cancel"): ("cancelJob", "Cancel a job", None, {200: "Job"},
+                                    (404, 409)),
+    ("POST", "/jobs/{id}/retry"): ("retryJob", "Run a failed or cancelled job again", None,
                                    {200: "Job"}, (404, 409)),
-    ("POST", "/jobs/retry"): ("Retry failed or cancelled jobs in bulk", None,
+    ("POST", "/jobs/retry"): ("retryJobs", "Retry failed or cancelled jobs in bulk", None,
                               {200: "Retried"}, ()),
-    ("GET", "/jobs/{id}/results"): ("A finished job's result", None, {200: "Result"},
-                                    (404,)),
-    ("DELETE", "/jobs/{id}/results"): ("Delete a job's result", None, {204: None}, (404,)),
-    ("POST", "/pipelines"): ("Submit a pipeline", "NewPipeline",
+    ("GET", "/jobs/{id}/results"): ("getResult", "A finished job's result", None,
+                                    {200: "Result"}, (404,)),
+    ("DELETE", "/jobs/{id}/results"): ("deleteResult", "Delete a job's result", None,
+                                       {204: None}, (404,)),
+    ("POST", "/pipelines"): ("submitPipeline", "Submit a pipeline", "NewPipeline",
                              {202: "Pipeline", 200: "Pipeline"}, (409,)),
-    ("GET", "/pipelines"): ("List pipelines, a page at a time", None,
+    ("GET", "/pipelines"): ("listPipelines", "List pipelines, a page at a time", None,
                             {200: "PipelinePage"}, ()),
-    ("GET", "/pipelines/{id}"): ("One pipeline with its jobs", None, {200: "Pipeline"},
-                                 (404,)),
-    ("PATCH", "/pipelines/{id}"): ("Rename or describe a pipeline", "Changes",
-                                   {204: None}, (404,)),
-    ("DELETE", "/pipelines/{id}"): ("Delete a pipeline that is not running", None,
-                                    {204: None}, (404, 409)),
-    ("GET", "/pipelines/{id}/jobs"): ("A pipeline's jobs", None, {200: "Jobs"}, (404,)),
-    ("POST", "/pipelines/{id}/cancel"): ("Cancel what is left of a pipeline", None,
-                                         {200: "Pipeline"}, (404, 409)),
-    ("GET", "/periodic"): ("The periodic entries", None, {200: "Periodic"}, ()),
-    ("GET", "/tasks"): ("The registered task names", None, {200: "Tasks"}, ()),
-    ("GET", "/status"): ("Health and load (503 while the storage fails)", None,
-                         {200: "Status"}, ()),
-    ("GET", "/metrics"): ("Metrics in the Prometheus text format", None, {200: "text"},
-                          ()),
-    ("GET", "/openapi.json"): ("This document", None, {200: "any"}, ()),
-    ("GET", "/"): ("The dashboard (HTML)", None, {200: "html"}, ()),
+    ("GET", "/pipelines/{id}"): ("getPipeline", "One pipeline with its jobs", None,
+                                 {200: "Pipeline"}, (404,)),
+    ("PATCH", "/pipelines/{id}"): ("updatePipeline", "Rename or describe a pipeline",
+                                   "Changes", {204: None}, (404,)),
+    ("DELETE", "/pipelines/{id}"): ("deletePipeline", "Delete a pipeline that is not "
+                                    "running", None, {204: None}, (404, 409)),
+    ("GET", "/pipelines/{id}/jobs"): ("listPipelineJobs", "A pipeline's jobs", None,
+                                      {200: "Jobs"}, (404,)),
+    ("POST", "/pipelines/{id}/cancel"): ("cancelPipeline", "Cancel what is left of a "
+                                         "pipeline", None, {200: "Pipeline"}, (404, 409)),
+    ("GET", "/periodic"): ("listPeriodic", "The periodic entries", None,
+                           {200: "Periodic"}, ()),
+    ("GET", "/tasks"): ("listTasks", "The registered task names", None, {200: "Tasks"},
+                        ()),
+    ("GET", "/status"): ("getStatus", "Health and load (503 while the storage fails)",
+                         None, {200: "Status"}, ()),
+    ("GET", "/metrics"): ("getMetrics", "Metrics in the Prometheus text format", None,
+                          {200: "text"}, ()),
+    ("GET", "/openapi.json"): ("getOpenapi", "This document", None, {200: "any"}, ()),
+    ("GET", "/"): ("dashboard", "The dashboard (HTML)", None, {200: "html"}, ()),
 }
 # Errors any route may answer (see the README's Errors).
 _EVERY_ROUTE_ERRORS = (400, 403, 411, 413, 415, 431, 503)
@@ -4738,14 +4754,8 @@ def _response(code, schema):
     return {"description": phrase, "content": {kind: {"schema": body}}}
 
 
-def _operation_id(method, pattern):
-    """get_jobs_id_results, for GET /jobs/{id}/results."""
-    words = re.findall(r"\w+", pattern) or ["dashboard"]
-    return "_".join([method.lower(), *words])
-
-
 def _operation(method, pattern, query, token):
-    summary, body, answers, errors = _OPERATIONS[(method, pattern)]
+    operation_id, summary, body, answers, errors = _OPERATIONS[(method, pattern)]
     public = pattern == "/"  # the dashboard, which needs no token
     codes = sorted({*errors, *_EVERY_ROUTE_ERRORS, *((401,) if token and not public else ())})
     parameters = [{"name": "id", "in": "path", "required": True, "schema": _STRING}
@@ -4759,7 +4769,9 @@ def _operation(method, pattern, query, token):
         parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
                            "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}})
     operation = {
-        "summary": summary, "operationId": _operation_id(method, pattern),
+        "summary": summary, "operationId": operation_id,
+        "tags": [pattern.split("/")[1] if pattern.startswith(("/jobs", "/pipelines"))
+                 else "server"],
         "parameters": [p for p in parameters if p is not None],
         "responses": {**{str(code): _response(code, schema)
                          for code, schema in answers.items()},
@@ -4770,8 +4782,8 @@ def _operation(method, pattern, query, token):
     if public and token:
         operation["security"] = []
     if method == "POST" and pattern in ("/jobs", "/pipelines"):
-        links = {_operation_id(m, p): {"operationId": _operation_id(m, p),
-                                       "parameters": {"id": "$response.body#/id"}}
+        links = {_OPERATIONS[(m, p)][0]: {"operationId": _OPERATIONS[(m, p)][0],
+                                          "parameters": {"id": "$response.body#/id"}}
                  for m, p, *_ in ROUTES if p.startswith(pattern + "/{id}")}
         for code in answers:
             operation["responses"][str(code)]["links"] = links
@@ -5344,7 +5356,8 @@ def _client_parser():
     """The command line of the client: python valet.py COMMAND ..."""
     common = argparse.ArgumentParser(add_help=False)  # also after the command
     common.add_argument("--url", default=argparse.SUPPRESS,
-                        help="the server (default: VALET_URL, or http://127.0.0.1:8080)")
+                        help="the server (default: VALET_URL, or http://127.0.0.1:8080); "
+                             "the token comes from VALET_AUTH_TOKEN")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON, for scripts")
     parser = argparse.ArgumentParser(
@@ -5448,7 +5461,8 @@ def _client_command(args):
         while args.wait and job["status"] not in FINISHED:
             job = _request(url, "GET", f"/jobs/{quote(job['id'])}?wait={MAX_WAIT}")
         failed = args.wait and job["status"] != COMPLETED
-        return job, f"job {job['id']} {job['status']}", (1 if failed else 0)
+        why = f": {job['failure_reason']}" if failed and job["failure_reason"] else ""
+        return job, f"job {job['id']} {job['status']}{why}", (1 if failed else 0)
     if args.command == "jobs":
         query = {"order": "desc", "limit": args.limit, "status": args.status,
                  "task_name": args.task}
@@ -5460,7 +5474,7 @@ def _client_command(args):
         found = _request(url, "GET", f"/jobs/{quote(args.id, safe='')}"
                                      f"{'/results' if args.command == 'result' else ''}")
         if args.command == "result" and found["error"] is not None:
-            return found, f"the job failed: {found['error']}", 0
+            return found, f"job {args.id} failed: {found['error']}", 1
         shown = found if args.command == "show" else found["metadata"]
         return found, json.dumps(shown, indent=2), 0
     if args.command in ("cancel", "retry"):
@@ -5472,12 +5486,20 @@ def _client_command(args):
     if args.command == "tasks":
         found = _request(url, "GET", "/tasks")
         return found, "\n".join(found["tasks"]), 0
-    status = _request(url, "GET", "/status")
+    return _status_lines(_request(url, "GET", "/status"))
+
+
+def _status_lines(status):
+    """`valet status`: (the status, its lines, 0)."""
     storage, queue_, workers = status["storage"], status["queue"], status["workers"]
+    jobs = status.get("jobs") or {}
+    oldest = queue_.get("oldest_waiting_seconds")
     return status, "\n".join((
         f"valet {status['version']}, up {status['uptime']:g}s",
         f"storage: {storage['option']}, {'ok' if storage['ok'] else storage['error']}",
-        f"queue: {queue_['depth']} of {queue_['capacity']} waiting",
+        "jobs: " + (", ".join(f"{n} {s.lower()}" for s, n in jobs.items()) or "unknown"),
+        f"queue: {queue_['depth']} of {queue_['capacity']} waiting"
+        + (f", the oldest for {oldest:g}s" if oldest is not None else ""),
         f"workers: {workers['busy']} of {workers['total']} busy, "
         f"{workers['abandoned']} abandoned")), 0
 
@@ -5488,12 +5510,20 @@ def _client(argv):
     args = _client_parser().parse_args(argv)  # exits 2 on a usage error
     args.url = getattr(args, "url", None) or os.environ.get("VALET_URL",
                                                             "http://127.0.0.1:8080")
+    as_json = getattr(args, "json", False)
     try:
+        parts = urllib.parse.urlsplit(args.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise _ClientError(f"--url (or VALET_URL) must be http://HOST:PORT or "
+                               f"https://..., got {args.url!r}", 2)
         value, text, code = _client_command(args)
     except _ClientError as exc:
         print(f"valet: {exc}", file=sys.stderr)
         return exc.code
-    print(json.dumps(value, indent=2) if getattr(args, "json", False) else text)
+    # A job that failed is told on stderr, so that `valet result ID > out.json`
+    # leaves no message in the file (with --json, its JSON still goes to stdout).
+    print(json.dumps(value, indent=2) if as_json else text,
+          file=sys.stderr if code and not as_json else sys.stdout)
     return code
 
 
