@@ -102,7 +102,7 @@ def request(conn, method, path, body=None, headers=None, raw=None):
 # document (GET /openapi.json): its status code is documented for its route, and
 # its body matches the documented schema. (The document of a valet with a token,
 # which documents the 401s too.)
-API = valet._openapi([], "a token")
+API = valet._openapi([], True)
 
 
 def check_documented(method, path, answer, kind):
@@ -7763,9 +7763,10 @@ def _wd_stop_driver(proc):
         proc.wait(10)
 
 
-def _browser_app(tmp_path, release, **overrides):
-    """A started Valet on a free port with a SQLite file in tmp_path and test tasks:
-    echo, and block (runs until `release` is set or the job is cancelled)."""
+def _browser_app(tmp_path, release, settings=None, **overrides):
+    """A started Valet on a free port with a SQLite file in tmp_path (and `settings`,
+    config.yaml-shaped) and test tasks: echo, and block (runs until `release` is set
+    or the job is cancelled)."""
     def echo(metadata):
         return metadata
 
@@ -7776,7 +7777,8 @@ def _browser_app(tmp_path, release, **overrides):
         return {"released": release.is_set()}
 
     config = valet.load_config({"storage": {"option": "sqlite",
-                                            "sqlite": {"path": str(tmp_path / "valet.db")}}},
+                                            "sqlite": {"path": str(tmp_path / "valet.db")}},
+                                **(settings or {})},
                                {"server.port": 0, "worker_pool.workers": 2,
                                 "worker_pool.shutdown_grace": 5, **overrides})
     return valet.Valet(config, tasks={"echo": echo, "block": block}).start()
@@ -7802,6 +7804,13 @@ def _browser_submit(app, token=None, **fields):
                                                        **fields}, token)
     assert status == 202, job
     return job
+
+
+def _browser_pipeline(app, name, jobs, token=None, **fields):
+    status, pipeline = _browser_call(app, "POST", "/pipelines",
+                                     {"name": name, "jobs": jobs, **fields}, token)
+    assert status == 202, pipeline
+    return pipeline
 
 
 def _browser_later(seconds=3600):
@@ -7855,8 +7864,8 @@ def _browser_valet(tmp_path):
     """make(**config overrides) -> a started Valet; stopped, its blocked tasks released."""
     release, apps = threading.Event(), []
 
-    def make(**overrides):
-        app = _browser_app(tmp_path, release, **overrides)
+    def make(settings=None, **overrides):
+        app = _browser_app(tmp_path, release, settings, **overrides)
         apps.append(app)
         return app
 
@@ -8046,6 +8055,134 @@ def test_the_page_fits_a_phone_screen(_browser, _browser_valet):
     finally:
         _browser("POST", "/window/rect", {"width": 1280, "height": 900})
     assert _browser_severe(_browser.console()) == []
+
+
+def test_absolute_times_are_utc_and_labelled(_browser, _browser_valet):
+    app = _browser_valet()
+    run_at = _browser_later(7200)
+    job = _browser_submit(app, name="later", run_at=run_at)
+    # a browser far from UTC still shows UTC
+    _browser("POST", "/goog/cdp/execute", {"cmd": "Emulation.setTimezoneOverride",
+                                           "params": {"timezoneId": "Pacific/Auckland"}})
+    try:
+        _browser.get(app.url + f"/#job={job['id']}")
+        wait_until(lambda: _browser.text('#detail [data-field="name"]') == "later",
+                          what="the detail")
+        assert _browser.js("return new Date(0).getTimezoneOffset()") != 0
+        fields = wait_until(lambda: _browser.js(
+            "const d = [...document.querySelectorAll('#detail-fields > *')].map(e => e.textContent);"
+            "const o = {}; for (let i = 0; i < d.length; i += 2) o[d[i]] = d[i + 1]; return o"),
+            what="the fields")
+        fields = {k: v.replace("\xa0", " ") for k, v in fields.items()}  # "(in 2 h)" keeps together
+        expected = run_at.replace("T", " ").replace("Z", " UTC")
+        assert fields["Run at"].startswith(expected + " (in "), fields
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \((just now|\d+ s ago)\)",
+                            fields["Created"]), fields
+        row = f'tr[data-job-id="{job["id"]}"]'
+        title = _browser.js("return document.querySelector(arguments[0]).cells[4].title", row)
+        assert title.endswith(" UTC"), title
+        # a SCHEDULED job's Duration cell says when it is due
+        assert _browser.js("return document.querySelector(arguments[0]).cells[5].textContent",
+                           row) in ("due in 1.9 h", "due in 2.0 h")
+    finally:
+        _browser("POST", "/goog/cdp/execute", {"cmd": "Emulation.setTimezoneOverride",
+                                               "params": {"timezoneId": ""}})
+    assert _browser_severe(_browser.console()) == []
+
+
+def test_a_pipeline_is_cancelled_and_deleted_from_its_view(_browser, _browser_valet):
+    app = _browser_valet()
+    pipeline = _browser_pipeline(app, "two steps", [{"name": "first", "task_name": "block"},
+                                                    {"name": "second", "task_name": "echo"}])
+    first = pipeline["jobs"][0]["id"]
+    wait_until(lambda: app.job(first)["status"] == "IN_PROGRESS", what="the job to start")
+    _browser.get(app.url + "/")
+    # the jobs list marks the jobs of a pipeline
+    _browser.wait_find(f'tr[data-job-id="{first}"]')
+    wait_until(lambda: _browser.visible(f'tr[data-job-id="{first}"] .tag'),
+                      what="the pipeline tag")
+    assert _browser.text(f'tr[data-job-id="{first}"] .tag') == "pipeline"
+    _browser.click('[data-tab="pipelines"]')
+    _browser.click(f'tr[data-pipeline-id="{pipeline["id"]}"]')
+    cancel, delete = ('#pipe-view [data-action="cancel-pipeline"]',
+                      '#pipe-view [data-action="delete-pipeline"]')
+    wait_until(lambda: _browser.visible(cancel), what="Cancel pipeline")
+    assert _browser.text("#pipe-name") == "two steps"
+    assert not _browser.visible(delete)  # it is running
+    _browser.click(cancel)
+    _browser.wait_find("#confirm[open]")
+    assert "two steps" in _browser.text("#confirm-text")
+    _browser.click('#confirm [data-action="confirm"]')
+    wait_until(lambda: _browser_call(app, "GET", f"/pipelines/{pipeline['id']}")[1]
+                      ["status"] == "CANCELLED", what="the pipeline to be CANCELLED")
+    wait_until(lambda: _browser.text("#pipe-status") == "CANCELLED",
+                      what="the view to show CANCELLED")
+    wait_until(lambda: _browser.visible(delete), what="Delete pipeline")
+    assert not _browser.visible(cancel)
+    _browser.click(delete)
+    _browser.wait_find("#confirm[open]")
+    _browser.click('#confirm [data-action="confirm"]')
+    wait_until(lambda: _browser_call(app, "GET", f"/pipelines/{pipeline['id']}")[0]
+                      == 404, what="the pipeline to be deleted")
+    wait_until(lambda: not _browser.visible("#pipe-view"), what="the view to close")
+    assert _browser.text("#notice-text") == "Deleted pipeline “two steps” and its jobs."
+    wait_until(lambda: not _browser.find(f'tr[data-pipeline-id="{pipeline["id"]}"]'),
+                      what="the row to go")
+    assert _browser_severe(_browser.console()) == []
+
+
+def test_a_pipeline_job_says_why_it_has_no_retry_or_delete(_browser, _browser_valet):
+    app = _browser_valet()
+    pipeline = _browser_pipeline(app, "nightly", [{"name": "step", "task_name": "echo"},
+                                                  {"name": "next", "task_name": "echo"}],
+                                 run_at=_browser_later())
+    job = pipeline["jobs"][0]["id"]
+    assert _browser_call(app, "POST", f"/pipelines/{pipeline['id']}/cancel")[0] == 200
+    _browser.get(app.url + f"/#job={job}")
+    wait_until(lambda: _browser.text('#detail [data-field="status"]') == "CANCELLED",
+                      what="the detail")
+    wait_until(lambda: "“nightly”" in (_browser.text("#detail-pipe-note") or ""),
+                      what="the note naming the pipeline")
+    assert _browser.visible("#detail-pipe-note")
+    assert not _browser.visible('#detail [data-action="retry"]')
+    assert not _browser.visible('#detail [data-action="delete"]')
+    _browser.click("#open-pipe")
+    wait_until(lambda: _browser.visible("#pipe-view")
+                      and _browser.text("#pipe-name") == "nightly", what="the pipeline view")
+    assert _browser.js("return document.querySelector('[data-tab=pipelines]')"
+                       ".getAttribute('aria-selected')") == "true"
+    assert _browser.visible('#pipe-view [data-action="delete-pipeline"]')
+    # a job on its own has no such note
+    other = _browser_submit(app, name="alone", run_at=_browser_later())
+    _browser.get(app.url + f"/#job={other['id']}")
+    wait_until(lambda: _browser.text('#detail [data-field="name"]') == "alone",
+                      what="the other detail")
+    assert not _browser.visible("#detail-pipe-note")
+    assert _browser_severe(_browser.console()) == []
+
+
+def test_the_page_is_served_with_its_csp_and_breaks_none_of_it(_browser, _browser_valet):
+    app = _browser_valet()
+    _browser_submit(app, name="x")
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        page = resp.read().decode()
+        csp = resp.getheader("Content-Security-Policy")
+    finally:
+        conn.close()
+    assert "script-src 'sha256-" in csp
+    assert page.count("<script") == 1
+    assert not re.search(r"\son[a-z]+=", page) and "javascript:" not in page
+    _browser.get(app.url + "/")
+    wait_until(lambda: _browser.text('[data-count="COMPLETED"] .n') == "1",
+                      what="the script to run")
+    for tab in ("pipelines", "periodic", "submit", "jobs"):
+        _browser.click(f'[data-tab="{tab}"]')
+    entries = _browser.console()
+    assert not [e for e in entries if "Content Security Policy" in e.get("message", "")], entries
+    assert _browser_severe(entries) == [], entries
 
 
 # -------------------------------------------------------------- the process --

@@ -1469,18 +1469,21 @@ CREATE INDEX IF NOT EXISTS keys_by_item ON keys (item_id);
 # How many jobs there are in each status, kept by triggers in the write that changes
 # it, so that counting them reads six rows, not every job. Made in one transaction
 # with its first counts, on a new file and on one from before valet 0.6.0 alike.
+_COUNTS = ("job_counts", "count_added", "count_moved", "count_deleted")
 _SQL_COUNTS = (
+    *(f"DROP {kind} IF EXISTS {name}" for kind, name in zip(
+        ("TABLE", "TRIGGER", "TRIGGER", "TRIGGER"), _COUNTS)),
     "CREATE TABLE job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
-    "INSERT INTO job_counts SELECT status, count(*) FROM jobs GROUP BY status",
+    "INSERT INTO job_counts VALUES " + ", ".join(f"('{s}', 0)" for s in STATUSES),
+    "UPDATE job_counts SET n = (SELECT count(*) FROM jobs WHERE jobs.status = "
+    "job_counts.status)",
     """CREATE TRIGGER count_added AFTER INSERT ON jobs BEGIN
-           INSERT INTO job_counts VALUES (NEW.status, 1)
-               ON CONFLICT (status) DO UPDATE SET n = n + 1;
+           UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
        END""",
     """CREATE TRIGGER count_moved AFTER UPDATE OF status ON jobs
            WHEN OLD.status != NEW.status BEGIN
            UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
-           INSERT INTO job_counts VALUES (NEW.status, 1)
-               ON CONFLICT (status) DO UPDATE SET n = n + 1;
+           UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
        END""",
     """CREATE TRIGGER count_deleted AFTER DELETE ON jobs BEGIN
            UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
@@ -1743,10 +1746,12 @@ class SqliteStore(Store):
             raise
 
     def _add_counts(self):
-        """Make the job counts table and its triggers, if this file has none yet."""
+        """Make the job counts table and its triggers, counted afresh, unless this
+        file has all four (a file without them, or with only some, is made whole)."""
         def made():
-            return self._conn.execute("SELECT 1 FROM sqlite_schema WHERE name = "
-                                      "'job_counts'").fetchone() is not None
+            return self._conn.execute(
+                f"SELECT count(*) AS n FROM sqlite_schema WHERE name IN "
+                f"({', '.join('?' * len(_COUNTS))})", _COUNTS).fetchone()["n"] == len(_COUNTS)
 
         if made():
             return
@@ -2274,7 +2279,7 @@ class _Lifecycle:
         if status in FINISHED:
             self.metrics.finished(task, status, moved["failure_reason"])
         elif (status == SCHEDULED and IN_PROGRESS in from_states) or (
-                status == PENDING and SCHEDULED not in from_states):
+                status == PENDING and from_states == (FAILED, CANCELLED)):  # by request
             self.metrics.count("valet_job_retries_total", (("task", task),))
 
     # -- a new job
@@ -2331,8 +2336,10 @@ class _Lifecycle:
         for job in list(self._stored(PENDING)):
             previous = job["previous_job_id"] and self.store.get(job["previous_job_id"])
             if not previous or previous["status"] == COMPLETED:  # its turn in a pipeline
-                ready = max(job["created_at"], job["run_at"] or 0,
-                            previous["completed_at"] if previous else 0)
+                # (A job that ran before was retried by request at a time not kept.)
+                ready = self._clock() if job["attempts"] else max(
+                    job["created_at"], job["run_at"] or 0,
+                    previous["completed_at"] if previous else 0)
                 self.pool.enqueue(job, reserved=False, since=ready)
                 queued += 1
         if queued or scheduled:
@@ -2893,13 +2900,13 @@ class _WorkerPool:
             claim.released = True
             if self._running.get(claim.job_id) is claim:
                 del self._running[claim.job_id]
-            if claim.began is not None:
-                self._lifecycle.metrics.observe("valet_job_run_seconds",
-                                                (("task", claim.job["task_name"]),),
-                                                self._monotonic() - claim.began)
             if claim.deadline:  # its entry in the heap is stale now
                 self._stale += 1
                 self._prune_deadlines()
+        if claim.began is not None:  # (once: a released claim returns above)
+            self._lifecycle.metrics.observe("valet_job_run_seconds",
+                                            (("task", claim.job["task_name"]),),
+                                            self._monotonic() - claim.began)
 
     # -- a worker's single step
 
@@ -3180,7 +3187,8 @@ class _Scheduler:
         self._heap = []
         self._running = True
         self._next_firing = {}  # periodic entry name -> epoch second it fires next
-        self._last_firing = {}  # periodic entry name -> the due time it last fired at
+        self._last_firing = {}  # periodic entry name -> the due time it last fired at,
+        # since valet started (the store's last firing may be an anchor, not a firing)
 
     def at(self, when, action, *args):
         """Run action(*args) on the scheduler's thread at epoch second `when`."""
@@ -3239,11 +3247,8 @@ class _Scheduler:
         store's periodic_last); fire(entry, due) creates its job for that due time."""
         now = self.clock()
         for entry in self.periodic:
-            last = last_fired(entry["name"], now)
-            if last != now:  # (now: the entry is new, and its first due time is to come)
-                with self._lock:
-                    self._last_firing[entry["name"]] = last
-            self._plan(entry, _next_due(entry.schedule, last, now), fire)
+            self._plan(entry, _next_due(entry.schedule, last_fired(entry["name"], now), now),
+                       fire)
 
     def _plan(self, entry, due, fire):
         with self._lock:
@@ -4285,8 +4290,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._cors = origin
         if self.command == "OPTIONS" and origin is not None:
             return  # a preflight: the browser sends no credentials with it
-        if server.token is not None and not (self.command == "GET" and _is_dashboard(
-                self.path)):
+        if server.token is not None and not (self.command in ("GET", "HEAD") and
+                                             _is_dashboard(self.path)):
             given = self._field("authorization") or ""
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -4637,8 +4642,7 @@ def _schemas(task_names, timeout_unit):
             "jobs": {"type": "array", "minItems": 2, "maxItems": _MAX_PIPELINE_JOBS,
                      "items": _job_input(task_names, timeout_unit, pipeline_job=True)}},
             ("name", "jobs")),
-        "Changes": {**_object({"name": _NAME, "description": text_or_null}),
-                    "minProperties": 1},
+        "Changes": _object({"name": _NAME, "description": text_or_null}),
         "JobPage": _object({"jobs": {"type": "array", "items": ref["Job"]},
                             "next_cursor": cursor}, ("jobs", "next_cursor")),
         "PipelinePage": _object({"pipelines": {"type": "array", "items": ref["Pipeline"]},
@@ -4777,8 +4781,10 @@ def _operation(method, pattern, query, token):
                          for code, schema in answers.items()},
                       **{str(code): {"$ref": f"#/components/responses/{code}"}
                          for code in codes}}}
-    if pattern == "/status":
-        operation["responses"]["503"] = _response(503, "Status")
+    if pattern == "/status":  # (while valet stops: an Error, as on every route)
+        operation["responses"]["503"] = {"description": "Service Unavailable", "content": {
+            _JSON: {"schema": {"anyOf": [{"$ref": "#/components/schemas/Status"},
+                                         {"$ref": "#/components/schemas/Error"}]}}}}
     if public and token:
         operation["security"] = []
     if method == "POST" and pattern in ("/jobs", "/pipelines"):
@@ -4795,7 +4801,7 @@ def _operation(method, pattern, query, token):
 
 def _openapi(task_names, token, timeout_unit="second"):
     """The OpenAPI 3.1 document of the API, for these tasks and timeout_unit, with
-    the bearer token scheme if a token is required."""
+    the bearer token scheme if `token` (whether a token is required)."""
     paths = {}
     for method, pattern, _, query in ROUTES:
         paths.setdefault(pattern, {})[method.lower()] = _operation(method, pattern, query,
@@ -5317,7 +5323,8 @@ class Valet:
     def openapi(self) -> dict:
         """The OpenAPI 3.1 document of the HTTP API (GET /openapi.json)."""
         if self._openapi is None:
-            self._openapi = _openapi(sorted(self.tasks), self.config["server.auth_token"],
+            self._openapi = _openapi(sorted(self.tasks),
+                                     self.config["server.auth_token"] is not None,
                                      self.config["timeout_unit"])
         return self._openapi
 
@@ -5599,7 +5606,7 @@ h3 { font-size: 12px; margin: 16px 0 6px; color: var(--muted); text-transform: u
   font-weight: 600; white-space: nowrap; }
 .tabs button[aria-selected="true"] { color: var(--fg); border-bottom-color: var(--accent); }
 .layout { display: grid; grid-template-columns: minmax(0, 1fr); gap: 16px; align-items: start; }
-.layout.open { grid-template-columns: minmax(0, 1fr) minmax(360px, 460px); }
+.layout.open { grid-template-columns: minmax(0, 1fr) minmax(360px, 460px); } .layout.open .hide-open { display: none; }
 .toolbar { display: flex; flex-wrap: wrap; gap: 8px 12px; align-items: center; margin-bottom: 10px; }
 .toolbar label { display: flex; gap: 6px; align-items: center; color: var(--muted); }
 select, input, textarea { background: var(--panel); border: 1px solid var(--input); border-radius: 6px; padding: 5px 8px; font-weight: 400; }
@@ -5614,8 +5621,13 @@ th, td { text-align: left; padding: 8px 12px; border-bottom: 1px solid var(--lin
 th { font-size: 12px; color: var(--muted); font-weight: 600; text-transform: uppercase; letter-spacing: .04em; background: var(--code); }
 tbody tr[tabindex] { cursor: pointer; } tbody tr[tabindex]:hover { background: var(--hover); } tbody tr:last-child td { border-bottom: 0; }
 tbody tr.selected { background: var(--accent-soft); box-shadow: 3px 0 0 var(--accent) inset; }
-td.num { font-variant-numeric: tabular-nums; }
+td.num { font-variant-numeric: tabular-nums; } col.c-status { width: 140px; } col.c-when { width: 104px; }
 .sub { display: none; font-size: 12px; color: var(--muted); }
+.nmrow { display: flex; gap: 6px; align-items: baseline; min-width: 0; }
+.nmrow .nm { min-width: 0; overflow: hidden; text-overflow: ellipsis; }
+.tag { flex: none; font-size: 11px; color: var(--muted); border: 1px solid var(--line); border-radius: 4px; padding: 0 5px; line-height: 1.5; }
+td.wrapcell, td.wrapcell .sub { white-space: normal; overflow-wrap: anywhere; }
+.note { margin: 8px 0 4px; font-size: 13px; overflow-wrap: anywhere; }
 .empty { padding: 28px 12px; text-align: center; color: var(--muted); }
 .pager { display: flex; gap: 8px; align-items: center; justify-content: flex-end; margin-top: 10px; }
 #detail { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px 18px;
@@ -5655,6 +5667,7 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
   .tiles { grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 8px; } .tile .n { font-size: 19px; }
   .hide-sm { display: none; } .sub { display: block; overflow: hidden; text-overflow: ellipsis; } .tabs button { padding: 8px 10px; }
   .tile .l { font-size: 11px; letter-spacing: 0; }
+  col.c-status { width: 120px; } col.c-when { width: 92px; } .nmrow .tag { display: none; }
   .toolbar label { flex: 1 1 150px; } .toolbar select { flex: 1; min-width: 0; }
 }
 @media (prefers-color-scheme: dark) {
@@ -5682,8 +5695,9 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
   <section id="token-panel" class="card" hidden>
     <form id="token-form" method="post" autocomplete="off">
       <h2>This valet needs its access token</h2>
-      <p class="muted" style="margin:0">It is kept in this tab only (sessionStorage) and sent as an
-        <code>Authorization: Bearer</code> header.</p>
+      <p class="muted" style="margin:0">It is valet's <code>server.auth_token</code> setting, or the
+        <code>VALET_AUTH_TOKEN</code> environment variable of the server. This page keeps it in this tab only
+        (sessionStorage) and sends it as an <code>Authorization: Bearer</code> header.</p>
       <p class="field-error" id="token-error" hidden></p>
       <input type="password" name="token" aria-label="Access token" placeholder="access token" autocomplete="off" required>
       <div><button class="btn primary" type="submit">Use this token</button></div>
@@ -5707,9 +5721,9 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
           </div>
           <div class="card">
             <table>
-              <colgroup><col><col class="hide-sm" style="width:16%"><col style="width:140px">
-                <col class="hide-sm" style="width:100px"><col style="width:104px"><col class="hide-sm" style="width:104px"></colgroup>
-              <thead><tr><th>Name</th><th class="hide-sm">Task</th><th>Status</th><th class="hide-sm">Attempts</th>
+              <colgroup><col><col class="hide-sm" style="width:16%"><col class="c-status">
+                <col class="hide-sm hide-open" style="width:100px"><col class="c-when"><col class="hide-sm" style="width:124px"></colgroup>
+              <thead><tr><th>Name</th><th class="hide-sm">Task</th><th>Status</th><th class="hide-sm hide-open">Attempts</th>
                 <th>Created</th><th class="hide-sm">Duration</th></tr></thead>
               <tbody id="jobs-body"></tbody>
             </table>
@@ -5722,8 +5736,8 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
           <p class="muted" style="margin:0 0 8px">Oldest first (the order <code>GET /pipelines</code> gives).</p>
           <div class="card">
             <table>
-              <colgroup><col><col style="width:140px"><col style="width:80px"><col style="width:104px"></colgroup>
-              <thead><tr><th>Name</th><th>Status</th><th>Done</th><th>Created</th></tr></thead>
+              <colgroup><col><col class="c-status"><col class="hide-sm" style="width:80px"><col class="c-when"></colgroup>
+              <thead><tr><th>Name</th><th>Status</th><th class="hide-sm">Done</th><th>Created</th></tr></thead>
               <tbody id="pipes-body"></tbody>
             </table>
             <div class="empty" id="pipes-empty" hidden>No pipelines.</div>
@@ -5733,6 +5747,8 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
           <div class="card panel-box" id="pipe-view" hidden>
             <div class="dhead"><h2 id="pipe-name"></h2><span class="badge" id="pipe-status"></span></div>
             <p class="muted" id="pipe-meta" style="margin:4px 0 8px"></p>
+            <div class="actions" id="pipe-actions"><button type="button" class="btn" data-action="cancel-pipeline">Cancel pipeline</button>
+              <button type="button" class="btn danger" data-action="delete-pipeline">Delete pipeline</button></div>
             <ol class="pipe" id="pipe-jobs"></ol>
           </div>
         </section>
@@ -5763,11 +5779,13 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
       <aside id="detail" hidden aria-label="Job detail">
         <div class="dhead"><h2 data-field="name"></h2>
           <button type="button" class="close" id="detail-close" aria-label="Close">×</button></div>
-        <div id="detail-missing" class="empty" hidden>This job no longer exists.</div>
+        <div id="detail-missing" class="empty" hidden>No job with this id.</div>
         <div id="detail-body">
           <span class="badge" data-field="status"></span> <span class="muted" data-field="task_name"></span>
           <div class="actions"><button type="button" class="btn" data-action="cancel">Cancel</button>
             <button type="button" class="btn" data-action="retry">Retry</button> <button type="button" class="btn danger" data-action="delete">Delete</button></div>
+          <p class="muted note" id="detail-pipe-note" hidden><span data-field="pipe-note"></span>
+            <button type="button" class="link" id="open-pipe">Open the pipeline</button></p>
           <div data-section="progress"><h3>Progress</h3>
             <div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="100"><span></span></div>
             <div class="muted" data-field="progress"></div></div>
@@ -5791,14 +5809,15 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
 "use strict";
 const STATUSES = ["SCHEDULED", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"];
 const UNFINISHED = STATUSES.slice(0, 3), FINISHED = STATUSES.slice(3);
-const TOKEN_KEY = "valet-token", PAGE = 25, POLL_MS = 2000;
+const TOKEN_KEY = "valet-token", PAGE = 25, POLL_MS = 2000, NBSP = String.fromCharCode(160);
 const $ = (sel, root) => (root || document).querySelector(sel);
 const enc = encodeURIComponent;
 let token = sessionStorage.getItem(TOKEN_KEY);
 let needToken = false, authOk = false, skew = 0, tab = "jobs", tasksLoaded = false;
 const filter = { status: "", task: "" };
 const jobsPager = { stack: [null], next: null }, pipesPager = { stack: [null], next: null };
-let detailId = null, detailJob = null, detailGone = false, resultKey = null, pipeKey = null, pipeViewId = null;
+let detailId = null, detailJob = null, detailGone = false, resultKey = null, pipeKey = null, detailPipeName = null;
+let pipeViewId = null, pipeView = null;  // the pipeline the Pipelines tab shows, and its latest JSON
 // ---------------------------------------------------------------- helpers
 function el(tag, attrs, ...kids) {  // el("td", {class: "num", text: "3"}, child, ...)
   const e = document.createElement(tag);
@@ -5815,10 +5834,10 @@ function badge(e, status) { setText(e, label(status)); setAttr(e, "data-value", 
 const now = () => Date.now() + skew;
 const ms = iso => (iso ? Date.parse(iso) : NaN);
 function pad(n) { return String(n).padStart(2, "0"); }
-function absTime(iso) {  // local time, 2026-12-02 13:00:23
+function absTime(iso) {  // in UTC, as the API, the logs and cron schedules: 2026-12-02 13:00:23 UTC
   const d = new Date(ms(iso));
-  return iso ? d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
-    pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds()) : "";
+  return iso && isFinite(d) ? d.getUTCFullYear() + "-" + pad(d.getUTCMonth() + 1) + "-" + pad(d.getUTCDate()) + " " +
+    pad(d.getUTCHours()) + ":" + pad(d.getUTCMinutes()) + ":" + pad(d.getUTCSeconds()) + " UTC" : "";
 }
 function human(seconds) {  // 0.4 s -> "400 ms", 3.21 -> "3.2 s", 250 -> "4 min"
   if (seconds == null || !isFinite(seconds)) return "–";
@@ -5835,7 +5854,8 @@ function rel(iso) {
   const d = (now() - ms(iso)) / 1000, t = Math.abs(d) < 60 ? Math.floor(Math.abs(d)) + " s" : human(d);
   return Math.abs(d) < 3 ? "just now" : d > 0 ? t + " ago" : "in " + t;
 }
-function when(iso) { return iso ? absTime(iso) + " (" + rel(iso) + ")" : "–"; }
+function due(iso) { return ms(iso) - now() < 1000 ? "due now" : "due " + rel(iso); }
+function when(iso) { return iso ? absTime(iso) + " (" + rel(iso).replaceAll(" ", NBSP) + ")" : "–"; }  // wraps before "("
 function duration(job, suffix) {  // a running job's: how long so far
   return job.duration != null ? human(job.duration / 1000) :
     job.status === "IN_PROGRESS" && job.started_at ? human((now() - ms(job.started_at)) / 1000) + suffix : "–";
@@ -5933,8 +5953,9 @@ function syncRows(tbody, map, items, key, make, update) {
 }
 function makeJobRow(id) {
   const tr = el("tr", { "data-job-id": id, tabindex: "0" },
-    el("td", {}, el("span", { class: "nm" }), el("span", { class: "sub" })), el("td", { class: "hide-sm" }),
-    el("td", {}, el("span", { class: "badge" })), el("td", { class: "num hide-sm" }),
+    el("td", {}, el("div", { class: "nmrow" }, el("span", { class: "nm" }), el("span", { class: "tag", hidden: "" })),
+      el("span", { class: "sub" })), el("td", { class: "hide-sm" }),
+    el("td", {}, el("span", { class: "badge" })), el("td", { class: "num hide-sm hide-open" }),
     el("td", { class: "num" }), el("td", { class: "num hide-sm" }));
   return clickable(tr, () => openJob(id));
 }
@@ -5944,11 +5965,15 @@ function clickable(tr, fn) {
 }
 function updateJobRow(tr, job) {
   const c = tr.cells;
-  setText($(".nm", c[0]), job.name); setText($(".sub", c[0]), job.task_name); setAttr(c[0], "title", job.name);
+  setText($(".nm", c[0]), job.name); setText($(".sub", c[0]), job.task_name + (job.pipeline_id ? " · pipeline" : ""));
+  setAttr(c[0], "title", job.name + (job.pipeline_id ? " (a job of a pipeline)" : ""));
+  const tag = $(".tag", c[0]); setText(tag, job.pipeline_id ? "pipeline" : ""); show(tag, !!job.pipeline_id);
   setText(c[1], job.task_name); badge($(".badge", c[2]), job.status);
   setText(c[3], job.attempts); setAttr(c[3], "title", "max retries " + job.max_retries);
   setText(c[4], rel(job.created_at)); setAttr(c[4], "title", absTime(job.created_at));
-  setText(c[5], duration(job, "")); c[5].classList.toggle("muted", job.duration == null);
+  const waits = job.status === "SCHEDULED" && !!job.run_at;  // when it is due instead of a duration
+  setText(c[5], waits ? due(job.run_at) : duration(job, "")); c[5].classList.toggle("muted", job.duration == null);
+  if (waits) setAttr(c[5], "title", "runs at " + absTime(job.run_at)); else c[5].removeAttribute("title");
   tr.classList.toggle("selected", job.id === detailId);
 }
 function jobsQuery() {  // newest first; empty values count as not given
@@ -6003,7 +6028,7 @@ const section = name => $('#detail [data-section="' + name + '"]');
 function openJob(id) {
   if (!id) return;
   if (id !== detailId) {
-    detailId = id; detailJob = null; detailGone = false; resultKey = null; pipeKey = null;
+    detailId = id; detailJob = null; detailGone = false; resultKey = null; pipeKey = null; detailPipeName = null;
     setText(field("name"), "Loading…"); show($("#detail-body"), false); show($("#detail-missing"), false);
     setText(field("result"), ""); setText(field("failure_traceback"), "");
     $("#detail-pipe").replaceChildren();
@@ -6022,10 +6047,15 @@ function closeDetail() {
 $("#detail-close").addEventListener("click", closeDetail);
 document.addEventListener("keydown", ev => { if (ev.key === "Escape" && detailId && !$("#confirm").open) closeDetail(); });
 window.addEventListener("hashchange", fromHash);
-function fromHash() {
+function fromHash() {  // a link may hold anything: a bad one is ignored
   const h = location.hash;
-  if (h.startsWith("#job=")) openJob(decodeURIComponent(h.slice(5)));
-  if (h.startsWith("#tab=") && $("#tab-" + h.slice(5))) selectTab(h.slice(5));
+  if (h.startsWith("#job=")) {
+    let id = null;
+    try { id = decodeURIComponent(h.slice(5)); } catch (e) { id = null; }
+    if (id) openJob(id);
+  }
+  const tab = h.startsWith("#tab=") ? h.slice(5) : "";
+  if (["jobs", "pipelines", "periodic", "submit"].includes(tab) && document.getElementById("tab-" + tab)) selectTab(tab);
 }
 async function loadDetail() {
   const id = detailId;
@@ -6059,6 +6089,7 @@ async function loadDetailPipeline(job) {
   try { p = await api("GET", "/pipelines/" + enc(job.pipeline_id)); } catch (e) { return; }
   if (job.id !== detailId) return;
   setText(field("pipeline-title"), "Pipeline · " + p.name);
+  detailPipeName = p.name; pipeNote(job);
   renderPipeJobs($("#detail-pipe"), p.jobs, job.id);
   pipeKey = job.pipeline_id + (FINISHED.includes(p.status) ? "|done" : "");
 }
@@ -6082,6 +6113,17 @@ function markPipe(current, ol) {
     if (b.dataset.openJob === current) setAttr(b, "aria-current", "step"); else b.removeAttribute("aria-current");
   }
 }
+function pipeNote(job) {  // a pipeline's jobs are not retried or deleted on their own (the API refuses)
+  show($("#detail-pipe-note"), !!job.pipeline_id);
+  const name = detailPipeName == null ? "" : " “" + detailPipeName + "”";
+  setText(field("pipe-note"), job.pipeline_id ? "Part of pipeline" + name + ": cancel or delete the pipeline, not its jobs." : "");
+}
+$("#open-pipe").addEventListener("click", () => {
+  const job = detailJob;
+  if (!job || !job.pipeline_id) return;
+  if (matchMedia("(max-width: 980px)").matches) closeDetail();  // the detail covers the page there
+  openPipeline(job.pipeline_id, true); selectTab("pipelines");
+});
 function renderDetail(job) {
   show($("#detail-missing"), false); show($("#detail-body"), true);
   setText(field("name"), job.name); badge(field("status"), job.status); setText(field("task_name"), job.task_name);
@@ -6089,6 +6131,7 @@ function renderDetail(job) {
   show($('#detail [data-action="cancel"]'), UNFINISHED.includes(job.status));
   show($('#detail [data-action="retry"]'), (job.status === "FAILED" || job.status === "CANCELLED") && !inPipe);
   show($('#detail [data-action="delete"]'), FINISHED.includes(job.status) && !inPipe);
+  pipeNote(job);
   const prog = job.status === "IN_PROGRESS" ? job.progress : null, bar = $(".bar", section("progress"));
   const pct = prog ? Math.round(Math.max(0, Math.min(1, prog.fraction)) * 100) : 0;
   show(section("progress"), job.status === "IN_PROGRESS");
@@ -6119,7 +6162,10 @@ async function act(action, button) {
   if (asks[action] && !(await ask(...asks[action]))) return;
   button.disabled = true;
   try {
-    if (action !== "delete") await api("POST", "/jobs/" + enc(job.id) + "/" + action);
+    if (action !== "delete") {
+      await api("POST", "/jobs/" + enc(job.id) + "/" + action);
+      if (action === "retry") notice("Retried job “" + job.name + "”: it is PENDING again.", "info");
+    }
     else { await api("DELETE", "/jobs/" + enc(job.id)); closeDetail(); notice("Deleted job “" + job.name + "”.", "info"); }
   } catch (e) { failed(e); } finally { button.disabled = false; }
   quick = 3; refresh();
@@ -6151,11 +6197,12 @@ async function loadPipelines() {
   try { data = await api("GET", "/pipelines?limit=" + PAGE + (cursor ? "&cursor=" + enc(cursor) : "")); } catch (e) { failed(e); return; }
   if (cursor !== pipesPager.stack[pipesPager.stack.length - 1]) return;
   syncRows($("#pipes-body"), pipeRows, data.pipelines, p => p.id, id => {
-    return clickable(el("tr", { "data-pipeline-id": id, tabindex: "0" }, el("td"), el("td", {}, el("span", { class: "badge" })),
-      el("td", { class: "num" }), el("td", { class: "num" })), () => openPipeline(id));
+    return clickable(el("tr", { "data-pipeline-id": id, tabindex: "0" }, el("td", {}, el("span"), el("span", { class: "sub" })),
+      el("td", {}, el("span", { class: "badge" })), el("td", { class: "num hide-sm" }), el("td", { class: "num" })), () => openPipeline(id, true));
   }, (tr, p) => {
-    setText(tr.cells[0], p.name); setAttr(tr.cells[0], "title", p.name); badge($(".badge", tr), p.status);
-    setText(tr.cells[2], p.jobs.filter(j => j.status === "COMPLETED").length + " / " + p.jobs.length);
+    const done = p.jobs.filter(j => j.status === "COMPLETED").length + " / " + p.jobs.length;
+    setText(tr.cells[0].firstChild, p.name); setText($(".sub", tr.cells[0]), done + " done"); setAttr(tr.cells[0], "title", p.name);
+    badge($(".badge", tr), p.status); setText(tr.cells[2], done);
     setText(tr.cells[3], rel(p.created_at)); setAttr(tr.cells[3], "title", absTime(p.created_at));
     tr.classList.toggle("selected", p.id === pipeViewId);
     if (p.id === pipeViewId) renderPipeView(p);
@@ -6163,18 +6210,68 @@ async function loadPipelines() {
   pipesPager.next = data.next_cursor;
   pagerButtons(pipesPager, "#pipes-prev", "#pipes-next");
   show($("#pipes-empty"), data.pipelines.length === 0);
+  if (pipeViewId && !data.pipelines.some(p => p.id === pipeViewId)) await loadPipeView();  // on another page
 }
-async function openPipeline(id) {
+function openPipeline(id, scroll) {
+  if (!pipeView || pipeView.id !== id) {  // nothing of another pipeline meanwhile, above all not its buttons
+    pipeView = null; show($("#pipe-view"), true); setText($("#pipe-name"), "Loading…"); setText($("#pipe-meta"), "");
+    badge($("#pipe-status"), ""); show($("#pipe-status"), false); show($("#pipe-actions"), false); $("#pipe-jobs").replaceChildren();
+  }
   pipeViewId = id;
   for (const [pid, tr] of pipeRows) tr.classList.toggle("selected", pid === id);
-  try { renderPipeView(await api("GET", "/pipelines/" + enc(id))); } catch (e) { failed(e); }
+  return loadPipeView().then(() => { if (scroll && pipeViewId === id) $("#pipe-view").scrollIntoView({ block: "nearest" }); });
+}
+async function loadPipeView() {
+  const id = pipeViewId;
+  if (!id) return;
+  let p;
+  try { p = await api("GET", "/pipelines/" + enc(id)); } catch (e) {
+    if (id !== pipeViewId) return;
+    if (e.status === 404) {
+      notice(pipeView ? "Pipeline “" + pipeView.name + "” was deleted." : "No pipeline with this id.", pipeView ? "info" : "error");
+      closePipeView();
+    } else failed(e);
+    return;
+  }
+  if (id === pipeViewId) renderPipeView(p);
+}
+function closePipeView() {
+  pipeViewId = pipeView = null; show($("#pipe-view"), false);
+  for (const tr of pipeRows.values()) tr.classList.remove("selected");
 }
 function renderPipeView(p) {
-  show($("#pipe-view"), true);
+  pipeView = p;
+  show($("#pipe-view"), true); show($("#pipe-status"), true); show($("#pipe-actions"), true);
   setText($("#pipe-name"), p.name); badge($("#pipe-status"), p.status);
-  setText($("#pipe-meta"), "created " + rel(p.created_at) + (p.duration != null ? " · took " + human(p.duration / 1000) : "") +
+  setText($("#pipe-meta"), "created " + rel(p.created_at) + (p.status === "SCHEDULED" && p.run_at ? " · " + due(p.run_at) : "") +
+    (p.duration != null ? " · took " + human(p.duration / 1000) : "") +
     (p.description ? " · " + p.description : ""));
+  setAttr($("#pipe-meta"), "title", "created " + absTime(p.created_at) + (p.run_at ? ", runs at " + absTime(p.run_at) : ""));
+  show($('#pipe-view [data-action="cancel-pipeline"]'), UNFINISHED.includes(p.status));
+  show($('#pipe-view [data-action="delete-pipeline"]'), p.status !== "IN_PROGRESS");
   renderPipeJobs($("#pipe-jobs"), p.jobs, detailId);
+}
+for (const b of document.querySelectorAll("#pipe-view [data-action]")) b.addEventListener("click", () => actPipeline(b.dataset.action, b));
+async function actPipeline(action, button) {
+  const p = pipeView;
+  if (!p || p.id !== pipeViewId) return;
+  const n = p.jobs.length, cancel = action === "cancel-pipeline";
+  if (!(await (cancel ? ask("Cancel pipeline “" + p.name + "”? Its current job is cancelled, and with it the jobs after it.", "Cancel pipeline") :
+    ask("Delete pipeline “" + p.name + "” with its " + n + " job" + (n === 1 ? "" : "s") + " and their results? This cannot be undone.",
+      "Delete pipeline")))) return;
+  button.disabled = true;
+  try {
+    if (cancel) {
+      const r = await api("POST", "/pipelines/" + enc(p.id) + "/cancel");
+      if (p.id === pipeViewId) renderPipeView(r);
+    } else {
+      await api("DELETE", "/pipelines/" + enc(p.id));
+      if (p.id === pipeViewId) closePipeView();
+      if (detailJob && detailJob.pipeline_id === p.id) closeDetail();
+      notice("Deleted pipeline “" + p.name + "” and its jobs.", "info");
+    }
+  } catch (e) { failed(e); } finally { button.disabled = false; }
+  quick = 3; refresh();
 }
 $("#pipes-prev").addEventListener("click", () => turn(pipesPager, false, loadPipelines));
 $("#pipes-next").addEventListener("click", () => turn(pipesPager, true, loadPipelines));
@@ -6184,10 +6281,10 @@ async function loadPeriodic() {
   let data;
   try { data = await api("GET", "/periodic"); } catch (e) { failed(e); return; }
   syncRows($("#periodic-body"), periodicRows, data.periodic, p => p.name,
-    id => el("tr", { "data-periodic": id }, el("td", {}, el("span"), el("span", { class: "sub" })), el("td", { class: "hide-sm" }),
+    id => el("tr", { "data-periodic": id }, el("td", { class: "wrapcell" }, el("span"), el("span", { class: "sub" })), el("td", { class: "hide-sm" }),
       el("td", { class: "mono hide-sm" }), el("td"), el("td")),
     (tr, p) => {
-      const c = tr.cells, when = p.cron ? p.cron : "every " + p.every + (typeof p.every === "number" ? " s" : "");
+      const c = tr.cells, when = p.cron ? p.cron + " UTC" : "every" + NBSP + p.every + (typeof p.every === "number" ? NBSP + "s" : "");
       setText(c[0].firstChild, p.name); setText($(".sub", c[0]), p.task_name + " · " + when); setText(c[1], p.task_name); setText(c[2], when);
       setText(c[3], rel(p.next_run_at)); setAttr(c[3], "title", absTime(p.next_run_at));
       setText(c[4], "last_fired_at" in p ? (p.last_fired_at ? rel(p.last_fired_at) : "never") : "–"); setAttr(c[4], "title", absTime(p.last_fired_at));
