@@ -5667,7 +5667,7 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
   .tiles { grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 8px; } .tile .n { font-size: 19px; }
   .hide-sm { display: none; } .sub { display: block; overflow: hidden; text-overflow: ellipsis; } .tabs button { padding: 8px 10px; }
   .tile .l { font-size: 11px; letter-spacing: 0; }
-  col.c-status { width: 120px; } col.c-when { width: 92px; } .nmrow .tag { display: none; }
+  col.c-status { width: 128px; } col.c-when { width: 84px; } .nmrow .tag { display: none; }
   .toolbar label { flex: 1 1 150px; } .toolbar select { flex: 1; min-width: 0; }
 }
 @media (prefers-color-scheme: dark) {
