@@ -2520,8 +2520,8 @@ class _Lifecycle:
             finally:  # give back the claim (if the write failed, untaken: the worker
                 if claim is not None:  # settles the job itself, or a cancel retries)
                     self.pool.release(claim, settled)
-                if withdrawn and not settled:  # the write failed: back in the queue
-                    self.pool.enqueue(job, reserved=False)
+                if withdrawn is not None and not settled:  # the write failed: queued again
+                    self.pool.enqueue(job, reserved=False, since=withdrawn)
                 self.wake(job_id)
             if moved is not None:
                 return moved, True
@@ -2790,8 +2790,9 @@ class _WorkerPool:
         self._deadline_added = threading.Condition(self._lock)
         self._changed = threading.Condition(self._lock)  # threads or claims changed
         self._reserved = 0     # submissions given a place in the backlog, not yet queued
-        # id -> the order of its live entry on the queue (an older entry of the job, left
-        # by a cancel and a retry, is skipped), until a worker takes it or it is withdrawn
+        # id -> (the order of its live entry on the queue, since when (wall clock) it has
+        # been ready to run), in the order queued: an older entry of the job, left by a
+        # cancel and a retry, is skipped; until a worker takes it or it is withdrawn
         self._waiting = {}
         self._starting = {}    # job id -> workers writing its start (see starting())
         self._running = {}     # job id -> the _Claim of the thread that took it
@@ -2826,7 +2827,7 @@ class _WorkerPool:
         since = self._clock() if since is None else since
         with self._lock:
             self._reserved -= reserved
-            self._waiting.pop(job["id"], None)  # (last in line: _waiting is in queue order)
+            self._waiting.pop(job["id"], None)  # (last: _waiting is in the order queued)
             self._waiting[job["id"]] = (order, since)
         self._ready.put((-job["priority"], order, job))
 
@@ -2859,10 +2860,10 @@ class _WorkerPool:
         set). Returns (claim, taken, withdrawn): claim None if no worker holds the
         job; taken True if this call took the claim, which the caller releases
         once it has settled the job (False: another thread took it first);
-        withdrawn True if the job was queued: enqueue it again if its cancel
-        cannot be written."""
+        withdrawn, if the job was queued, since when it was ready (else None):
+        enqueue it again, with that, if its cancel cannot be written."""
         with self._lock:
-            withdrawn = self._waiting.pop(job_id, None) is not None
+            withdrawn = self._waiting.pop(job_id, (None, None))[1]
             claim = self._running.get(job_id)
             if claim is None or claim.taken:
                 return claim, False, withdrawn
@@ -4338,6 +4339,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._check_head()
         except HTTPError as exc:
             self._send(exc.status, _encode(exc.body()), exc.headers)
+            self.server.app.metrics.request(self._method(), _route_of(
+                self.path.partition("?")[0]), exc.status, 0.0)
             log.info("%s %s %d (before the body): %s", self.command, _cut(self.path),
                      exc.status, _cut(exc.message))
             return False
