@@ -4281,6 +4281,23 @@ def test_sqlite_job_counts_survive_a_restart_and_are_rebuilt_in_a_file_without_t
     assert jobs_by_status(metrics(third)) == {**expected, "COMPLETED": 3}
 
 
+@SQLITE_ONLY
+def test_sqlite_job_counts_are_made_whole_when_one_trigger_is_missing(make_app, storage):
+    first = make_app()
+    wait_for_status(first, submit(first)["id"], valet.COMPLETED)
+    first.stop()
+    with contextlib.closing(sqlite3.connect(storage["storage"]["sqlite"]["path"],
+                                            isolation_level=None)) as conn:
+        conn.execute("DROP TRIGGER count_added")
+        conn.execute("INSERT INTO jobs (id, name, task_name, metadata, status, created_at) "
+                     "VALUES ('uncounted', 'n', 'echo', 'null', 'FAILED', 0)")
+    second = make_app()
+    assert jobs_by_status(metrics(second)) == expected_jobs(COMPLETED=1, FAILED=1)
+    submit(second, run_at=in_a_day())  # counted: the trigger is back
+    assert jobs_by_status(metrics(second)) == expected_jobs(COMPLETED=1, FAILED=1,
+                                                            SCHEDULED=1)
+
+
 def test_deleting_jobs_lowers_their_counts(make_app):
     clock = FakeClock()
     app = make_app(clock=clock, **{"retention.finished_jobs": "1h"})
@@ -4816,6 +4833,31 @@ def test_periodic_entries_with_every_as_a_duration_match_the_document(make_app):
     entries = call(app, "GET", "/periodic").body["periodic"]  # (checked by request())
     assert entries[0]["every"] == "5m"
     assert_matches({"periodic": entries}, {"$ref": "#/components/schemas/Periodic"})
+
+
+def test_head_of_the_dashboard_needs_no_token_either(make_app):
+    app = make_app(**{"server.auth_token": "s3cret-token-for-tests"})
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    try:
+        conn.request("HEAD", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b""
+        assert resp.getheader("Content-Type") == "text/html; charset=utf-8"
+        conn.request("HEAD", "/status")
+        assert conn.getresponse().status == 401
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("storage", ["sqlite"], indirect=True)
+def test_last_fired_at_is_null_after_a_restart_until_the_entry_fires(make_app, tmp_path):
+    clock = FakeClock()
+    first = make_app(clock=clock, periodic=[MINUTELY])  # anchored now, never fired
+    first.stop()
+    clock.advance(30)  # restarted before its first due time: the anchor is no firing
+    second = make_app(clock=clock, periodic=[MINUTELY])
+    [entry] = call(second, "GET", "/periodic").body["periodic"]
+    assert entry["last_fired_at"] is None
 
 
 def test_openapi_names_the_registered_tasks_and_the_timeout_unit(make_app):
