@@ -4552,6 +4552,12 @@ _STRING, _ANY = {"type": "string"}, {}
 _TIME = {"type": "string", "format": "date-time"}
 _NAME = {"type": "string", "pattern": r"\S"}  # not empty, not only spaces
 _COUNT = {"type": "integer", "minimum": 0}
+_TIME_OR_NULL, _TEXT_OR_NULL = _nullable(_TIME), _nullable(_STRING)
+_PRIORITY = _nullable({"type": "integer", "minimum": -_MAX_PRIORITY,
+                       "maximum": _MAX_PRIORITY})
+_MILLISECONDS = {**_nullable({"type": "number", "minimum": 0}),
+                 "description": "milliseconds from the first start to the end"}
+_REF = {name: {"$ref": f"#/components/schemas/{name}"} for name in ("Job", "Pipeline")}
 
 
 def _object(properties, required=()):
@@ -4571,8 +4577,7 @@ def _job_input(task_names, timeout_unit, pipeline_job=False):
                                           "description": "metadata's old name"},
         "timeout": _nullable({**number, "exclusiveMinimum": 0, "maximum": longest,
                               "description": f"in {timeout_unit}s"}),
-        "priority": _nullable({"type": "integer", "minimum": -_MAX_PRIORITY,
-                               "maximum": _MAX_PRIORITY}),
+        "priority": _PRIORITY,
         "run_at": _nullable(_TIME),
         "max_retries": _nullable({"type": "integer", "minimum": 0, "maximum": _MAX_RETRIES}),
         "retry_backoff": _nullable({**number, "minimum": 0, "maximum": _MAX_BACKOFF}),
@@ -4583,40 +4588,32 @@ def _job_input(task_names, timeout_unit, pipeline_job=False):
             "not": {"required": ["metadata", "task_params"]}}  # one or the other
 
 
-_TIME_OR_NULL, _TEXT_OR_NULL = _nullable(_TIME), _nullable(_STRING)
-_MILLISECONDS = {**_nullable({"type": "number", "minimum": 0}),
-                 "description": "milliseconds from the first start to the end"}
-_REF = {name: {"$ref": f"#/components/schemas/{name}"} for name in ("Job", "Pipeline")}
-
-
 def _answer_schemas():
     """The schemas of a job's and a pipeline's JSON, and of /status."""
-    time_or_null, text_or_null = _TIME_OR_NULL, _TEXT_OR_NULL
     job = _object({
-        "id": _STRING, "name": _STRING, "description": text_or_null, "task_name": _STRING,
+        "id": _STRING, "name": _STRING, "description": _TEXT_OR_NULL, "task_name": _STRING,
         "metadata": _ANY, "timeout": _nullable({"type": "number"}),
         "priority": {"type": "integer"}, "status": _statuses(*STATUSES),
-        "failure_reason": text_or_null, "failure_traceback": text_or_null,
+        "failure_reason": _TEXT_OR_NULL, "failure_traceback": _TEXT_OR_NULL,
         "progress": _nullable(_object({"fraction": {"type": "number", "minimum": 0,
                                                     "maximum": 1},
                                        "message": _STRING}, ("fraction", "message"))),
         "attempts": _COUNT, "max_retries": _COUNT, "retry_backoff": {"type": "number"},
-        "run_at": time_or_null, "created_at": _TIME, "started_at": time_or_null,
-        "completed_at": time_or_null, "duration": _MILLISECONDS,
-        "pipeline_id": text_or_null, "next_job_id": text_or_null,
+        "run_at": _TIME_OR_NULL, "created_at": _TIME, "started_at": _TIME_OR_NULL,
+        "completed_at": _TIME_OR_NULL, "duration": _MILLISECONDS,
+        "pipeline_id": _TEXT_OR_NULL, "next_job_id": _TEXT_OR_NULL,
         "use_previous_results": {"type": "boolean"}}, JOB_FIELDS)
     pipeline = _object({
-        "id": _STRING, "name": _STRING, "description": text_or_null,
+        "id": _STRING, "name": _STRING, "description": _TEXT_OR_NULL,
         "priority": {"type": "integer"}, "status": _statuses(*STATUSES),
-        "run_at": time_or_null, "created_at": _TIME, "started_at": time_or_null,
-        "completed_at": time_or_null, "duration": _MILLISECONDS,
+        "run_at": _TIME_OR_NULL, "created_at": _TIME, "started_at": _TIME_OR_NULL,
+        "completed_at": _TIME_OR_NULL, "duration": _MILLISECONDS,
         "jobs": {"type": "array", "items": _REF["Job"]}}, PIPELINE_FIELDS)
-    count = {"type": "object", "properties": {s: _COUNT for s in STATUSES},
-             "required": list(STATUSES), "additionalProperties": False}
+    count = _object({status: _COUNT for status in STATUSES}, STATUSES)
     status = _object({
         "version": _STRING, "time": _TIME, "uptime": {"type": "number", "minimum": 0},
         "storage": _object({"option": _STRING, "ok": {"type": "boolean"},
-                            "error": text_or_null}, ("option", "ok", "error")),
+                            "error": _TEXT_OR_NULL}, ("option", "ok", "error")),
         "jobs": _nullable(count),
         "queue": _object({"depth": _COUNT, "capacity": _COUNT,
                           "accepting": {"type": "boolean"},
@@ -4630,7 +4627,6 @@ def _answer_schemas():
 
 
 def _schemas(task_names, timeout_unit):
-    ref, time_or_null, text_or_null = _REF, _TIME_OR_NULL, _TEXT_OR_NULL
     cursor = _nullable({"type": "string", "pattern": "^[0-9]+$"})
     return {
         **_answer_schemas(),
@@ -4638,30 +4634,29 @@ def _schemas(task_names, timeout_unit):
                           "message": _STRING}, ("error", "code", "message")),
         "NewJob": _job_input(task_names, timeout_unit),
         "NewPipeline": _object({
-            "name": _NAME, "description": text_or_null,
-            "priority": _nullable({"type": "integer", "minimum": -_MAX_PRIORITY,
-                                   "maximum": _MAX_PRIORITY}),
-            "run_at": time_or_null,
+            "name": _NAME, "description": _TEXT_OR_NULL,
+            "priority": _PRIORITY,
+            "run_at": _TIME_OR_NULL,
             "jobs": {"type": "array", "minItems": 2, "maxItems": _MAX_PIPELINE_JOBS,
                      "items": _job_input(task_names, timeout_unit, pipeline_job=True)}},
             ("name", "jobs")),
-        "Changes": _object({"name": _NAME, "description": text_or_null}),
-        "JobPage": _object({"jobs": {"type": "array", "items": ref["Job"]},
+        "Changes": _object({"name": _NAME, "description": _TEXT_OR_NULL}),
+        "JobPage": _object({"jobs": {"type": "array", "items": _REF["Job"]},
                             "next_cursor": cursor}, ("jobs", "next_cursor")),
-        "PipelinePage": _object({"pipelines": {"type": "array", "items": ref["Pipeline"]},
+        "PipelinePage": _object({"pipelines": {"type": "array", "items": _REF["Pipeline"]},
                                  "next_cursor": cursor}, ("pipelines", "next_cursor")),
-        "Jobs": _object({"jobs": {"type": "array", "items": ref["Job"]}}, ("jobs",)),
-        "Result": _object({"job_id": _STRING, "metadata": _ANY, "error": text_or_null},
+        "Jobs": _object({"jobs": {"type": "array", "items": _REF["Job"]}}, ("jobs",)),
+        "Result": _object({"job_id": _STRING, "metadata": _ANY, "error": _TEXT_OR_NULL},
                           ("job_id", "metadata", "error")),
         "Deleted": _object({"deleted": _COUNT}, ("deleted",)),
         "Retried": _object({"retried": _COUNT, "more": {"type": "boolean"}},
                            ("retried", "more")),
         "Periodic": _object({"periodic": {"type": "array", "items": _object({
-            "name": _STRING, "task_name": _STRING, "cron": text_or_null,
+            "name": _STRING, "task_name": _STRING, "cron": _TEXT_OR_NULL,
             "every": {"anyOf": [{"type": "number"}, _STRING, {"type": "null"}],
                       "description": "as in the config: seconds, or a duration such as 5m"},
-            "next_run_at": time_or_null,
-            "last_fired_at": time_or_null}, ("name", "task_name", "cron", "every",
+            "next_run_at": _TIME_OR_NULL,
+            "last_fired_at": _TIME_OR_NULL}, ("name", "task_name", "cron", "every",
                                             "next_run_at", "last_fired_at"))}},
             ("periodic",)),
         "Tasks": _object({"tasks": {"type": "array", "items": _STRING}}, ("tasks",)),
