@@ -964,6 +964,15 @@ def _check_moves(moves):
                              f"that is not one of {', '.join(STATUSES)}")
 
 
+def _checked_move(move):
+    """A move of transitions(), checked (ValueError), with its optional parts: (id,
+    from_states, to_state, fields, result, then)."""
+    job_id, from_states, to_state, fields, result, then = (*move, *(None, None, ())[
+        len(move) - 3:])
+    _check_moves(((job_id, from_states, to_state, fields), *then))
+    return job_id, from_states, to_state, fields, result, then
+
+
 def _check_finished(statuses):
     if not statuses or not set(statuses) <= set(FINISHED):
         raise ValueError(f"purge() deletes only finished jobs: statuses must be some of "
@@ -1072,7 +1081,15 @@ class Store:
         move), if the job is missing or not in one of `from_states`. Two
         transitions of one job from the same status can never both succeed. A
         field outside those five, or a status outside STATUSES, in any move is a
-        ValueError."""
+        ValueError. (Every store has this: it is transitions() of one move.)"""
+        return self.transitions((job_id, from_states, to_state, fields, result, then))[0]
+
+    def transitions(self, *moves) -> list:
+        """Make several transitions in one write (one commit on SQLite), in order, as
+        transition() makes one: each move is a tuple of transition()'s arguments,
+        (job id, from_states, to_state[, fields[, result[, then]]]). Returns each
+        move's record, or None where it did not apply (the others apply all the
+        same). A worker so writes a job's end with its next job's start."""
         raise NotImplementedError
 
     def update(self, item_id, fields, kind="job") -> bool:
@@ -1281,21 +1298,26 @@ class MemoryStore(Store):
                         break
             return found
 
-    def transition(self, job_id, from_states, to_state, fields=None, result=None,
-                   then=()):
-        _check_moves(((job_id, from_states, to_state, fields), *then))
-        stored = None if not result else (json.dumps(result[0]), result[1])
+    def transitions(self, *moves):
+        moves = [_checked_move(move) for move in moves]
+        stored = [None if not result else (json.dumps(result[0]), result[1])
+                  for _, _, _, _, result, _ in moves]
         with self._lock:
-            record = self._move(job_id, from_states, to_state, fields)
-            if record is None:
-                return None
-            if stored is not None:
-                self._results[job_id] = stored
-            elif result == ():
-                self._results.pop(job_id, None)
-            for move in then:
-                self._move(*move)
-            return self._out(record)
+            return [self._transition(*move, stored=value)
+                    for move, value in zip(moves, stored)]
+
+    def _transition(self, job_id, from_states, to_state, fields, result, then, stored):
+        """One move of transitions(), with the lock held; `stored`: its result, as kept."""
+        record = self._move(job_id, from_states, to_state, fields)
+        if record is None:
+            return None
+        if stored is not None:
+            self._results[job_id] = stored
+        elif result == ():
+            self._results.pop(job_id, None)
+        for move in then:
+            self._move(*move)
+        return self._out(record)
 
     def _move(self, job_id, from_states, to_state, fields):
         """Make one move, with the lock held; the record, or None if it does not apply."""
@@ -1984,9 +2006,14 @@ class SqliteStore(Store):
         return self._read(f"SELECT * FROM jobs {where}ORDER BY seq "
                           f"{'DESC ' if newest_first else ''}LIMIT ?", [*args, limit])
 
-    def transition(self, job_id, from_states, to_state, fields=None, result=None,
-                   then=()):
-        _check_moves(((job_id, from_states, to_state, fields), *then))
+    def transitions(self, *moves):
+        steps = [self._transition(*_checked_move(move)) for move in moves]
+        return [self._out(record) for record in self._write(
+            lambda conn: [step(conn) for step in steps])]
+
+    @staticmethod
+    def _transition(job_id, from_states, to_state, fields, result, then):
+        """One move of transitions(), its SQL made: the function that writes it."""
         moves = []
         for move_id, states, state, move_fields in ((job_id, from_states, to_state, fields),
                                                     *then):
@@ -2008,7 +2035,7 @@ class SqliteStore(Store):
                 conn.execute(then_sql, then_args)
             return conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
-        return self._out(self._write(move))
+        return move
 
     def update(self, item_id, fields, kind="job"):
         _check_fields(fields, _EDITABLE_FIELDS, "update()")
@@ -2219,6 +2246,18 @@ def _why_pipeline_not_deletable(pipeline):
     return None
 
 
+class _Move:
+    """A transition for the lifecycle to make (the arguments of the store's), and
+    `after`, what follows it once made: called with the moved record."""
+
+    __slots__ = ("args", "after")
+
+    def __init__(self, job_id, from_states, to_state, fields=None, result=None, then=(),
+                 after=None):
+        self.args = (job_id, from_states, to_state, fields, result, then)
+        self.after = after
+
+
 class _Lifecycle:
     """Where every job's status changes, and what follows from each change.
 
@@ -2263,15 +2302,26 @@ class _Lifecycle:
         """valet is stopping: persist() stops retrying."""
         self._halted.set()
 
+    def _make(self, *moves):
+        """Make moves (_Move) in one write of the store, each checked against _MOVES,
+        then what follows each one that applied. The one call of the store's
+        transitions(): returns each move's record (None where it did not apply)."""
+        for move in moves:
+            _, from_states, to_state, _, _, then = move.args
+            _check_move(from_states, to_state)
+            for _, states, state, _ in then:
+                _check_move(states, state)
+        records = self.store.transitions(*(move.args for move in moves))
+        for move, record in zip(moves, records):
+            if record is not None:
+                self._count(record, move.args[1])
+                if move.after is not None:
+                    move.after(record)
+        return records
+
     def _transition(self, job_id, from_states, to_state, fields=None, result=None, then=()):
-        """The one call of store.transition(): every move is checked against _MOVES."""
-        _check_move(from_states, to_state)
-        for _, states, state, _ in then:
-            _check_move(states, state)
-        moved = self.store.transition(job_id, from_states, to_state, fields, result, then)
-        if moved is not None:
-            self._count(moved, from_states)
-        return moved
+        """One move, with nothing to follow it: the moved record, or None."""
+        return self._make(_Move(job_id, from_states, to_state, fields, result, then))[0]
 
     def _count(self, moved, from_states):
         """Count a move for GET /metrics: a job that ended, or that runs again."""
@@ -2376,25 +2426,32 @@ class _Lifecycle:
         queued) off the queue: one more attempt; started_at stays the first
         attempt's. The started record, or None if the job was cancelled or
         deleted meanwhile."""
-        first_start = job["started_at"] if job["started_at"] is not None else self._clock()
-        started = self._transition(job["id"], (PENDING,), IN_PROGRESS,
-                                   {"attempts": job["attempts"] + 1, "started_at": first_start})
-        if started is not None:
-            log.debug("job %s: %s -> %s (attempt %d)", job["id"], PENDING, IN_PROGRESS,
-                      started["attempts"])
-        return started
+        return self._make(self._start(job))[0]
 
-    def settle(self, claim, status, value=None, reason=None, trace=None):
+    def _start(self, job):
+        first_start = job["started_at"] if job["started_at"] is not None else self._clock()
+        return _Move(job["id"], (PENDING,), IN_PROGRESS,
+                     {"attempts": job["attempts"] + 1, "started_at": first_start},
+                     after=lambda started: log.debug(
+                         "job %s: %s -> %s (attempt %d)", job["id"], PENDING, IN_PROGRESS,
+                         started["attempts"]))
+
+    def settle(self, claim, status, value=None, reason=None, trace=None, then_start=None):
         """End the running attempt a worker claimed, as whoever took the claim (the
         worker when its task returned, the deadline thread, stop): finish() it, then
-        release the claim and wake the job's waiters. The write is retried while
-        the store fails (persist()); if valet stops first, the claim is given back
-        for stop or the next start to settle, and the error raised."""
+        release the claim and wake the job's waiters. With `then_start`, the record
+        of a job the worker took off the queue, that job's start is written with
+        the end, in one commit. Returns [the ended record, the started one] (None
+        for a move that did not apply). The write is retried while the store
+        fails (persist()); if valet stops first, the claim is given back for stop
+        or the next start to settle, and the error raised."""
         settled = False
         try:
-            moved = self.persist(self.finish, claim.job, status, value, reason, trace)
+            records = self.persist(lambda: self._make(
+                self._finish(claim.job, status, value, reason, trace),
+                *([] if then_start is None else [self._start(then_start)])))
             settled = True
-            return moved
+            return records
         finally:
             self.pool.release(claim, settled)
             self.wake(claim.job_id)
@@ -2404,6 +2461,9 @@ class _Lifecycle:
         task's value, or FAILED for `reason` (with the task's traceback, `trace`, if
         it raised), retried if the job has retries left. Returns the moved record,
         or None if the job was no longer IN_PROGRESS."""
+        return self._make(self._finish(job, status, value, reason, trace))[0]
+
+    def _finish(self, job, status, value, reason, trace):
         if status == COMPLETED:
             return self._complete(job, value)
         if job["attempts"] <= job["max_retries"]:
@@ -2412,31 +2472,31 @@ class _Lifecycle:
 
     def _complete(self, job, value):
         """IN_PROGRESS -> COMPLETED, with the result; then the pipeline's next job."""
-        done = self._transition(job["id"], (IN_PROGRESS,), COMPLETED,
-                                {"completed_at": self._clock(), "failure_reason": None,
-                                 "failure_traceback": None},
-                                result=(value, None))
-        if done is not None:
+        def after(done):
             log.debug("job %s: %s -> %s", job["id"], IN_PROGRESS, COMPLETED)
             if job["next_job_id"] is not None:  # (retried: the move is made)
                 following = self.persist(self.store.get, job["next_job_id"])
                 if following is not None and following["status"] == PENDING:
                     self.pool.enqueue(following, reserved=False)
-        return done
+
+        return _Move(job["id"], (IN_PROGRESS,), COMPLETED,
+                     {"completed_at": self._clock(), "failure_reason": None,
+                      "failure_traceback": None}, result=(value, None), after=after)
 
     def _retry(self, job, reason, trace=None):
         """IN_PROGRESS -> SCHEDULED: a failed attempt with retries left waits for its
         backoff, then comes due like a scheduled job."""
         run_at = self._clock() + _backoff(job["retry_backoff"], max(1, job["attempts"]))
-        moved = self._transition(job["id"], (IN_PROGRESS,), SCHEDULED,
-                                 {"run_at": run_at, "failure_reason": reason,
-                                  "failure_traceback": trace})
-        if moved is not None:
+
+        def after(moved):
             log.info("job %s: attempt %d failed (%s); retry %d of %d at %s", job["id"],
                      moved["attempts"], reason, moved["attempts"], moved["max_retries"],
                      _rfc3339(run_at))
             self.scheduler.at(run_at, self.promote, job["id"], run_at)
-        return moved
+
+        return _Move(job["id"], (IN_PROGRESS,), SCHEDULED,
+                     {"run_at": run_at, "failure_reason": reason, "failure_traceback": trace},
+                     after=after)
 
     def _fail(self, job, reason, trace=None):
         """IN_PROGRESS -> FAILED, the reason kept as its result's error; the rest of
@@ -2446,24 +2506,25 @@ class _Lifecycle:
 
     def _cancel(self, job, reason, states=UNFINISHED):
         """SCHEDULED, PENDING or IN_PROGRESS (those of `states`) -> CANCELLED, with no
-        result; the rest of its pipeline is cancelled with it."""
-        return self._end(job, states, CANCELLED, reason, result=None)
+        result; the rest of its pipeline is cancelled with it. The moved record."""
+        return self._make(self._end(job, states, CANCELLED, reason, result=None))[0]
 
     def _end(self, job, from_states, status, reason, result, trace=None):
-        """Move a job to FAILED or CANCELLED, and the jobs after it in its pipeline
-        that have not started to CANCELLED, in one write."""
+        """The move of a job to FAILED or CANCELLED, with the jobs after it in its
+        pipeline that have not started to CANCELLED, in one write."""
         now = self._clock()
         later = self._rest_of_pipeline(job, status, now)
-        moved = self._transition(job["id"], from_states, status,
-                                 {"completed_at": now, "failure_reason": reason,
-                                  "failure_traceback": trace},
-                                 result=result, then=[move for _, move in later])
-        if moved is not None:
+
+        def after(moved):
             log.info("job %s: %s -> %s (%s)", job["id"], job["status"], status, reason)
             for task, (later_id, *_) in later:
                 self._forget(later_id)
                 self.metrics.finished(task, CANCELLED)
-        return moved
+
+        return _Move(job["id"], from_states, status,
+                     {"completed_at": now, "failure_reason": reason,
+                      "failure_traceback": trace},
+                     result=result, then=[move for _, move in later], after=after)
 
     def _rest_of_pipeline(self, job, status, now):
         """The moves that cancel the jobs after `job` in its pipeline that have not
@@ -2724,6 +2785,7 @@ class _Claim:
 
 
 _STOP = object()  # put on the ready queue, one per worker, to end it
+_UNSTARTED = object()  # a claimed job whose start is yet to be written
 
 
 def _reason_of(exc):
@@ -2802,6 +2864,7 @@ class _WorkerPool:
         self._abandoned = 0    # abandoned threads whose task has not returned yet
         self._stopping = False  # set by halt(): start no more jobs or workers
         self._enforcing = True  # the deadline thread runs until stop() has waited
+        self._mine = threading.local()  # .next: a job a worker thread started, to run
 
     # -- the backlog: jobs accepted and waiting for a worker
 
@@ -2911,36 +2974,70 @@ class _WorkerPool:
 
     # -- a worker's single step
 
-    def run_once(self, block=True, timeout=None):
+    def run_once(self, block=True, timeout=None, chain=False):
         """Take one job off the queue and run it to its end.
 
         Returns False when this thread should stop: it took the stop sentinel, or
         its job was taken from it (a timeout, a cancel) and a replacement has
         taken its place. Raises queue.Empty when not blocking (or after
-        `timeout`) and nothing is queued.
+        `timeout`) and nothing is queued. With `chain` (a worker thread's loop):
+        if another job is ready when this one ends, take it too and write its
+        start with this one's end, in one commit; the next call runs it.
         """
-        _, entry_order, job = self._ready.get(block, timeout)
-        if job is _STOP:
-            return False
+        job, claim, started = self._mine.__dict__.pop("next", (None, None, _UNSTARTED))
+        if job is None:
+            _, entry_order, job = self._ready.get(block, timeout)
+            if job is _STOP:
+                return False
+            claim = self._claim(job, entry_order)
+            if claim is None:
+                return True
+        try:
+            return self._run(job, claim, started, chain)
+        finally:
+            self._let_go(claim)
+
+    def _let_go(self, claim):
+        """The thread is done with its claim: forget it if its job never started (an
+        error; or it was cancelled or deleted first)."""
+        with self._lock:
+            self._started(claim)
+            if claim.job is None and not claim.taken:
+                del self._running[claim.job_id]
+                self._changed.notify_all()
+            if claim.abandoned:
+                self._abandoned -= 1
+
+    def _claim(self, job, entry_order):
+        """Claim a job taken off the queue for the calling thread: its _Claim, or None
+        if it was deleted or cancelled while queued (maybe queued again since, with
+        an entry of its own), or is left for the next start."""
         with self._lock:
             order, ready = self._waiting.get(job["id"], (None, None))
             if order != entry_order or self._stopping:
-                return True  # deleted or cancelled while queued (maybe queued again since,
-                # with an entry of its own); or left for the next start
+                return None
             del self._waiting[job["id"]]
             claim = self._running[job["id"]] = _Claim(threading.current_thread(), job["id"])
             claim.ready = ready
             self._starting[job["id"]] = self._starting.get(job["id"], 0) + 1
-        try:
-            return self._run(job, claim)
-        finally:
-            with self._lock:
-                self._started(claim)
-                if claim.job is None and not claim.taken:  # not started: an error, or
-                    del self._running[job["id"]]           # cancelled or deleted first
-                    self._changed.notify_all()
-                if claim.abandoned:
-                    self._abandoned -= 1
+        return claim
+
+    def _following(self):
+        """The next ready job and the calling thread's claim on it, if one is queued
+        now (not blocking), for its start to be written with the end of the job
+        this thread has run; else None."""
+        while not self._stopping:
+            try:
+                _, entry_order, job = self._ready.get_nowait()
+            except queue.Empty:
+                return None
+            if job is _STOP:  # (for this thread: it stops after the job it has run)
+                self._ready.put((-math.inf, entry_order, job))
+                return None
+            claim = self._claim(job, entry_order)
+            if claim is not None:
+                return job, claim
+        return None
 
     def _started(self, claim):
         """The start of the claim's job is written, or will not be (with the lock held)."""
@@ -2958,12 +3055,16 @@ class _WorkerPool:
         with self._lock:
             return job_id in self._starting
 
-    def _run(self, job, claim):
-        started = self._lifecycle.persist(self._lifecycle.start, job)
+    def _run(self, job, claim, started=_UNSTARTED, chain=False):
+        """Run a claimed job: write its start (unless it was written with the end of
+        the job before: `started`, its record, or None if it did not apply), call its
+        task, and settle it (with the start of the next, if `chain`)."""
+        if started is _UNSTARTED:
+            started = self._lifecycle.persist(self._lifecycle.start, job)
         with self._lock:
             self._started(claim)
             if started is None or claim.taken:  # cancelled or deleted before it started
-                return not claim.taken  # if taken, the canceller started a replacement
+                return not claim.abandoned  # if so, the canceller started a replacement
             claim.job = started
             claim.began = self._monotonic()
             deadline = self._add_deadline(claim)
@@ -2981,10 +3082,24 @@ class _WorkerPool:
                 if not claim.released:  # the taker could not write it, and gave the
                     claim.taken = mine = True  # claim back: the task's own end stands
         if not mine:
-            log.info("job %s: the task returned after the job was cancelled, timed out "
-                     "or stopped; its result is discarded", started["id"])
-            return False
-        self._lifecycle.settle(claim, status, value, reason, trace)
+            if claim.abandoned:
+                log.info("job %s: the task returned after the job was cancelled, timed "
+                         "out or stopped; its result is discarded", started["id"])
+            return not claim.abandoned  # an abandoned thread has been replaced
+        # (Not before a pipeline's next job, which its end queues, maybe ahead of others.)
+        following = self._following() if chain and started["next_job_id"] is None else None
+        if following is None:
+            self._lifecycle.settle(claim, status, value, reason, trace)
+            return True
+        try:
+            _, started = self._lifecycle.settle(claim, status, value, reason, trace,
+                                                then_start=following[0])
+        except BaseException:  # (valet stops while the store fails): queued again
+            self._let_go(following[1])
+            if not self._stopping:
+                self.enqueue(following[0], reserved=False, since=following[1].ready)
+            raise
+        self._mine.next = (*following, started)
         return True
 
     def _add_deadline(self, claim):
@@ -3115,8 +3230,15 @@ class _WorkerPool:
     def _work(self):
         # A thread stops when run_once says so, and also when it left the pool while
         # an error cut its job short (a cancel took the job, then the start failed).
-        while _guarded(self.run_once) and self._in_pool(threading.current_thread()):
-            pass
+        while True:
+            go_on = _guarded(self.run_once, True, None, True)
+            if "next" in self._mine.__dict__:  # a job started with the last one's end:
+                continue                       # run it (or let go of it, if taken)
+            if not (go_on and self._in_pool(threading.current_thread())):
+                break
+        child = getattr(self._mine, "child", None)
+        if child is not None:
+            self._end_child(child)
         with self._lock:
             self._threads.discard(threading.current_thread())
             self._changed.notify_all()
