@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import errno
 import http.client
+import importlib
 import json
 import logging
 import math
@@ -2536,7 +2537,7 @@ def test_a_running_job_whose_end_cannot_be_written_stays_claimed_for_a_cancel(ma
     assert app.status()["workers"]["busy"] == 1  # its claim is kept, with no thread
     cancelled = app.cancel(stuck["id"])
     assert cancelled["status"] == valet.CANCELLED
-    assert app.status()["workers"] == {"busy": 0, "total": 1, "abandoned": 0}
+    assert app.status()["workers"] == {"type": "thread", "busy": 0, "total": 1, "abandoned": 0}
 
 
 def test_a_cancel_completes_when_no_replacement_worker_can_start(make_app, gate,
@@ -2799,7 +2800,7 @@ def test_cancelling_a_running_pipeline_cancels_every_job_and_discards_the_late_r
     resp = call(app, "GET", f"/jobs/{running}/results")
     assert resp.status == 404 and "was cancelled" in resp.body["message"]
     assert ran == []
-    assert call(app, "GET", "/status").body["workers"] == {"busy": 0, "total": 2,
+    assert call(app, "GET", "/status").body["workers"] == {"type": "thread", "busy": 0, "total": 2,
                                                            "abandoned": 0}
     listed = call(app, "GET", "/pipelines?status=cancelled").body["pipelines"]
     assert [p["id"] for p in listed] == [pipeline["id"]]
@@ -3243,7 +3244,7 @@ def test_timeout_fails_at_the_deadline_and_the_pool_keeps_its_workers(make_app, 
     # The only worker is stuck in the gate, yet a new job runs: a replacement took over.
     quick = submit(app, "echo", "quick")
     wait_for_status(app, quick["id"], valet.COMPLETED)
-    assert call(app, "GET", "/status").body["workers"] == {"busy": 0, "total": 1,
+    assert call(app, "GET", "/status").body["workers"] == {"type": "thread", "busy": 0, "total": 1,
                                                            "abandoned": 1}
     gate.opened.set()
     stuck = gate.thread
@@ -3507,6 +3508,492 @@ def test_job_with_its_own_timeout_keeps_it_over_the_default(make_app, gate):
     assert app.pool.tick(1005.1) == 1
     assert wait_for_status(app, job["id"], valet.FAILED)["failure_reason"] == \
         "timed out after 5 seconds"
+
+
+# --------------------------------------------------------- worker processes --
+
+# worker_pool.worker_type: process. Timeouts and cancels that really stop the task,
+# worker processes that crash, leak or are killed from outside, recycling, parity
+# with worker threads on every store, the config, and a real `python valet.py` in
+# process mode. Nothing waits a fixed time: the tasks coordinate with the test
+# through files, and the test polls with a deadline (wait_until).
+
+# -- fault tasks
+
+# Top-level functions of an importable module, as worker processes need: they are
+# pickled by reference and imported again in each child. A task told where by its
+# metadata writes its pid to a file, waits for a file to appear, or counts its runs
+# in a file: the test and the child share nothing else.
+FAULT_TASKS = '''
+import os
+import time
+
+
+def _note_pid(metadata):
+    path = metadata["pidfile"]
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)  # the test never reads half a pid
+
+
+def _wait_for(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.005)
+
+
+def pid(metadata):
+    return os.getpid()
+
+
+def spin(metadata):
+    """Spin on the CPU, deaf to context.cancelled (30 s at most)."""
+    _note_pid(metadata)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        pass
+    return "spun"
+
+
+def leak(metadata):
+    chunks = []
+    while True:
+        chunks.append(bytearray(8 * 2**20))
+
+
+def exit7(metadata):
+    os._exit(7)
+
+
+def wait_for_file(metadata):
+    _note_pid(metadata)
+    _wait_for(metadata["file"])
+    return "released"
+
+
+def stubborn(metadata, context):
+    """Note that context.cancelled was set (in metadata["seen"]), and sleep on."""
+    _note_pid(metadata)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        if context.cancelled.is_set() and not os.path.exists(metadata["seen"]):
+            open(metadata["seen"], "w").close()
+        time.sleep(0.005)
+    return "ignored"
+
+
+def cooperative(metadata, context):
+    _note_pid(metadata)
+    return "stopped" if context.cancelled.wait(30) else "never cancelled"
+
+
+def progress(metadata, context):
+    context.progress(0.5, "half")
+    _wait_for(metadata["file"])
+    return {"job_id": context.job_id, "attempt": context.attempt,
+            "deadline": context.deadline}
+
+
+def double(metadata):
+    return {"n": metadata["n"] * 2}
+
+
+def previous(metadata, previous_result):
+    return {"metadata": metadata, "previous": previous_result}
+
+
+def flaky(metadata, context):
+    with open(metadata["runs"], "a") as f:
+        f.write(f"{context.attempt}\\n")
+    with open(metadata["runs"]) as f:
+        runs = len(f.readlines())
+    if runs == 1:
+        raise RuntimeError("the first run fails")
+    return {"attempt": context.attempt, "runs": runs}
+
+
+def returns_nan(metadata):
+    return float("nan")
+
+
+def returns_set(metadata):
+    return {1, 2}
+
+
+def raises(metadata):
+    raise ValueError("bad input")  # the line failure_traceback shows
+
+
+def shout(metadata):
+    print(metadata["text"], flush=True)
+
+
+TASKS = {name: fn for name, fn in dict(globals()).items()
+         if callable(fn) and not name.startswith("_")}
+'''
+
+
+@pytest.fixture(scope="session")
+def fault_tasks(tmp_path_factory):
+    """The module valet_fault_tasks, written once in a folder on sys.path (which the
+    worker processes are given too)."""
+    folder = tmp_path_factory.mktemp("fault_tasks")
+    (folder / "valet_fault_tasks.py").write_text(FAULT_TASKS)
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    return importlib.import_module("valet_fault_tasks")
+
+
+@pytest.fixture
+def process_app(fault_tasks, tmp_path):
+    """A function that starts a Valet whose one worker runs its tasks in a process
+    (nested config sections override the defaults below, key by key)."""
+    apps = []
+
+    def make(option="memory", **sections):
+        config = {"server": {"port": 0},
+                  "storage": {"option": option,
+                              "sqlite": {"path": str(tmp_path / "valet.db")}},
+                  "worker_pool": {"workers": 1, "worker_type": "process",
+                                  "kill_grace": 0.3, "shutdown_grace": 1}}
+        for section, values in sections.items():
+            config[section] = {**config.get(section, {}), **values}
+        app = valet.Valet(config, tasks=fault_tasks.TASKS)
+        apps.append(app)
+        return app.start()
+
+    yield make
+    for app in apps:
+        app.stop(0)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def option(request):
+    """Each store, as the `storage` fixture of test_valet.py."""
+    return request.param
+
+
+def gone(pid):
+    """Whether the process has ended and been reaped (a zombie still answers kill 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def alive(pid):
+    """Whether the process runs: neither gone nor a zombie (an orphan's zombie may
+    wait for an init that does not reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def children_of(parent):
+    """The pids of the live processes whose parent is `parent`."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def read_pid(path):
+    """The pid a task wrote to `path`, once it has."""
+    return int(wait_until(lambda: path.exists() and path.read_text(),
+                             what=f"a task to write its pid to {path.name}"))
+
+
+def workers(app_or_port):
+    resp = call(app_or_port, "GET", "/status")
+    assert resp.status == 200, resp
+    return resp.body["workers"]
+
+
+def run_pid_job(app):
+    """Run a `pid` job to its end: the pid of the worker process that ran it."""
+    job = wait_for_status(app, submit(app, "pid")["id"], valet.COMPLETED)
+    return result_of(app, job["id"])
+
+
+def assert_refilled(app, old_pid, replaced=1):
+    """The slot of the worker process `old_pid` has a new process: a job completes on
+    it, and /status counts the replacement (and no abandoned worker)."""
+    new_pid = run_pid_job(app)
+    assert new_pid != old_pid
+    assert workers(app) == {"type": "process", "busy": 0, "total": 1, "abandoned": 0,
+                            "pids": [new_pid], "replaced": replaced}
+
+
+# -- stopping a task
+
+def test_spinning_task_times_out_at_once_and_its_process_is_killed_and_replaced(
+        process_app, tmp_path):
+    app = process_app(worker_pool={"kill_grace": 0.5})
+    before = workers(app)
+    assert before["type"] == "process" and before["replaced"] == 0
+    job_id = submit(app, "spin", {"pidfile": str(tmp_path / "pid")}, timeout=0.3)["id"]
+    spinner = read_pid(tmp_path / "pid")
+    assert before["pids"] == [spinner]  # the process start() made ran it
+    failed = wait_for_status(app, job_id, valet.FAILED)
+    assert failed["failure_reason"] == "timed out after 0.3 seconds"
+    # FAILED at the deadline, not once the process is killed (kill_grace later)
+    took = epoch(failed["completed_at"]) - epoch(failed["started_at"])
+    assert 0.3 <= took < 0.3 + 0.4, took
+    wait_until(lambda: gone(spinner), what=f"the spinning process {spinner} to end")
+    assert_refilled(app, spinner)
+
+
+def test_task_leaking_past_max_memory_per_child_fails_with_memory_error_and_is_replaced(
+        process_app):
+    app = process_app(worker_pool={"max_memory_per_child": 64})
+    [leaker] = workers(app)["pids"]
+    failed = wait_for_status(app, submit(app, "leak")["id"], valet.FAILED)
+    assert failed["failure_reason"].startswith("MemoryError"), failed["failure_reason"]
+    assert "worker_pool.max_memory_per_child" in failed["failure_reason"]
+    assert "64 MB" in failed["failure_reason"]
+    wait_until(lambda: gone(leaker), what=f"the leaking process {leaker} to end")
+    assert_refilled(app, leaker)
+
+
+def test_worker_process_exiting_with_code_7_fails_its_job_and_is_replaced(process_app):
+    app = process_app()
+    [exited] = workers(app)["pids"]
+    failed = wait_for_status(app, submit(app, "exit7")["id"], valet.FAILED)
+    assert failed["failure_reason"] == \
+        "the worker process running the job exited with code 7"
+    assert call(app, "GET", "/status").status == 200  # the server is still up
+    assert gone(exited)  # reaped before its job was failed
+    assert_refilled(app, exited)
+
+
+def test_worker_process_killed_from_outside_fails_its_job_naming_sigkill(process_app,
+                                                                         tmp_path):
+    app = process_app()
+    job_id = submit(app, "wait_for_file", {"pidfile": str(tmp_path / "pid"),
+                                              "file": str(tmp_path / "never")})["id"]
+    victim = read_pid(tmp_path / "pid")
+    os.kill(victim, signal.SIGKILL)
+    failed = wait_for_status(app, job_id, valet.FAILED)
+    assert failed["failure_reason"] == ("the worker process running the job was killed by "
+                                        "SIGKILL (kill -9, or the out-of-memory killer)")
+    assert gone(victim)
+    assert_refilled(app, victim)
+
+
+def test_cancel_of_a_task_ignoring_it_answers_at_once_then_kills_and_replaces_its_process(
+        process_app, tmp_path):
+    app = process_app(worker_pool={"kill_grace": 1})
+    job_id = submit(app, "stubborn", {"pidfile": str(tmp_path / "pid"),
+                                         "seen": str(tmp_path / "seen")})["id"]
+    stubborn = read_pid(tmp_path / "pid")
+    began = time.monotonic()
+    resp = call(app, "POST", f"/jobs/{job_id}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED, resp
+    assert time.monotonic() - began < 0.8  # not once the process is killed
+    assert job_status(app, job_id) == valet.CANCELLED
+    assert not gone(stubborn)  # it has kill_grace (1 s) to return
+    wait_until(lambda: (tmp_path / "seen").exists(),
+                  what="the task to see its context.cancelled set")
+    wait_until(lambda: gone(stubborn), what=f"the stubborn process {stubborn} to end")
+    assert_refilled(app, stubborn)
+    assert job_status(app, job_id) == valet.CANCELLED
+
+
+def test_cancel_of_a_cooperative_task_keeps_its_process_for_the_next_job(process_app,
+                                                                         tmp_path):
+    app = process_app(worker_pool={"kill_grace": 5})  # a kill would show as a long wait
+    job_id = submit(app, "cooperative", {"pidfile": str(tmp_path / "pid")})["id"]
+    worker = read_pid(tmp_path / "pid")
+    resp = call(app, "POST", f"/jobs/{job_id}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED, resp
+    began = time.monotonic()
+    assert run_pid_job(app) == worker  # the same process runs the next job
+    assert time.monotonic() - began < 4  # not after a kill_grace of 5 s
+    assert workers(app) == {"type": "process", "busy": 0, "total": 1, "abandoned": 0,
+                            "pids": [worker], "replaced": 0}
+    assert job_status(app, job_id) == valet.CANCELLED
+
+
+# -- recycling
+
+def test_max_jobs_per_child_recycles_the_process_after_that_many_jobs(process_app):
+    app = process_app(worker_pool={"max_jobs_per_child": 2})
+    ids = [submit(app, "pid")["id"] for _ in range(5)]
+    for job_id in ids:
+        wait_for_status(app, job_id, valet.COMPLETED)
+    a1, a2, b1, b2, c = [result_of(app, job_id) for job_id in ids]
+    assert a1 == a2 and b1 == b2, [a1, a2, b1, b2, c]
+    assert len({a1, b1, c}) == 3, [a1, a2, b1, b2, c]
+    assert workers(app)["pids"] == [c] and workers(app)["replaced"] == 2
+    assert gone(a1) and gone(b1)
+
+
+# -- the same as worker threads
+
+def test_process_task_reports_progress_and_sees_its_context(process_app, option, tmp_path):
+    app = process_app(option)
+    submitted = time.time()
+    job_id = submit(app, "progress", {"file": str(tmp_path / "go")}, timeout=30)["id"]
+    running = wait_until(
+        lambda: (job := call(app, "GET", f"/jobs/{job_id}").body)["progress"] and job,
+        what="the progress report")
+    assert running["status"] == valet.IN_PROGRESS
+    assert running["progress"] == {"fraction": 0.5, "message": "half"}
+    (tmp_path / "go").touch()
+    done = wait_for_status(app, job_id, valet.COMPLETED)
+    assert done["progress"] is None  # shown while it runs only
+    result = result_of(app, job_id)
+    assert result["job_id"] == job_id and result["attempt"] == 1
+    assert submitted + 30 <= result["deadline"] <= time.time() + 30
+
+
+def test_process_pipeline_passes_the_previous_result(process_app, option):
+    app = process_app(option)
+    pipeline = submit_pipeline(app, stage("double", {"n": 21}),
+                                  stage("previous", "mine", use_previous_results=True))
+    done = wait_for_pipeline(app, pipeline["id"], valet.COMPLETED)
+    assert job_statuses(done) == [valet.COMPLETED, valet.COMPLETED]
+    assert result_of(app, done["jobs"][1]["id"]) == {"metadata": "mine",
+                                                        "previous": {"n": 42}}
+
+
+def test_process_task_failing_its_first_attempt_completes_on_its_retry(process_app, option,
+                                                                       tmp_path):
+    app = process_app(option)
+    runs = tmp_path / "runs"
+    job_id = submit(app, "flaky", {"runs": str(runs)}, max_retries=1,
+                       retry_backoff=0)["id"]
+    done = wait_for_status(app, job_id, valet.COMPLETED)
+    assert done["attempts"] == 2
+    assert result_of(app, job_id) == {"attempt": 2, "runs": 2}
+    assert runs.read_text() == "1\n2\n"
+
+
+@pytest.mark.parametrize("task, detail", [("returns_nan", "Out of range float values"),
+                                          ("returns_set", "set is not JSON serializable")])
+def test_process_task_returning_what_json_cannot_hold_fails(process_app, option, task,
+                                                            detail):
+    app = process_app(option)
+    failed = wait_for_status(app, submit(app, task)["id"], valet.FAILED)
+    assert failed["failure_reason"].startswith(
+        "the task's result is not JSON-serialisable"), failed["failure_reason"]
+    assert detail in failed["failure_reason"]
+    assert workers(app)["replaced"] == 0  # the process goes on
+    assert run_pid_job(app) == workers(app)["pids"][0]
+
+
+def test_process_task_raising_fails_with_its_reason_and_traceback(process_app, option,
+                                                                  fault_tasks):
+    app = process_app(option)
+    failed = wait_for_status(app, submit(app, "raises")["id"], valet.FAILED)
+    assert failed["failure_reason"] == "ValueError: bad input"
+    trace = failed["failure_traceback"]
+    assert f'File "{fault_tasks.__file__}"' in trace and ", in raises" in trace
+    assert 'raise ValueError("bad input")  # the line failure_traceback shows' in trace
+    assert workers(app)["replaced"] == 0
+
+
+# -- config
+
+@pytest.mark.parametrize("key, value", [("max_jobs_per_child", 2),
+                                        ("max_memory_per_child", 64)])
+def test_process_only_keys_with_worker_threads_are_a_config_error(key, value):
+    with pytest.raises(valet.ConfigError, match=f"worker_pool.{key}"):
+        valet.load_config({"worker_pool": {"worker_type": "thread", key: value}})
+    assert valet.load_config({"worker_pool": {"worker_type": "process", key: value}})[
+        f"worker_pool.{key}"] == value
+
+
+def test_start_with_a_lambda_task_in_process_mode_is_a_config_error_naming_it(fault_tasks):
+    app = valet.Valet({"server": {"port": 0}, "storage": {"option": "memory"},
+                       "worker_pool": {"workers": 1, "worker_type": "process"}},
+                      tasks={"pid": fault_tasks.pid, "anonymous": lambda metadata: None})
+    before = children_of(os.getpid())
+    try:
+        with pytest.raises(valet.ConfigError, match="task 'anonymous' cannot be"):
+            app.start()
+    finally:
+        began = time.monotonic()
+        app.stop()
+        assert time.monotonic() - began < 2
+    assert children_of(os.getpid()) <= before  # no worker process left behind
+
+
+# -- a real valet.py
+
+@pytest.fixture
+def valet_process(fault_tasks, tmp_path):
+    """A function that starts a real `python valet.py` in process mode (Process),
+    run from another folder than that of its config and tasks module; the valet is
+    killed at the end if still running."""
+    started = []
+
+    def start(**worker_pool):
+        (tmp_path / "valet_fault_tasks.py").write_text(FAULT_TASKS)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(exist_ok=True)
+        started.append(Process(
+            tmp_path, run_in=elsewhere, tasks_module="valet_fault_tasks",
+            worker_pool={"workers": 2, "worker_type": "process", **worker_pool}))
+        return started[-1]
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)
+
+
+def test_real_valet_in_process_mode_logs_task_prints_and_exits_0_on_sigterm_killing_its_children(
+        valet_process, tmp_path):
+    grace, kill_grace = 0.5, 0.3
+    proc = valet_process(shutdown_grace=grace, kill_grace=kill_grace)
+    assert proc.logged("workers: 2 processes")
+    post(proc.port, "shout", {"text": "a task's print reaches valet's stderr"})
+    wait_until(lambda: proc.logged("a task's print reaches valet's stderr"),
+                  what="the task's print on valet's stderr")
+    spinning = post(proc.port, "spin", {"pidfile": str(tmp_path / "pid")})
+    spinner = read_pid(tmp_path / "pid")
+    pids = workers(proc.port)["pids"]
+    assert spinner in pids and set(pids) == children_of(proc.proc.pid)
+    signalled = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(grace + kill_grace + 5) == 0
+    assert time.monotonic() - signalled < grace + kill_grace + 3
+    assert not [pid for pid in pids if alive(pid)]
+    proc.reader.join(10)
+    assert proc.lines[-1].endswith("valet stopped\n"), proc.lines[-3:]
+    store = valet.SqliteStore(tmp_path / "valet.db")
+    try:
+        assert store.get(spinning)["status"] == valet.FAILED
+    finally:
+        store.close()
+
+
+def test_worker_processes_of_a_sigkilled_valet_exit_on_their_own(valet_process, tmp_path):
+    proc = valet_process(kill_grace=0.3)
+    post(proc.port, "spin", {"pidfile": str(tmp_path / "pid")})
+    spinner = read_pid(tmp_path / "pid")
+    pids = workers(proc.port)["pids"]
+    assert spinner in pids and len(pids) == 2
+    proc.proc.kill()
+    proc.proc.wait(10)
+    wait_until(lambda: not [pid for pid in pids if alive(pid)], timeout=5,
+                  what=f"the worker processes {pids} of the killed valet to exit")
 
 
 # ---------------------------------------------------------------- scheduler --
@@ -4787,7 +5274,7 @@ def test_status_reports_version_storage_queue_and_workers(app, storage, gate):
                                "error": None}
     assert body["queue"] == {"depth": 0, "capacity": 20, "accepting": True,
                              "oldest_waiting_seconds": None}
-    assert body["workers"] == {"busy": 1, "total": 2, "abandoned": 0}
+    assert body["workers"] == {"type": "thread", "busy": 1, "total": 2, "abandoned": 0}
     assert body["jobs"] == {**dict.fromkeys(valet.STATUSES, 0), valet.IN_PROGRESS: 1}
     assert body["time"].endswith("Z")
     assert 0 < body["uptime"] < 60
@@ -8477,7 +8964,7 @@ def test_valet_run_from_another_folder_uses_the_files_beside_its_config(tmp_path
     job_id = post(proc.port, "echo", "beside")
     wait_until(lambda: call(proc.port, "GET", f"/jobs/{job_id}").body["status"]
                == valet.COMPLETED, what="the job to run")
-    assert proc.logged(f"(storage: sqlite {tmp_path / 'valet.db'}, workers: 1)")
+    assert proc.logged(f"(storage: sqlite {tmp_path / 'valet.db'}, workers: 1 thread)")
     assert proc.kill(signal.SIGTERM) == 0
     store = valet.SqliteStore(tmp_path / "valet.db")
     try:
@@ -8560,7 +9047,7 @@ def test_shipped_tasks_do_what_the_readme_says():
         tasks.fail({"message": "nope"})
     assert tasks.previous(None, {"words": 3}) == {"words": 3}
     claim = valet._Claim(threading.current_thread(), "id")
-    context = valet.Context("id", 2, None, claim)
+    context = valet.Context("id", 2, None, claim.cancelled, claim.report)
     assert tasks.countdown({"steps": 4, "delay": 0}, context=context) == {"counted": 4,
                                                                          "attempt": 2}
     assert claim.progress == {"fraction": 1, "message": "step 4 of 4"}

@@ -78,6 +78,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import queue
 import random
 import re
@@ -85,6 +86,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -326,6 +328,15 @@ _SCHEMA = {
                                         0, _MAX_TIMEOUT_SECONDS)(v),
                                     f"null or a number of seconds greater than 0 and "
                                     f"at most {_MAX_TIMEOUT_SECONDS}"),
+    "worker_pool.worker_type": ("thread", *_choice("thread", "process")),
+    "worker_pool.kill_grace": (2, lambda v: _is_number(v) and 0 <= v <= 3600,
+                               "a number of seconds from 0 to 3600"),
+    "worker_pool.max_jobs_per_child": (None, lambda v: v is None or (_is_int(v) and v >= 1),
+                                       "null or an integer >= 1"),
+    "worker_pool.max_memory_per_child": (None, lambda v: v is None or (
+                                             _is_int(v) and 16 <= v <= 2**20),
+                                         "null or a number of megabytes from 16 to "
+                                         "1048576"),
     "storage.option": ("sqlite", *_choice("sqlite", "memory")),
     "storage.sqlite.path": ("valet.db",
                             lambda v: isinstance(v, str) and v not in ("", ":memory:"),
@@ -426,10 +437,26 @@ def load_config(source=None, overrides: dict | None = None,
                             if key == "server.auth_token" else
                             f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
+    problems += _process_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     config["periodic"] = _periodic_entries(config["periodic"])
     return config
+
+
+def _process_problems(config):
+    """What is wrong with the settings of worker processes, given the rest."""
+    problems = []
+    if config["worker_pool.worker_type"] == "thread":
+        problems += [f"{key}: {_show(config[key])} applies to worker processes only; set "
+                     f"worker_pool.worker_type: process, or leave {key} null"
+                     for key in ("worker_pool.max_jobs_per_child",
+                                 "worker_pool.max_memory_per_child")
+                     if config[key] is not None]
+    if config["worker_pool.max_memory_per_child"] is not None and sys.platform == "win32":
+        problems.append("worker_pool.max_memory_per_child: Windows has no limit of a "
+                        "process's memory that valet can set; leave it null")
+    return problems
 
 
 def _in_folder(config, path):
@@ -2736,14 +2763,15 @@ class Context:
     `cancelled`, a threading.Event set when the job is cancelled, times out or
     the server stops, so the task can stop early (its result is discarded then);
     and progress(fraction, message), which the job's JSON shows while it runs.
+    A worker process (worker_type: process) gives its task the same class.
     """
 
-    def __init__(self, job_id, attempt, deadline, claim, clock=time.time):
+    def __init__(self, job_id, attempt, deadline, cancelled, report, clock=time.time):
         self.job_id = job_id
         self.attempt = attempt
         self.deadline = deadline
-        self.cancelled = claim.cancelled
-        self._claim = claim
+        self.cancelled = cancelled  # a threading.Event
+        self._report = report       # called with each progress report (a dict)
         self._clock = clock
 
     def remaining(self):
@@ -2755,7 +2783,7 @@ class Context:
         if not (_is_number(fraction) and 0 <= fraction <= 1):
             raise ValueError(f"progress fraction must be a number from 0 to 1, "
                              f"got {fraction!r}")
-        self._claim.progress = {"fraction": fraction, "message": str(message)[:200]}
+        self._report({"fraction": fraction, "message": str(message)[:200]})
 
 
 class _Claim:
@@ -2767,7 +2795,7 @@ class _Claim:
     cancel or stop to settle."""
 
     __slots__ = ("thread", "job_id", "job", "cancelled", "progress", "taken",
-                 "released", "abandoned", "deadline", "starting", "ready", "began")
+                 "released", "abandoned", "deadline", "starting", "ready", "began", "child")
 
     def __init__(self, thread, job_id):
         self.thread = thread    # None once its job's end could not be written
@@ -2782,6 +2810,11 @@ class _Claim:
         self.starting = True    # its job's start is being written
         self.ready = None       # when (wall clock) its job was ready to run
         self.began = None       # when (monotonic) its attempt began, once it has
+        self.child = None       # the worker process running its task (process mode)
+
+    def report(self, progress):
+        """What the task last reported (Context.progress)."""
+        self.progress = progress
 
 
 _STOP = object()  # put on the ready queue, one per worker, to end it
@@ -2819,6 +2852,218 @@ def _guarded(step, *args):
         return True
 
 
+# Worker processes (worker_type: process). Each runs _child_main(), started as a
+# fresh Python by `python -c <program>`: the program is the source of the few
+# functions below that it needs (see _child_program), so that it imports nothing
+# of valet's own and starts in tens of milliseconds. valet and it exchange frames
+# (_write_frame) over its stdin and stdout, each a JSON object except the tasks.
+
+_INTERRUPT = object()  # put in a _Child's inbox when its job is taken (with the claim)
+
+
+def _write_frame(stream, data):
+    """Write one frame: its length in 4 bytes (big-endian), then its bytes."""
+    stream.write(len(data).to_bytes(4, "big") + data)
+    stream.flush()
+
+
+def _read_frame(stream):
+    """Read one frame written by _write_frame(); None at the end of the stream."""
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    size = int.from_bytes(head, "big")
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def _child_main():
+    """A worker process: read the setup ({"path": sys.path, "memory_limit": MB or
+    null}) and the tasks (pickled, so importing their modules), answer {"ready":
+    pid}, then run the jobs sent, one at a time. While a task runs, its progress
+    reports go back as {"progress": {...}}; then {"outcome": [status, value,
+    reason, traceback]}, with "retire": true if the process ends after it (it ran
+    out of memory). A frame {"cancel": true} sets the running task's
+    context.cancelled. The end of stdin (valet closed it, or died) ends the
+    process at once, even while a task runs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # valet ends its worker processes
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # itself (a Ctrl-C reaches them too)
+    stdin, out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # what a task prints goes to valet's stderr, not between the frames
+    writing = threading.Lock()  # (a task's own threads may report progress)
+
+    def send(message):
+        data = json.dumps(message, allow_nan=False).encode()
+        with writing:
+            _write_frame(out, data)
+
+    setup = json.loads(_read_frame(stdin))
+    sys.path[:] = setup["path"]
+    limit = setup["memory_limit"]
+    try:
+        tasks = pickle.loads(_read_frame(stdin))
+        if limit is not None:
+            _limit_memory(limit)
+    except BaseException as exc:
+        send({"error": _reason_of(exc)})
+        return
+    jobs, cancelled = queue.SimpleQueue(), threading.Event()
+
+    def read():
+        while (frame := _read_frame(stdin)) is not None:
+            message = json.loads(frame)
+            if message.get("cancel"):
+                cancelled.set()
+            else:
+                jobs.put(message)
+        os._exit(0)
+
+    threading.Thread(target=read, daemon=True).start()
+    send({"ready": os.getpid()})
+    _child_serve(tasks, jobs, cancelled, send, limit)
+
+
+def _child_serve(tasks, jobs, cancelled, send, limit):
+    """Run the jobs a worker process is sent, one at a time, and answer each."""
+    while True:
+        job = jobs.get()
+        cancelled.clear()
+        try:
+            answer = _child_run(tasks[job["task"]], job, cancelled, send)
+        except MemoryError as exc:  # (not the task's: sending its answer, say)
+            answer = {"outcome": [FAILED, None, _reason_of(exc), None], "retire": True}
+        if answer.get("retire") and limit is not None:
+            answer["outcome"][2] = (f"{answer['outcome'][2].rstrip(': ')} (the worker "
+                                    f"process reached worker_pool.max_memory_per_child, "
+                                    f"{limit} MB)")
+        try:
+            send(answer)
+        except (TypeError, ValueError, RecursionError) as exc:
+            send({"outcome": [FAILED, None, f"the task's result is not JSON-serialisable: "
+                                            f"{exc}", None]})
+        if answer.get("retire"):
+            return
+
+
+def _limit_memory(megabytes):
+    """Let this process grow by `megabytes` at most, from now (its address space)."""
+    import resource  # (not on Windows)
+    pages = int(open("/proc/self/statm").read().split()[0]) if os.path.exists(
+        "/proc/self/statm") else 0  # (elsewhere, a limit of the whole size)
+    allowed = pages * os.sysconf("SC_PAGE_SIZE") + megabytes * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (allowed, allowed))
+
+
+def _child_run(fn, job, cancelled, send):
+    """Run one job's task in a worker process; the answer to send back."""
+    kwargs = {}
+    if job["context"]:
+        kwargs["context"] = Context(job["id"], job["attempt"], job["deadline"], cancelled,
+                                    lambda progress: send({"progress": progress}))
+    try:
+        value = fn(*job["args"], **kwargs)
+    except BaseException as exc:  # a task's failure must never end the process
+        return {"outcome": [FAILED, None, _reason_of(exc), _traceback_of(exc)],
+                "retire": isinstance(exc, MemoryError)}
+    if _too_deep(value):
+        return {"outcome": [FAILED, None, f"the task's result is nested more than "
+                                          f"{_MAX_DEPTH} deep", None]}
+    return {"outcome": [COMPLETED, value, None, None]}
+
+
+@functools.lru_cache(maxsize=None)
+def _child_program():
+    """The source a worker process runs: what _child_main() needs of this module."""
+    parts = ["import json, math, os, pickle, queue, signal, sys, threading, time, "
+             "traceback\n",
+             f"COMPLETED, FAILED = {COMPLETED!r}, {FAILED!r}\n",
+             f"_MAX_DEPTH, _MAX_TRACEBACK = {_MAX_DEPTH!r}, {_MAX_TRACEBACK!r}\n"]
+    for fn in (_is_number, _too_deep, _reason_of, _traceback_of, Context, _write_frame,
+               _read_frame, _limit_memory, _child_run, _child_serve, _child_main):
+        parts.append(inspect.getsource(fn))
+    return "\n".join(parts) + "\n_child_main()\n"
+
+
+def _exit_reason(code, memory_limit):
+    """Why a worker process ended, from its exit code (negative: the signal)."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        reason = f"the worker process running the job was killed by {name}"
+        if name == "SIGKILL":
+            reason += " (kill -9, or the out-of-memory killer)"
+        if memory_limit is not None:  # (a C library's failed allocation may abort)
+            reason += f"; worker_pool.max_memory_per_child is {memory_limit} MB"
+    else:
+        reason = f"the worker process running the job exited with code {code}"
+    return reason
+
+
+class _Child:
+    """A worker process, owned by the worker thread that sends it jobs, and a thread
+    that reads its frames into `inbox` (then None, once it has exited)."""
+
+    def __init__(self, setup, tasks):
+        self.process = subprocess.Popen([sys.executable, "-c", _child_program()],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.pid = self.process.pid
+        self.jobs = 0  # jobs sent to it
+        self.inbox = queue.SimpleQueue()
+        threading.Thread(target=self._read, name=f"valet-child-{self.pid}",
+                         daemon=True).start()
+        self.send(setup)
+        self._write(tasks)
+
+    def _read(self):
+        stream = self.process.stdout
+        while (frame := _read_frame(stream)) is not None:
+            try:
+                self.inbox.put(json.loads(frame))
+            except (ValueError, RecursionError) as exc:  # (a child is trusted: never seen)
+                self.inbox.put({"outcome": [FAILED, None, f"the worker process sent what "
+                                                          f"valet cannot read: {exc}", None]})
+        stream.close()
+        self.inbox.put(None)
+
+    def _write(self, data):
+        with contextlib.suppress(OSError, ValueError):  # it has exited: its reader says so
+            _write_frame(self.process.stdin, data)
+
+    def send(self, message):
+        self._write(json.dumps(message).encode())
+
+    def interrupt(self, claim):
+        """Its job was taken (cancelled, timed out, stopped): tell its worker thread."""
+        self.inbox.put((_INTERRUPT, claim))
+
+    def ready(self, timeout):
+        """Wait for it to have loaded the tasks: None, or what went wrong."""
+        try:
+            message = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return f"it did not start within {timeout:g} seconds"
+        if message is None:
+            return _exit_reason(self.process.wait(), None).replace(" running the job", "")
+        return message.get("error")
+
+    def end(self, grace):
+        """Close its stdin, which ends it, and wait up to `grace` seconds; then kill it.
+        Returns its exit code."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            return self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self):
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        return self.process.wait()
+
+
 class _WorkerPool:
     """Worker threads that take jobs off a priority queue and run them, and a deadline
     thread that enforces timeouts. The lifecycle starts and settles each job.
@@ -2830,13 +3075,22 @@ class _WorkerPool:
     cannot be killed, so a worker whose job was taken from it is left to finish its
     task on its own: a replacement starts at once, and the old thread exits when
     the task returns, its late result discarded.
+
+    With `processes` (worker_type: process: a dict of kill_grace, max_jobs and
+    max_memory), each worker thread runs its tasks in a worker process of its own
+    (a _Child) and only waits for it. A worker whose job was taken stays in the
+    pool: it sets the task's context.cancelled, gives it kill_grace seconds to
+    return, then kills the process and starts another. A process that dies fails
+    its job and is replaced the same way.
     """
 
     def __init__(self, lifecycle, tasks, workers, capacity, timeout_unit,
-                 clock=time.time, monotonic=time.monotonic, default_timeout=None):
+                 clock=time.time, monotonic=time.monotonic, default_timeout=None,
+                 processes=None):
         self.size = workers
         self.capacity = capacity
         self.default_timeout = default_timeout  # seconds, for a job that sets no timeout
+        self.processes = processes  # None (worker threads), or the options of processes
         self._lifecycle = lifecycle
         self._tasks = tasks
         self._unit = timeout_unit
@@ -2864,7 +3118,10 @@ class _WorkerPool:
         self._abandoned = 0    # abandoned threads whose task has not returned yet
         self._stopping = False  # set by halt(): start no more jobs or workers
         self._enforcing = True  # the deadline thread runs until stop() has waited
-        self._mine = threading.local()  # .next: a job a worker thread started, to run
+        self._children = set()  # live worker processes (process mode)
+        self._spare = []        # those start() made, for worker threads to take
+        self._mine = threading.local()  # .child: the calling worker thread's process
+        self._replaced = 0      # worker processes replaced: killed, died or recycled
 
     # -- the backlog: jobs accepted and waiting for a worker
 
@@ -2902,11 +3159,14 @@ class _WorkerPool:
 
     def stats(self):
         """Queue depth, busy and abandoned workers, and since when (wall clock) the job
-        queued longest ago has been ready (None when none waits)."""
+        queued longest ago has been ready (None when none waits); with worker
+        processes, their pids and how many have been replaced."""
         with self._lock:
             oldest = next(iter(self._waiting.values()), (None, None))[1]
             return {"depth": len(self._waiting) + self._reserved, "busy": len(self._running),
-                    "abandoned": self._abandoned, "oldest": oldest}
+                    "abandoned": self._abandoned, "oldest": oldest, **({} if self.processes
+                    is None else {"pids": sorted(child.pid for child in self._children),
+                                  "replaced": self._replaced})}
 
     def progress(self, job_id):
         """What the running job's task last reported, or None."""
@@ -2941,6 +3201,10 @@ class _WorkerPool:
         claim.taken = True
         claim.cancelled.set()
         if claim.thread is None:
+            return False
+        if self.processes is not None:  # its worker stops the process, and stays
+            if claim.child is not None:
+                claim.child.interrupt(claim)
             return False
         claim.abandoned = True
         self._abandoned += 1
@@ -3073,8 +3337,9 @@ class _WorkerPool:
         self._lifecycle.metrics.observe("valet_job_wait_seconds",
                                         (("task", started["task_name"]),),
                                         max(0.0, self._clock() - claim.ready))
-        context = Context(started["id"], started["attempts"], deadline, claim, self._clock)
-        status, value, reason, trace = self._call(started, context)
+        context = Context(started["id"], started["attempts"], deadline, claim.cancelled,
+                          claim.report, self._clock)
+        status, value, reason, trace = self._call(started, context, claim)
         with self._lock:
             mine, claim.taken = not claim.taken, True
             if not mine:  # log after the job's end, which the taker writes
@@ -3130,9 +3395,9 @@ class _WorkerPool:
             heapq.heapify(self._deadlines)
             self._stale = 0
 
-    def _call(self, job, context):
-        """Call the job's task outside every lock: (status, value, failure reason, the
-        task's traceback or None)."""
+    def _call(self, job, context, claim):
+        """Call the job's task outside every lock, in this thread or in its worker
+        process: (status, value, failure reason, the task's traceback or None)."""
         fn = self._tasks.get(job["task_name"])
         if fn is None:
             return FAILED, None, f"task {job['task_name']!r} is not registered", None
@@ -3142,6 +3407,8 @@ class _WorkerPool:
         try:
             if job["use_previous_results"]:
                 args.append(self._lifecycle.previous_result(job))
+            if self.processes is not None:
+                return self._in_child(job, args, context, claim)
             kwargs = {"context": context} if self._context[job["task_name"]] else {}
             value = fn(*args, **kwargs)
         except BaseException as exc:  # a task's failure must never end the worker
@@ -3157,6 +3424,132 @@ class _WorkerPool:
             return (FAILED, None, f"the task's result is nested more than {_MAX_DEPTH} deep",
                     None)
         return COMPLETED, value, None, None
+
+    # -- worker processes (process mode)
+
+    def _in_child(self, job, args, context, claim):
+        """_call() in this thread's worker process: send it the job, keep its progress
+        reports, and wait for its outcome, for its death (the job fails, saying how it
+        ended) or for the job to be taken from it (see _stop_child)."""
+        child = self._child()
+        with self._lock:
+            if claim.taken:  # cancelled or timed out before it was sent: never sent
+                return FAILED, None, None, None
+            claim.child = child
+        child.jobs += 1
+        child.send({"id": job["id"], "task": job["task_name"], "args": args,
+                    "context": self._context[job["task_name"]], "attempt": context.attempt,
+                    "deadline": context.deadline})
+        while True:
+            message = child.inbox.get()
+            if isinstance(message, tuple):  # (_INTERRUPT, the claim it was meant for)
+                if message[1] is claim:
+                    return self._stop_child(child, job)
+            elif message is None or "error" in message:  # it died, or could not start
+                reason = (_exit_reason(child.process.wait(), self.processes["max_memory"])
+                          if message is None else
+                          f"the worker process could not start: {message['error']}")
+                log.warning("job %s: %s (pid %d); another takes its place", job["id"],
+                            reason, child.pid)
+                self._replace_child(child, kill=message is not None)
+                return FAILED, None, reason, None
+            elif "progress" in message:
+                claim.progress = message["progress"]
+            elif "outcome" in message:  # (not "ready": a new process has started)
+                with self._lock:  # no interrupt is meant for this job from here on
+                    claim.child = None
+                if message.get("retire") or child.jobs == self.processes["max_jobs"]:
+                    self._replace_child(child)
+                status, value, reason, trace = message["outcome"]
+                if trace is not None:
+                    log.warning("job %s: task %s raised: %s\n%s", job["id"],
+                                job["task_name"], reason, trace.rstrip())
+                return status, value, reason, trace
+
+    def _stop_child(self, child, job):
+        """The job a worker process runs was taken from it: set the task's
+        context.cancelled, wait up to kill_grace seconds for it to return (the
+        process then goes on to the next job), else kill the process and start
+        another. The outcome is discarded."""
+        child.send({"cancel": True})
+        grace = self.processes["kill_grace"]
+        until = time.monotonic() + grace
+        while True:
+            try:
+                message = child.inbox.get(timeout=max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                log.info("job %s: its worker process (pid %d) was killed, its task still "
+                         "running %gs after it was told to stop (worker_pool.kill_grace)",
+                         job["id"], child.pid, grace)
+                self._replace_child(child, kill=True)
+                break
+            if message is None:
+                self._replace_child(child)
+                break
+            if isinstance(message, dict) and "outcome" in message:
+                if message.get("retire"):
+                    self._replace_child(child)
+                break
+        return FAILED, None, None, None
+
+    def _child(self):
+        """The calling worker thread's process: one start() made, or a new one."""
+        child = getattr(self._mine, "child", None)
+        if child is None:
+            with self._lock:
+                child = self._spare.pop() if self._spare else None
+            self._mine.child = child = child or self._new_child()
+        return child
+
+    def _new_child(self):
+        child = _Child({"path": sys.path, "memory_limit": self.processes["max_memory"]},
+                       self._pickled)
+        with self._lock:
+            self._children.add(child)
+        return child
+
+    def _replace_child(self, child, kill=False):
+        """End a worker process (kill it, or close it and wait for it) and start another
+        for the calling thread, unless the pool is stopping."""
+        self._end_child(child, kill)
+        with self._lock:
+            self._replaced += 1
+            stopping = self._stopping
+        self._mine.child = None if stopping else self._new_child()
+
+    def _end_child(self, child, kill=False):
+        if kill:
+            child.kill()
+        else:
+            child.end(self.processes["kill_grace"])
+        with self._lock:
+            self._children.discard(child)
+
+    def _start_children(self):
+        """Start a process per worker and wait until each has loaded the tasks;
+        ConfigError if one cannot (the tasks cannot be sent, or imported there)."""
+        for name, fn in self._tasks.items():
+            try:
+                pickle.dumps(fn)
+                problem = getattr(fn, "__module__", None) == "__main__" and (
+                    "it is defined in the script valet was started from")
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem:
+                raise ConfigError(f"worker_pool.worker_type: process runs tasks in other "
+                                  f"processes, which import them by name, but task "
+                                  f"{name!r} cannot be: {problem}; define it at the top "
+                                  f"level of a module (such as the tasks_module)")
+        self._pickled = pickle.dumps(self._tasks)
+        children = [self._new_child() for _ in range(self.size)]
+        problems = [problem for problem in (child.ready(60) for child in children)
+                    if problem]
+        if problems:
+            for child in children:
+                self._end_child(child, kill=True)
+            raise ConfigError(f"worker_pool.worker_type: process: a worker process could "
+                              f"not start: {problems[0]}")
+        self._spare = children
 
     # -- the deadline thread's single step
 
@@ -3244,6 +3637,8 @@ class _WorkerPool:
             self._changed.notify_all()
 
     def start(self):
+        if self.processes is not None:
+            self._start_children()
         self._deadline_thread = threading.Thread(target=self._enforce_deadlines,
                                                  name="valet-deadlines", daemon=True)
         self._deadline_thread.start()
@@ -3286,6 +3681,13 @@ class _WorkerPool:
                      f"{grace:g}s)")
         if self._deadline_thread is not None:
             self._deadline_thread.join(10)
+        if self.processes is not None:  # its workers end their processes as they exit
+            with self._lock:
+                self._changed.wait_for(lambda: not self._threads,
+                                       self.processes["kill_grace"] + 5)
+                children, self._spare = list(self._children), []
+            for child in children:  # (a worker that never ran one, or one stuck)
+                self._end_child(child, kill=True)
 
 
 # ---------------------------------------------------------------- scheduler --
@@ -4742,8 +5144,15 @@ def _answer_schemas():
                           "oldest_waiting_seconds": _nullable({"type": "number",
                                                                "minimum": 0})},
                          ("depth", "capacity", "accepting", "oldest_waiting_seconds")),
-        "workers": _object({"busy": _COUNT, "total": _COUNT, "abandoned": _COUNT},
-                           ("busy", "total", "abandoned"))},
+        "workers": _object({"type": {"type": "string", "enum": ["thread", "process"]},
+                            "busy": _COUNT,
+                            "total": _COUNT, "abandoned": _COUNT,
+                            "pids": {"type": "array", "items": _COUNT,
+                                     "description": "the worker processes (process mode)"},
+                            "replaced": {**_COUNT, "description": "worker processes "
+                                         "replaced since start: killed, died or recycled "
+                                         "(process mode)"}},
+                           ("type", "busy", "total", "abandoned"))},
         ("version", "time", "uptime", "storage", "jobs", "queue", "workers"))
     return {"Job": job, "Pipeline": pipeline, "Status": status}
 
@@ -4978,10 +5387,14 @@ class Valet:
         self.metrics = _Metrics(self.tasks, clock)  # the counters of GET /metrics
         self.lifecycle = _Lifecycle(store if store is not None else _open_store(self.config),
                                     self.scheduler, clock, self.metrics)
+        processes = None if self.config["worker_pool.worker_type"] == "thread" else {
+            "kill_grace": self.config["worker_pool.kill_grace"],
+            "max_jobs": self.config["worker_pool.max_jobs_per_child"],
+            "max_memory": self.config["worker_pool.max_memory_per_child"]}
         self.pool = _WorkerPool(self.lifecycle, self.tasks, self.config["worker_pool.workers"],
                                 self.config["worker_pool.queue_capacity"],
                                 self.config["timeout_unit"], clock, monotonic,
-                                self.config["worker_pool.default_timeout"])
+                                self.config["worker_pool.default_timeout"], processes)
         self.lifecycle.pool = self.pool
         keep = self.config["retention.finished_jobs"]
         self.retention = None if keep is None else _duration_seconds(keep)  # seconds
@@ -5055,8 +5468,12 @@ class Valet:
                              daemon=True).start()
             self.started_at = self._monotonic()
         where = getattr(self._store, "path", None)
-        log.info("valet %s listening on %s (storage: %s%s, workers: %d%s)", __version__,
-                 self.url, self._store.option, f" {where}" if where else "", self.pool.size,
+        kind = self.config["worker_pool.worker_type"]  # thread or process
+        if self.pool.size > 1:
+            kind += "es" if kind.endswith("s") else "s"
+        log.info("valet %s listening on %s (storage: %s%s, workers: %d %s%s)",
+                 __version__, self.url, self._store.option, f" {where}" if where else "",
+                 self.pool.size, kind,
                  f", token required, from {self.config.token_from}"
                  if self._server.token is not None else "")
         if _exposed(self.config):
@@ -5407,8 +5824,10 @@ class Valet:
             "queue": {"depth": pool["depth"], "capacity": self.pool.capacity,
                       "accepting": pool["depth"] < self.pool.capacity,
                       "oldest_waiting_seconds": self._waited(pool["oldest"])},
-            "workers": {"busy": pool["busy"], "total": self.pool.size,
-                        "abandoned": pool["abandoned"]},
+            "workers": {"type": self.config["worker_pool.worker_type"],
+                        "busy": pool["busy"], "total": self.pool.size,
+                        "abandoned": pool["abandoned"],
+                        **{key: pool[key] for key in ("pids", "replaced") if key in pool}},
         }
 
     def _counts(self):
@@ -6597,8 +7016,8 @@ def main(argv=None) -> int:
                   exc.strerror or exc)
         app.stop()
         return 1
-    except StorageError as exc:  # recovering the last run's jobs needs writes
-        log.error("cannot start: %s", exc)
+    except (StorageError, ConfigError) as exc:  # recovering the last run's jobs needs
+        log.error("cannot start: %s", exc)         # writes; worker processes, the tasks
         app.stop()
         return 1
     stopping.wait()
