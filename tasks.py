@@ -63,6 +63,16 @@ def sha256(metadata):
     return {"sha256": hashlib.sha256(metadata["text"].encode("utf-8")).hexdigest()}
 
 
+def hash_rounds(metadata):
+    """Hash {"text": "abc"} {"rounds": 1000} times over (SHA-256 of each digest):
+    CPU-bound work that holds the GIL, for trying worker processes."""
+    rounds = (metadata or {}).get("rounds", 1000)
+    digest = (metadata or {}).get("text", "").encode("utf-8")
+    for _ in range(rounds):
+        digest = hashlib.sha256(digest).digest()
+    return {"sha256": digest.hex(), "rounds": rounds}
+
+
 def countdown(metadata, context):
     """Count {"steps": 10} steps of {"delay": 0.5} seconds, reporting progress; stop
     early, saying where, when the job is cancelled or times out."""
@@ -89,6 +99,7 @@ TASKS = {
     "add": add,
     "word_count": word_count,
     "sha256": sha256,
+    "hash_rounds": hash_rounds,
     "countdown": countdown,
     "previous": previous,
 }

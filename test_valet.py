@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import hashlib
 import http.client
 import importlib
 import json
@@ -3596,6 +3597,12 @@ def progress(metadata, context):
             "deadline": context.deadline}
 
 
+def record(metadata):
+    """Append metadata["line"] to the file metadata["file"]: the order jobs ran in."""
+    with open(metadata["file"], "a") as f:
+        f.write(metadata["line"] + "\\n")
+
+
 def double(metadata):
     return {"n": metadata["n"] * 2}
 
@@ -3736,6 +3743,7 @@ def assert_refilled(app, old_pid, replaced=1):
     assert new_pid != old_pid
     assert workers(app) == {"type": "process", "busy": 0, "total": 1, "abandoned": 0,
                             "pids": [new_pid], "replaced": replaced}
+    assert f"\nvalet_worker_processes_replaced_total {replaced}\n" in app.metrics_text()
 
 
 # -- stopping a task
@@ -3905,6 +3913,52 @@ def test_process_task_raising_fails_with_its_reason_and_traceback(process_app, o
     assert f'File "{fault_tasks.__file__}"' in trace and ", in raises" in trace
     assert 'raise ValueError("bad input")  # the line failure_traceback shows' in trace
     assert workers(app)["replaced"] == 0
+
+
+@pytest.fixture(params=["thread", "process"])
+def worker_type(request):
+    return request.param
+
+
+def test_priorities_order_the_queue_with_either_worker_type(process_app, worker_type,
+                                                            tmp_path):
+    app = process_app(worker_pool={"worker_type": worker_type})
+    blocker = submit(app, "wait_for_file", {"pidfile": str(tmp_path / "pid"),
+                                            "file": str(tmp_path / "go")})
+    read_pid(tmp_path / "pid")  # the one worker is busy: the next jobs queue
+    order = tmp_path / "order"
+    jobs = [submit(app, "record", {"file": str(order), "line": line}, priority=priority)
+            for line, priority in (("low", 0), ("high", 5), ("middle", 2))]
+    (tmp_path / "go").touch()
+    for job in [blocker, *jobs]:
+        wait_for_status(app, job["id"], valet.COMPLETED)
+    assert order.read_text().split() == ["high", "middle", "low"]
+
+
+def test_a_timed_out_attempt_is_retried_with_either_worker_type(process_app, worker_type,
+                                                                 tmp_path):
+    app = process_app(worker_pool={"worker_type": worker_type, "workers": 2})
+    job = submit(app, "cooperative", {"pidfile": str(tmp_path / "pid")}, timeout=0.3,
+                 max_retries=1, retry_backoff=0)
+    failed = wait_for_status(app, job["id"], valet.FAILED)
+    assert failed["attempts"] == 2 and failed["failure_reason"] == \
+        "timed out after 0.3 seconds"
+    assert wait_for_status(app, submit(app, "double", {"n": 2})["id"], valet.COMPLETED)
+
+
+def test_cancelling_a_running_pipeline_with_either_worker_type(process_app, worker_type,
+                                                              tmp_path):
+    app = process_app(worker_pool={"worker_type": worker_type})
+    pipeline = submit_pipeline(
+        app, stage("cooperative", {"pidfile": str(tmp_path / "pid")}),
+        stage("double", {"n": 1}))
+    read_pid(tmp_path / "pid")
+    resp = call(app, "POST", f"/pipelines/{pipeline['id']}/cancel")
+    assert resp.status == 200 and job_statuses(resp.body) == [valet.CANCELLED] * 2
+    assert wait_for_status(app, submit(app, "double", {"n": 2})["id"], valet.COMPLETED)
+    results = call(app, "GET", f"/jobs/{pipeline['jobs'][0]['id']}/results")
+    assert results.status == 404  # its late result discarded
+    assert workers(app)["abandoned"] == 0  # (it returned: its thread, or process, goes on)
 
 
 # -- config
@@ -9053,8 +9107,11 @@ def test_shipped_tasks_do_what_the_readme_says():
     assert claim.progress == {"fraction": 1, "message": "step 4 of 4"}
     claim.cancelled.set()
     assert tasks.countdown({"steps": 4, "delay": 0}, context=context) == {"stopped_at": 0}
+    once = hashlib.sha256(b"abc").digest()
+    assert tasks.hash_rounds({"text": "abc", "rounds": 2}) == {
+        "sha256": hashlib.sha256(once).hexdigest(), "rounds": 2}
     assert set(tasks.TASKS) == {"dummytask", "echo", "sleep", "fail", "add", "word_count",
-                                "sha256", "countdown", "previous"}
+                                "sha256", "hash_rounds", "countdown", "previous"}
 
 
 # --------------------------------------------------------------------- docs --

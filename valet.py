@@ -3994,10 +3994,12 @@ _METRICS = (
     ("valet_queue_depth", "gauge", "Jobs waiting for a worker, with the places held for "
                                    "submissions being stored"),
     ("valet_queue_capacity", "gauge", "The most jobs that may wait (queue_capacity)"),
-    ("valet_workers", "gauge", "Worker threads in the pool"),
+    ("valet_workers", "gauge", "Workers in the pool (threads, or processes)"),
     ("valet_workers_busy", "gauge", "Workers running a job"),
     ("valet_workers_abandoned", "gauge", "Threads still running the task of a job that "
                                          "timed out or was cancelled"),
+    ("valet_worker_processes_replaced_total", "counter",
+     "Worker processes replaced: killed after a timeout or cancel, dead, or recycled"),
     ("valet_jobs_submitted_total", "counter", "Jobs created (by requests, pipelines and "
                                               "periodic entries), by task"),
     ("valet_jobs_finished_total", "counter", "Jobs that reached a final status, by task "
@@ -5856,6 +5858,7 @@ class Valet:
             "valet_workers": self.pool.size,
             "valet_workers_busy": pool["busy"],
             "valet_workers_abandoned": pool["abandoned"],
+            "valet_worker_processes_replaced_total": pool.get("replaced", 0),
             "valet_storage_errors_total": self._store.errors,
         })
 

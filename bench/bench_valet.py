@@ -23,6 +23,9 @@ Sections
                   every job it acknowledged (202) is in the SQLite file
     end_to_end    N no-op jobs submitted and run: jobs per second until all are done,
                   against the same N POSTs to the bare server by the same submitter
+    workers       worker threads against worker processes: N no-op jobs end to end
+                  on each store (what a job costs more in a process), and CPU-bound
+                  jobs (hash_rounds, ~5 ms each) on 2 workers of each type
     idle_latency  one job at a time on an idle server: POST, then long-poll until
                   COMPLETED; the time that takes
     lateness      jobs scheduled 2 ms apart (run_at): how late each one starts
@@ -88,13 +91,15 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root: valet.py, 
 DEFAULT_JSON = ROOT / "bench" / "results.json"
 HOST = "127.0.0.1"
 
-SECTIONS = ("ceiling", "submit", "end_to_end", "idle_latency", "lateness", "scale",
-            "footprint")
+SECTIONS = ("ceiling", "submit", "end_to_end", "workers", "idle_latency", "lateness",
+            "scale", "footprint")
 
 # The no-op job: the task echo returns its metadata.
 JOB_BODY = {"name": "bench", "task_name": "echo", "metadata": {"bench": True}}
 
 WORKERS = 4                 # valet's worker threads in every benchmark config
+CPU_WORKERS = 2             # workers for the CPU-bound jobs: one per core here
+CPU_JOB_MS = 5.0            # what one CPU-bound job takes, on one core, alone
 QUEUE_CAPACITY = 10_000_000  # large, so that no POST is refused with 503
 LOAD_PROCESSES = 4          # processes of the built-in load generator and submitter
 WRK_THREADS = 1             # one wrk thread: on 2 cores, the server keeps one
@@ -113,6 +118,8 @@ FULL = {
     "load_seconds": 10,           # each ceiling and submit load
     "durability_seconds": 2.0,    # load before the SIGKILL
     "end_to_end_jobs": 10_000,
+    "workers_jobs": 4000,         # no-op jobs per round, each worker type and store
+    "cpu_jobs": 400,              # CPU-bound jobs per round (~5 ms each)
     "idle_jobs": 500,
     "lateness_jobs": 1000,
     "lateness_step_ms": 2,
@@ -130,6 +137,8 @@ QUICK = {
     "lateness_jobs": 500,         # over 1 s
     "lateness_lead": 1.5,
     "end_to_end_jobs": 3000,
+    "workers_jobs": 1500,
+    "cpu_jobs": 200,
     "idle_jobs": 200,
     "scale_seed_jobs": 100_000,
     "scale_requests": 150,
@@ -145,6 +154,7 @@ TARGETS = {
     "submit.sqlite.ratio": (">=", 0.5, "ratio"),
     "submit.durability.lost": ("==", 0, "value"),
     "end_to_end.sqlite.ratio": (">=", 0.4, "ratio"),
+    "workers.cpu.ratio": (">=", 1.7, "value"),       # processes' jobs/s over threads'
     "idle_latency.memory.p50": ("<", 2.0, "value"),  # ms
     "idle_latency.memory.p99": ("<", 10.0, "value"),
     "idle_latency.sqlite.p50": ("<", 2.0, "value"),
@@ -668,7 +678,7 @@ class ValetServer:
     _count = 0
 
     def __init__(self, workdir, store="sqlite", db_path=None, queue_capacity=QUEUE_CAPACITY,
-                 root=ROOT):
+                 root=ROOT, worker_type="thread", workers=WORKERS):
         ValetServer._count += 1
         self.root = Path(root)  # the folder of the valet.py and tasks.py to run
         self.dir = Path(workdir) / f"valet-{ValetServer._count}"
@@ -679,14 +689,18 @@ class ValetServer:
         self.url = f"http://{HOST}:{self.port}"
         self.store = store
         self.queue_capacity = queue_capacity
+        self.worker_type = worker_type
+        self.workers = workers
         self.proc = None
         self.startup = None
 
     def config(self):
         return {
             "server": {"host": HOST, "port": self.port},
-            "worker_pool": {"workers": WORKERS, "queue_capacity": self.queue_capacity,
-                            "shutdown_grace": 10},
+            "worker_pool": {"workers": self.workers, "queue_capacity": self.queue_capacity,
+                            "shutdown_grace": 10,
+                            **({} if self.worker_type == "thread" else
+                               {"worker_type": self.worker_type})},
             "storage": {"option": self.store,
                         "sqlite": {"path": str(self.db_path), "synchronous": "full"}},
             "tasks_module": "tasks",
@@ -988,7 +1002,91 @@ def measure_end_to_end(bench):
     return data, rows
 
 
-# -- 4: idle latency
+# -- 4: worker threads against worker processes
+
+def _workers_round(bench, target, count, body, workers):
+    kind, store = target.split(" ", 1)  # "thread memory", "process cpu", ...
+    with ValetServer(bench.workdir, "memory" if store == "cpu" else store,
+                     worker_type=kind, workers=workers) as server:
+        submitted = python_submit(server.url, body, count)
+        client = Client(server.url)
+        done_at = client.wait_idle(RUN_TIMEOUT)
+        completed = len(client.list_jobs("COMPLETED"))
+        client.close()
+        log_errors = server.log_count(" ERROR ")
+    elapsed = done_at - submitted["first"]
+    return {"jobs_per_s": count / elapsed, "seconds": elapsed, "submitted": submitted["ok"],
+            "errors": submitted["errors"], "completed": completed, "log_errors": log_errors}
+
+
+def hash_rounds_for(ms):
+    """How many rounds of tasks.hash_rounds take `ms` milliseconds here (alone)."""
+    sys.path.insert(0, str(ROOT))
+    import tasks  # noqa: E402
+    rounds, took = 1000, 0.0
+    while took < 0.05:  # long enough to time
+        rounds *= 2
+        t0 = time.perf_counter()
+        tasks.hash_rounds({"rounds": rounds})
+        took = time.perf_counter() - t0
+    return max(1, round(rounds * ms / 1000 / took))
+
+
+def measure_workers(bench):
+    """Worker threads against worker processes (4 each), on N no-op jobs end to end
+    (as end_to_end measures it) on each store: what running a job in another
+    process costs, per job. And M CPU-bound jobs (hash_rounds, calibrated to
+    ~5 ms alone on one core) on 2 workers of each type: threads share one core
+    (the GIL), processes get one each. ratio: processes' jobs/s over threads'."""
+    count, cpu_count = bench.s["workers_jobs"], bench.s["cpu_jobs"]
+    rounds_5ms = hash_rounds_for(CPU_JOB_MS)
+    cpu_body = {"name": "bench", "task_name": "hash_rounds",
+                "metadata": {"text": "bench", "rounds": rounds_5ms}}
+    noop = ("thread memory", "process memory", "thread sqlite", "process sqlite")
+    cpu = ("thread cpu", "process cpu")
+
+    def run_round(target, i):
+        if target in cpu:
+            return _workers_round(bench, target, cpu_count, cpu_body, CPU_WORKERS)
+        return _workers_round(bench, target, count, JOB_BODY, WORKERS)
+
+    rounds = interleave(bench, "workers", noop + cpu, run_round)
+    data = {"jobs": count, "cpu_jobs": cpu_count, "hash_rounds": rounds_5ms,
+            "rounds": rounds, "medians": {}}
+    rows = []
+    rates = {}
+    for target in noop + cpu:
+        runs = _figures(rounds, target)
+        failed = [r for r in rounds if r.get("target") == target and "error" in r]
+        rates[target] = median([r["jobs_per_s"] for r in runs])
+        data["medians"][target] = {"jobs_per_s": rates[target]}
+        short = [r["completed"] for r in runs
+                 if r["completed"] != (cpu_count if target in cpu else count)]
+        note = "; ".join(filter(None, [_errors_note(runs + failed),
+                                       f"! only {short} COMPLETED" if short else ""]))
+        kind, store = target.split(" ", 1)
+        kind = {"thread": "threads", "process": "processes"}[kind]
+        what = (f"{cpu_count} CPU-bound jobs (~{CPU_JOB_MS:g} ms), {CPU_WORKERS} {kind}"
+                if store == "cpu" else f"{count:,} no-op jobs, {store}, {WORKERS} {kind}")
+        rows.append(row("workers", f"{what}: jobs/s", rates[target], "jobs/s", note=note))
+    for store in ("memory", "sqlite", "cpu"):
+        thread, process = rates[f"thread {store}"], rates[f"process {store}"]
+        if not (thread and process):
+            continue
+        data["medians"][f"processes/threads {store}"] = process / thread
+        what = "CPU-bound" if store == "cpu" else f"no-op, {store}"
+        rows.append(row("workers", f"{what}: processes' jobs/s over threads'",
+                        process / thread, "×",
+                        target_key="workers.cpu.ratio" if store == "cpu" else None))
+        if store != "cpu":
+            extra = (1 / process - 1 / thread) * 1e6
+            data["medians"][f"overhead {store}"] = {"us_per_job": extra}
+            rows.append(row("workers", f"no-op, {store}: a job in a process costs more",
+                            extra, "µs/job", note="end to end, from the jobs/s above"))
+    return data, rows
+
+
+# -- 5: idle latency
 
 def _idle_round(bench, store, count):
     with ValetServer(bench.workdir, store) as server:
@@ -1029,7 +1127,7 @@ def measure_idle_latency(bench):
     return data, rows
 
 
-# -- 5: lateness
+# -- 6: lateness
 
 def _lateness_round(bench, store):
     count, step = bench.s["lateness_jobs"], bench.s["lateness_step_ms"]
@@ -1110,7 +1208,7 @@ def measure_lateness(bench):
     return data, rows
 
 
-# -- 6: scale
+# -- 7: scale
 
 def seed_store(valet, path, count):
     """Write `count` COMPLETED echo jobs, each with a result, into a new SQLite file
@@ -1289,7 +1387,7 @@ def measure_scale(bench, valet):
     return data, rows
 
 
-# -- 7: footprint
+# -- 8: footprint
 
 def measure_footprint(bench):
     """A default-like config (SQLite file in a temp dir, a new file each time): the
@@ -1453,6 +1551,7 @@ def run_benchmarks(args):
             plan.append(("submit" if "submit" in selected else "ceiling",
                          lambda: measure_ceiling_and_submit(bench, "submit" in selected)))
         measures = {"end_to_end": lambda: measure_end_to_end(bench),
+                    "workers": lambda: measure_workers(bench),
                     "idle_latency": lambda: measure_idle_latency(bench),
                     "lateness": lambda: measure_lateness(bench),
                     "scale": lambda: measure_scale(bench, valet),
