@@ -8486,6 +8486,20 @@ def test_dashboard_loads_without_console_errors(_browser, _browser_valet):
     assert _browser_severe(entries) == [], entries
 
 
+def test_the_header_names_the_worker_type_and_what_it_counts(_browser, _browser_valet,
+                                                              process_app):
+    threads = _browser_valet()
+    _browser.get(threads.url + "/")
+    wait_until(lambda: _browser.text("#f-kind") == "threads", what="the worker type")
+    assert (_browser.text("#f-workers"), _browser.text("#f-lost")) == ("0 / 2", "abandoned")
+    processes = process_app()
+    _browser.get(processes.url + "/")
+    wait_until(lambda: _browser.text("#f-kind") == "processes", what="the worker type")
+    assert (_browser.text("#f-workers"), _browser.text("#f-lost"),
+            _browser.text("#f-abandoned")) == ("0 / 1", "replaced", "0")
+    assert _browser_severe(_browser.console()) == []
+
+
 def test_a_job_submitted_over_the_api_appears_without_a_reload(_browser, _browser_valet):
     app = _browser_valet()
     _browser.get(app.url + "/")

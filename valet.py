@@ -46,7 +46,7 @@ job lifecycle, workers, scheduler, HTTP, the Valet facade, the command-line
 client, main.
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "Valet", "load_config", "main", "Context",
@@ -6228,7 +6228,7 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
   <div class="brand">valet <small id="version"></small></div>
   <div class="health" id="health"><span class="dot"></span><span id="health-text">connecting…</span></div>
   <div class="figures" id="figures"><span>queue <b id="f-queue">–</b></span> <span>oldest waiting <b id="f-oldest">–</b></span>
-    <span>workers busy <b id="f-workers">–</b></span> <span>abandoned <b id="f-abandoned">–</b></span>
+    <span><span id="f-kind">workers</span> busy <b id="f-workers">–</b></span> <span><span id="f-lost">abandoned</span> <b id="f-abandoned">–</b></span>
     <button class="link" id="forget-token" type="button" hidden>forget token</button></div>
 </div></header>
 <div class="wrap">
@@ -6470,8 +6470,11 @@ async function loadStatus() {
   const q = s.queue || {}, w = s.workers || {};
   setText($("#f-queue"), q.depth + " / " + q.capacity + (q.accepting === false ? " (full)" : ""));
   setText($("#f-oldest"), q.oldest_waiting_seconds == null ? (q.depth ? "–" : "none") : human(q.oldest_waiting_seconds));
+  const processes = w.type === "process";
+  setText($("#f-kind"), processes ? "processes" : "threads");
   setText($("#f-workers"), w.busy + " / " + w.total);
-  setText($("#f-abandoned"), w.abandoned);
+  setText($("#f-lost"), processes ? "replaced" : "abandoned");
+  setText($("#f-abandoned"), processes ? w.replaced : w.abandoned);
   const counts = s.jobs || {};
   for (const b of document.querySelectorAll("[data-count]")) setText($(".n", b), counts[b.dataset.count] ?? "–");
   enable($("#bulk-retry"), counts.FAILED !== 0);
