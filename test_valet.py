@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import queue
 import random
 import re
@@ -3264,6 +3265,71 @@ def test_job_without_timeout_is_never_timed_out(app, gate):
     wait_for_status(app, job["id"], valet.COMPLETED)
 
 
+def test_release_wakes_a_worker_that_waits_for_a_claim_it_still_holds(pool):
+    # (a worker process's thread whose job was taken waits for the taker's write;
+    # it is not abandoned, as a worker thread would be, yet must be woken)
+    claim = valet._Claim(threading.current_thread(), "job")
+    claim.taken = True
+    woke = threading.Event()
+
+    def worker():
+        with pool._lock:
+            pool._changed.wait_for(lambda: claim.released, 20)
+        woke.set()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    wait_until(lambda: len(pool._changed._waiters) == 1, what="the worker to wait")
+    pool.release(claim)
+    assert woke.wait(5), "release() did not wake the worker"
+    thread.join(5)
+
+
+def test_a_worker_that_left_the_pool_takes_no_next_job_when_its_task_returns():
+    class CancelFails(valet.MemoryStore):  # the first cancel cannot be written
+        failed = False
+
+        def transitions(self, *moves):
+            if not self.failed and any(move[2] == valet.CANCELLED for move in moves):
+                self.failed = True
+                raise valet.StorageError("disk is full")
+            return super().transitions(*moves)
+
+    entered, release_a, release_b, threads = (threading.Event(), threading.Event(),
+                                              threading.Event(), [])
+
+    def a(metadata):
+        threads.append(threading.current_thread())
+        entered.set()
+        release_a.wait(20)
+
+    def b(metadata):
+        release_b.wait(20)
+
+    app = valet.Valet({"server": {"port": 0}, "worker_pool": {"workers": 1}},
+                      tasks={"a": a, "b": b, "echo": lambda m: m},
+                      store=CancelFails()).start()
+    try:
+        first = app.submit({"name": "a", "task_name": "a"})["id"]
+        assert entered.wait(10)
+        with pytest.raises(valet.StorageError):  # its thread leaves the pool, and a
+            app.cancel(first)                    # new one takes its place
+        second = app.submit({"name": "b", "task_name": "b"})["id"]
+        wait_until(lambda: app.job(second)["status"] == valet.IN_PROGRESS,
+                   what="the new worker to start the second job")
+        rest = [app.submit({"name": "c", "task_name": "echo"})["id"] for _ in range(3)]
+        release_a.set()  # the first task returns: its own end stands (the cancel failed)
+        wait_until(lambda: not threads[0].is_alive(), what="the old worker to exit")
+        assert app.job(first)["status"] == valet.COMPLETED
+        assert [app.job(job_id)["status"] for job_id in rest] == [valet.PENDING] * 3
+        release_b.set()  # the pool's one worker goes on with them
+        for job_id in rest:
+            wait_for_status(app, job_id, valet.COMPLETED)
+    finally:
+        release_a.set()
+        release_b.set()
+        app.stop(5)
+
+
 def test_one_overdue_job_that_cannot_be_written_leaves_the_others_timed_out(store, gate,
                                                                              ran, caplog):
     failed_once = []
@@ -3621,6 +3687,10 @@ def flaky(metadata, context):
     return {"attempt": context.attempt, "runs": runs}
 
 
+def big(metadata):
+    return "x" * (metadata["mb"] * 2**20)
+
+
 def returns_nan(metadata):
     return float("nan")
 
@@ -3802,6 +3872,41 @@ def test_worker_process_killed_from_outside_fails_its_job_naming_sigkill(process
     assert_refilled(app, victim)
 
 
+def test_a_worker_process_killed_while_idle_is_replaced_without_failing_a_job(
+        process_app, option):
+    app = process_app(option)
+    [idle] = workers(app)["pids"]
+    os.kill(idle, signal.SIGKILL)
+    wait_until(lambda: not alive(idle), what=f"the idle process {idle} to end")
+    assert_refilled(app, idle)  # the next job completes, on a new process
+    assert gone(idle)  # (reaped, when valet found it dead)
+
+
+def test_a_result_too_big_for_max_memory_per_child_fails_naming_the_limit(process_app):
+    app = process_app(worker_pool={"max_memory_per_child": 64})
+    [worker] = workers(app)["pids"]
+    failed = wait_for_status(app, submit(app, "big", {"mb": 40})["id"], valet.FAILED)
+    assert failed["failure_reason"].startswith("MemoryError"), failed["failure_reason"]
+    assert failed["failure_reason"].endswith(
+        "(the worker process reached worker_pool.max_memory_per_child, 64 MB)")
+    assert_refilled(app, worker)
+
+
+def test_a_cancel_sent_right_behind_its_job_reaches_the_task(fault_tasks):
+    child = valet._Child({"path": sys.path, "memory_limit": None},
+                         pickle.dumps(fault_tasks.TASKS))
+    try:
+        assert child.ready(30) is None
+        for i in range(50):  # the cancel frame may be read before the task begins
+            child.send({"id": f"job-{i}", "task": "cooperative", "context": True,
+                        "attempt": 1, "deadline": None, "args": [{"pidfile": os.devnull}]})
+            child.send({"cancel": True})
+            answer = child.inbox.get(timeout=10)  # (the task waits 30 s if not told)
+            assert answer == {"outcome": [valet.COMPLETED, "stopped", None, None]}, i
+    finally:
+        child.kill()
+
+
 def test_cancel_of_a_task_ignoring_it_answers_at_once_then_kills_and_replaces_its_process(
         process_app, tmp_path):
     app = process_app(worker_pool={"kill_grace": 1})
@@ -3822,8 +3927,8 @@ def test_cancel_of_a_task_ignoring_it_answers_at_once_then_kills_and_replaces_it
 
 
 def test_cancel_of_a_cooperative_task_keeps_its_process_for_the_next_job(process_app,
-                                                                         tmp_path):
-    app = process_app(worker_pool={"kill_grace": 5})  # a kill would show as a long wait
+                                                                         option, tmp_path):
+    app = process_app(option, worker_pool={"kill_grace": 5})  # a kill: a long wait
     job_id = submit(app, "cooperative", {"pidfile": str(tmp_path / "pid")})["id"]
     worker = read_pid(tmp_path / "pid")
     resp = call(app, "POST", f"/jobs/{job_id}/cancel")
@@ -3848,6 +3953,18 @@ def test_max_jobs_per_child_recycles_the_process_after_that_many_jobs(process_ap
     assert len({a1, b1, c}) == 3, [a1, a2, b1, b2, c]
     assert workers(app)["pids"] == [c] and workers(app)["replaced"] == 2
     assert gone(a1) and gone(b1)
+
+
+def test_a_job_cancelled_as_the_last_before_recycling_still_recycles_the_process(
+        process_app, tmp_path):
+    app = process_app(worker_pool={"max_jobs_per_child": 2, "kill_grace": 5})
+    first = run_pid_job(app)
+    job_id = submit(app, "cooperative", {"pidfile": str(tmp_path / "pid")})["id"]
+    assert read_pid(tmp_path / "pid") == first
+    assert call(app, "POST", f"/jobs/{job_id}/cancel").status == 200
+    second = run_pid_job(app)  # the cancelled job was the process's second: a new one
+    assert second != first and run_pid_job(app) == second
+    assert run_pid_job(app) not in (first, second)  # and recycling goes on
 
 
 # -- the same as worker threads

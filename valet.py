@@ -1116,8 +1116,11 @@ class Store:
         transition() makes one: each move is a tuple of transition()'s arguments,
         (job id, from_states, to_state[, fields[, result[, then]]]). Returns each
         move's record, or None where it did not apply (the others apply all the
-        same). A worker so writes a job's end with its next job's start."""
-        raise NotImplementedError
+        same). A worker so writes a job's end with its next job's start. (A store
+        written before 0.7.0, with transition() alone, gets this: one write each.)"""
+        if type(self).transition is Store.transition:
+            raise NotImplementedError
+        return [self.transition(*_checked_move(move)) for move in moves]
 
     def update(self, item_id, fields, kind="job") -> bool:
         """Write name and/or description (ValueError for any other field) of the job,
@@ -2914,35 +2917,44 @@ def _child_main():
             message = json.loads(frame)
             if message.get("cancel"):
                 cancelled.set()
-            else:
+            else:  # (cleared here: a cancel frame right behind its job sets it)
+                cancelled.clear()
                 jobs.put(message)
         os._exit(0)
 
     threading.Thread(target=read, daemon=True).start()
     send({"ready": os.getpid()})
     _child_serve(tasks, jobs, cancelled, send, limit)
+    os._exit(0)  # (now: the reader thread waits on stdin)
 
 
 def _child_serve(tasks, jobs, cancelled, send, limit):
     """Run the jobs a worker process is sent, one at a time, and answer each."""
     while True:
         job = jobs.get()
-        cancelled.clear()
         try:
             answer = _child_run(tasks[job["task"]], job, cancelled, send)
-        except MemoryError as exc:  # (not the task's: sending its answer, say)
+        except MemoryError as exc:  # (not the task's own)
             answer = {"outcome": [FAILED, None, _reason_of(exc), None], "retire": True}
-        if answer.get("retire") and limit is not None:
-            answer["outcome"][2] = (f"{answer['outcome'][2].rstrip(': ')} (the worker "
-                                    f"process reached worker_pool.max_memory_per_child, "
-                                    f"{limit} MB)")
         try:
-            send(answer)
-        except (TypeError, ValueError, RecursionError) as exc:
+            send(_out_of_memory(answer, limit))
+        except (TypeError, ValueError, RecursionError, OverflowError) as exc:
             send({"outcome": [FAILED, None, f"the task's result is not JSON-serialisable: "
                                             f"{exc}", None]})
-        if answer.get("retire"):
+        except MemoryError:  # (encoding the result, say)
+            answer = {"outcome": [FAILED, None, "MemoryError: sending the task's result",
+                                  None], "retire": True}
+            send(_out_of_memory(answer, limit))
+        if answer.get("retire"):  # (a process out of memory may be in any state)
             return
+
+
+def _out_of_memory(answer, limit):
+    """An answer whose process ran out of memory ("retire") says so, with the limit."""
+    if answer.get("retire") and limit is not None:
+        answer["outcome"][2] = (f"{answer['outcome'][2].rstrip(': ')} (the worker process "
+                                f"reached worker_pool.max_memory_per_child, {limit} MB)")
+    return answer
 
 
 def _limit_memory(megabytes):
@@ -2959,7 +2971,8 @@ def _child_run(fn, job, cancelled, send):
     kwargs = {}
     if job["context"]:
         kwargs["context"] = Context(job["id"], job["attempt"], job["deadline"], cancelled,
-                                    lambda progress: send({"progress": progress}))
+                                    lambda progress: send({"progress": progress,
+                                                           "id": job["id"]}))
     try:
         value = fn(*job["args"], **kwargs)
     except BaseException as exc:  # a task's failure must never end the process
@@ -2979,25 +2992,26 @@ def _child_program():
              f"COMPLETED, FAILED = {COMPLETED!r}, {FAILED!r}\n",
              f"_MAX_DEPTH, _MAX_TRACEBACK = {_MAX_DEPTH!r}, {_MAX_TRACEBACK!r}\n"]
     for fn in (_is_number, _too_deep, _reason_of, _traceback_of, Context, _write_frame,
-               _read_frame, _limit_memory, _child_run, _child_serve, _child_main):
+               _read_frame, _limit_memory, _child_run, _out_of_memory, _child_serve,
+               _child_main):
         parts.append(inspect.getsource(fn))
     return "\n".join(parts) + "\n_child_main()\n"
 
 
-def _exit_reason(code, memory_limit):
+def _exit_reason(code, memory_limit, which="the worker process running the job"):
     """Why a worker process ended, from its exit code (negative: the signal)."""
     if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        reason = f"the worker process running the job was killed by {name}"
+        reason = f"{which} was killed by {name}"
         if name == "SIGKILL":
             reason += " (kill -9, or the out-of-memory killer)"
         if memory_limit is not None:  # (a C library's failed allocation may abort)
             reason += f"; worker_pool.max_memory_per_child is {memory_limit} MB"
     else:
-        reason = f"the worker process running the job exited with code {code}"
+        reason = f"{which} exited with code {code}"
     return reason
 
 
@@ -3010,6 +3024,8 @@ class _Child:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.pid = self.process.pid
         self.jobs = 0  # jobs sent to it
+        self.is_ready = False  # it has loaded the tasks (see ready())
+        self.problem = None    # why it could not, once ready() has found out
         self.inbox = queue.SimpleQueue()
         threading.Thread(target=self._read, name=f"valet-child-{self.pid}",
                          daemon=True).start()
@@ -3045,7 +3061,8 @@ class _Child:
         except queue.Empty:
             return f"it did not start within {timeout:g} seconds"
         if message is None:
-            return _exit_reason(self.process.wait(), None).replace(" running the job", "")
+            return _exit_reason(self.process.wait(), None, "it")
+        self.is_ready = "ready" in message
         return message.get("error")
 
     def end(self, grace):
@@ -3220,8 +3237,7 @@ class _WorkerPool:
         with self._lock:
             if claim.released:
                 return
-            if claim.abandoned:  # its worker waits for this, to log its late return
-                self._changed.notify_all()
+            self._changed.notify_all()  # its worker may wait for this (see _run)
             if not settled:
                 claim.taken, claim.thread = False, None
                 return
@@ -3250,6 +3266,8 @@ class _WorkerPool:
         """
         job, claim, started = self._mine.__dict__.pop("next", (None, None, _UNSTARTED))
         if job is None:
+            if self.processes is not None:
+                self._prepared()
             _, entry_order, job = self._ready.get(block, timeout)
             if job is _STOP:
                 return False
@@ -3286,10 +3304,16 @@ class _WorkerPool:
             self._starting[job["id"]] = self._starting.get(job["id"], 0) + 1
         return claim
 
-    def _following(self):
+    def _following(self, job):
         """The next ready job and the calling thread's claim on it, if one is queued
-        now (not blocking), for its start to be written with the end of the job
-        this thread has run; else None."""
+        now (not blocking), for its start to be written with the end of `job`, the
+        one this thread has run; else None. None too after a pipeline's job (its
+        end queues the next, maybe ahead of others), in a thread that has left the
+        pool, and while the thread's new worker process starts."""
+        if job["next_job_id"] is not None or not self._in_pool(threading.current_thread()) \
+                or (self.processes is not None
+                    and not getattr(getattr(self._mine, "child", None), "is_ready", False)):
+            return None
         while not self._stopping:
             try:
                 _, entry_order, job = self._ready.get_nowait()
@@ -3351,8 +3375,7 @@ class _WorkerPool:
                 log.info("job %s: the task returned after the job was cancelled, timed "
                          "out or stopped; its result is discarded", started["id"])
             return not claim.abandoned  # an abandoned thread has been replaced
-        # (Not before a pipeline's next job, which its end queues, maybe ahead of others.)
-        following = self._following() if chain and started["next_job_id"] is None else None
+        following = self._following(started) if chain else None
         if following is None:
             self._lifecycle.settle(claim, status, value, reason, trace)
             return True
@@ -3428,10 +3451,19 @@ class _WorkerPool:
     # -- worker processes (process mode)
 
     def _in_child(self, job, args, context, claim):
-        """_call() in this thread's worker process: send it the job, keep its progress
-        reports, and wait for its outcome, for its death (the job fails, saying how it
-        ended) or for the job to be taken from it (see _stop_child)."""
+        """_call() in this thread's worker process: send it the job, and wait for its
+        outcome (see _outcome)."""
         child = self._child()
+        if child.problem is not None:
+            reason = f"the worker process could not start: {child.problem}"
+            log.warning("job %s: %s; another is started", job["id"], reason)
+            self._replace_child(child, kill=True)
+            return FAILED, None, reason, None
+        if child.process.poll() is not None:  # it died while idle (killed from outside)
+            log.warning("%s; another takes its place", _exit_reason(
+                child.process.returncode, None, f"the worker process {child.pid}, idle,"))
+            self._replace_child(child)
+            child = self._prepared()
         with self._lock:
             if claim.taken:  # cancelled or timed out before it was sent: never sent
                 return FAILED, None, None, None
@@ -3440,11 +3472,35 @@ class _WorkerPool:
         child.send({"id": job["id"], "task": job["task_name"], "args": args,
                     "context": self._context[job["task_name"]], "attempt": context.attempt,
                     "deadline": context.deadline})
+        try:
+            return self._outcome(child, job, claim)
+        finally:
+            with self._lock:  # no interrupt is meant for this job from here on
+                claim.child = None
+
+    def _outcome(self, child, job, claim):
+        """What the worker process running the job answers: its progress reports, kept,
+        then its outcome. If it dies, the job fails, saying how it ended; if the job
+        is taken from it (a timeout, a cancel, stop), its task is told through
+        context.cancelled, and the process is killed kill_grace seconds later unless
+        the task has returned by then. A process that dies, is killed, ran out of
+        memory or has run max_jobs_per_child jobs is replaced."""
+        until, grace = None, self.processes["kill_grace"]  # (until: when to kill it)
         while True:
-            message = child.inbox.get()
+            try:
+                message = child.inbox.get(
+                    timeout=None if until is None else max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                log.info("job %s: its worker process (pid %d) was killed, its task still "
+                         "running %gs after it was told to stop (worker_pool.kill_grace)",
+                         job["id"], child.pid, grace)
+                self._replace_child(child, kill=True)
+                return (FAILED, None, f"the task did not stop within {grace:g}s of being "
+                                      f"told to (worker_pool.kill_grace)", None)
             if isinstance(message, tuple):  # (_INTERRUPT, the claim it was meant for)
-                if message[1] is claim:
-                    return self._stop_child(child, job)
+                if message[1] is claim and until is None:
+                    child.send({"cancel": True})
+                    until = time.monotonic() + grace
             elif message is None or "error" in message:  # it died, or could not start
                 reason = (_exit_reason(child.process.wait(), self.processes["max_memory"])
                           if message is None else
@@ -3454,11 +3510,11 @@ class _WorkerPool:
                 self._replace_child(child, kill=message is not None)
                 return FAILED, None, reason, None
             elif "progress" in message:
-                claim.progress = message["progress"]
+                if message["id"] == job["id"]:  # (not a late report of a job before)
+                    claim.progress = message["progress"]
             elif "outcome" in message:  # (not "ready": a new process has started)
-                with self._lock:  # no interrupt is meant for this job from here on
-                    claim.child = None
-                if message.get("retire") or child.jobs == self.processes["max_jobs"]:
+                most = self.processes["max_jobs"]
+                if message.get("retire") or (most is not None and child.jobs >= most):
                     self._replace_child(child)
                 status, value, reason, trace = message["outcome"]
                 if trace is not None:
@@ -3466,31 +3522,17 @@ class _WorkerPool:
                                 job["task_name"], reason, trace.rstrip())
                 return status, value, reason, trace
 
-    def _stop_child(self, child, job):
-        """The job a worker process runs was taken from it: set the task's
-        context.cancelled, wait up to kill_grace seconds for it to return (the
-        process then goes on to the next job), else kill the process and start
-        another. The outcome is discarded."""
-        child.send({"cancel": True})
-        grace = self.processes["kill_grace"]
-        until = time.monotonic() + grace
+    def _prepared(self):
+        """The calling worker thread's process, once it has loaded the tasks (one that
+        has died meanwhile replaced), so that no job's time counts a start-up. One
+        that cannot start fails the job it is then sent, saying why."""
         while True:
-            try:
-                message = child.inbox.get(timeout=max(0.0, until - time.monotonic()))
-            except queue.Empty:
-                log.info("job %s: its worker process (pid %d) was killed, its task still "
-                         "running %gs after it was told to stop (worker_pool.kill_grace)",
-                         job["id"], child.pid, grace)
-                self._replace_child(child, kill=True)
-                break
-            if message is None:
-                self._replace_child(child)
-                break
-            if isinstance(message, dict) and "outcome" in message:
-                if message.get("retire"):
-                    self._replace_child(child)
-                break
-        return FAILED, None, None, None
+            child = self._child()
+            if child.problem is None and not child.is_ready:
+                child.problem = child.ready(60)
+            if child.problem is not None or child.process.poll() is None:
+                return child
+            self._replace_child(child)  # it died after it was ready, before a job came
 
     def _child(self):
         """The calling worker thread's process: one start() made, or a new one."""
