@@ -1224,7 +1224,7 @@ def seed_store(valet, path, count):
         "id", "name", "description", "task_name", "metadata", "timeout", "status",
         "failure_reason", "created_at", "started_at", "completed_at", "priority", "attempts",
         "max_retries", "retry_backoff", "run_at", "pipeline_id", "previous_job_id",
-        "next_job_id", "use_previous_results")]
+        "next_job_id", "use_previous_results", "failure_traceback")]
     if missing:
         conn.close()
         raise RuntimeError(f"valet has job columns the seeder does not know: {missing}")
@@ -1247,6 +1247,7 @@ def seed_store(valet, path, count):
                 "completed_at": created + 0.002, "priority": 0, "attempts": 1,
                 "max_retries": 0, "retry_backoff": 1.0, "run_at": None, "pipeline_id": None,
                 "previous_job_id": None, "next_job_id": None, "use_previous_results": 0,
+                "failure_traceback": None,
             }
             yield [job[c] for c in columns], (job_id, metadata, None)
 
