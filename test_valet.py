@@ -3892,14 +3892,15 @@ def test_a_result_too_big_for_max_memory_per_child_fails_naming_the_limit(proces
     assert_refilled(app, worker)
 
 
-def test_a_cancel_sent_right_behind_its_job_reaches_the_task(fault_tasks):
+def test_a_cancel_sent_right_behind_its_job_reaches_the_task(fault_tasks, tmp_path):
     child = valet._Child({"path": sys.path, "memory_limit": None},
                          pickle.dumps(fault_tasks.TASKS))
     try:
         assert child.ready(30) is None
+        job = {"task": "cooperative", "context": True, "attempt": 1, "deadline": None,
+               "args": [{"pidfile": str(tmp_path / "pid")}]}
         for i in range(50):  # the cancel frame may be read before the task begins
-            child.send({"id": f"job-{i}", "task": "cooperative", "context": True,
-                        "attempt": 1, "deadline": None, "args": [{"pidfile": os.devnull}]})
+            child.send({**job, "id": f"job-{i}"})
             child.send({"cancel": True})
             answer = child.inbox.get(timeout=10)  # (the task waits 30 s if not told)
             assert answer == {"outcome": [valet.COMPLETED, "stopped", None, None]}, i
