@@ -2402,7 +2402,8 @@ def test_a_task_that_returns_after_its_cancel_is_logged_after_it(make_app, caplo
     assert started.wait(10)
     assert call(app, "POST", f"/jobs/{job['id']}/cancel").status == 200
     cancelled = f"job {job['id']}: IN_PROGRESS -> CANCELLED"
-    late = f"job {job['id']}: the task returned after the job was cancelled"
+    late = (f"job {job['id']}: the task of attempt 1 returned after the attempt was "
+            f"cancelled")
     wait_until(lambda: late in caplog.text, what="the late return to be logged")
     lines = [record.getMessage() for record in caplog.records]
     first = next(i for i, line in enumerate(lines) if line.startswith(cancelled))
@@ -3737,6 +3738,8 @@ def process_app(fault_tasks, tmp_path):
                                   "kill_grace": 0.3, "shutdown_grace": 1}}
         for section, values in sections.items():
             config[section] = {**config.get(section, {}), **values}
+        if config["worker_pool"]["worker_type"] == "thread":
+            del config["worker_pool"]["kill_grace"]  # (for worker processes only)
         app = valet.Valet(config, tasks=fault_tasks.TASKS)
         apps.append(app)
         return app.start()
@@ -4082,27 +4085,67 @@ def test_cancelling_a_running_pipeline_with_either_worker_type(process_app, work
 # -- config
 
 @pytest.mark.parametrize("key, value", [("max_jobs_per_child", 2),
-                                        ("max_memory_per_child", 64)])
+                                        ("max_memory_per_child", 64), ("kill_grace", 5)])
 def test_process_only_keys_with_worker_threads_are_a_config_error(key, value):
     with pytest.raises(valet.ConfigError, match=f"worker_pool.{key}"):
         valet.load_config({"worker_pool": {"worker_type": "thread", key: value}})
     assert valet.load_config({"worker_pool": {"worker_type": "process", key: value}})[
         f"worker_pool.{key}"] == value
+    default = valet._SCHEMA[f"worker_pool.{key}"][0]  # (as config.yaml writes it)
+    assert valet.load_config({"worker_pool": {key: default}})[f"worker_pool.{key}"] \
+        == default
 
 
-def test_start_with_a_lambda_task_in_process_mode_is_a_config_error_naming_it(fault_tasks):
-    app = valet.Valet({"server": {"port": 0}, "storage": {"option": "memory"},
-                       "worker_pool": {"workers": 1, "worker_type": "process"}},
-                      tasks={"pid": fault_tasks.pid, "anonymous": lambda metadata: None})
+def test_a_worker_stopping_its_task_counts_as_busy(process_app, tmp_path):
+    app = process_app(worker_pool={"kill_grace": 30})
+    job_id = submit(app, "spin", {"pidfile": str(tmp_path / "pid")}, timeout=0.2)["id"]
+    spinner = read_pid(tmp_path / "pid")
+    wait_for_status(app, job_id, valet.FAILED)
+    assert workers(app)["busy"] == 1 and alive(spinner)  # told, not yet killed
+    waiting = submit(app, "pid")["id"]
+    assert job_status(app, waiting) == valet.PENDING
+    os.kill(spinner, signal.SIGKILL)  # (rather than wait 30 s): the worker is free
+    wait_for_status(app, waiting, valet.COMPLETED)
+    assert workers(app)["busy"] == 0
+
+
+def test_a_lambda_task_in_process_mode_is_a_config_error_naming_it(fault_tasks):
     before = children_of(os.getpid())
+    with pytest.raises(valet.ConfigError, match="task 'anonymous' cannot be"):
+        valet.Valet({"server": {"port": 0}, "storage": {"option": "memory"},
+                     "worker_pool": {"workers": 1, "worker_type": "process"}},
+                    tasks={"pid": fault_tasks.pid, "anonymous": lambda metadata: None})
+    assert children_of(os.getpid()) <= before  # no worker process was started
+
+
+def test_a_tasks_module_that_no_longer_loads_holds_jobs_back_until_it_does(
+        process_app, tmp_path, caplog):
+    folder = tmp_path / "mod"
+    folder.mkdir()
+    module = folder / "valet_reloaded_tasks.py"
+    module.write_text("def version(metadata):\n    return 1\n")
+    sys.path.insert(0, str(folder))
     try:
-        with pytest.raises(valet.ConfigError, match="task 'anonymous' cannot be"):
-            app.start()
+        importlib.invalidate_caches()
+        tasks = importlib.import_module("valet_reloaded_tasks")
+        app = valet.Valet({"server": {"port": 0}, "storage": {"option": "memory"},
+                           "worker_pool": {"workers": 1, "worker_type": "process",
+                                           "max_jobs_per_child": 1}},
+                          tasks={"version": tasks.version}).start()
+        try:
+            first = wait_for_status(app, submit(app, "version")["id"], valet.COMPLETED)
+            module.write_text("def version(metadata)\n")  # broken (the process that
+            job_id = submit(app, "version")["id"]             # ran `first` is replaced)
+            wait_until(lambda: "could not load the tasks" in caplog.text,
+                       what="the broken module to be logged")
+            assert job_status(app, job_id) == valet.PENDING  # held back, not failed
+            module.write_text("def version(metadata):\n    return 2  # mended\n")
+            wait_for_status(app, job_id, valet.COMPLETED)
+            assert result_of(app, first["id"]) == 1 and result_of(app, job_id) == 2
+        finally:
+            app.stop(1)
     finally:
-        began = time.monotonic()
-        app.stop()
-        assert time.monotonic() - began < 2
-    assert children_of(os.getpid()) <= before  # no worker process left behind
+        sys.path.remove(str(folder))
 
 
 # -- a real valet.py

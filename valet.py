@@ -437,22 +437,23 @@ def load_config(source=None, overrides: dict | None = None,
                             if key == "server.auth_token" else
                             f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
-    problems += _process_problems(config)
+    problems += _process_problems(config, given)
     if problems:
         raise ConfigError("; ".join(problems))
     config["periodic"] = _periodic_entries(config["periodic"])
     return config
 
 
-def _process_problems(config):
-    """What is wrong with the settings of worker processes, given the rest."""
+def _process_problems(config, given):
+    """What is wrong with the settings of worker processes, given the rest (`given`:
+    the keys set)."""
     problems = []
     if config["worker_pool.worker_type"] == "thread":
         problems += [f"{key}: {_show(config[key])} applies to worker processes only; set "
-                     f"worker_pool.worker_type: process, or leave {key} null"
-                     for key in ("worker_pool.max_jobs_per_child",
+                     f"worker_pool.worker_type: process, or leave {key} out"
+                     for key in ("worker_pool.kill_grace", "worker_pool.max_jobs_per_child",
                                  "worker_pool.max_memory_per_child")
-                     if config[key] is not None]
+                     if key in given and config[key] != _SCHEMA[key][0]]
     if config["worker_pool.max_memory_per_child"] is not None and sys.platform == "win32":
         problems.append("worker_pool.max_memory_per_child: Windows has no limit of a "
                         "process's memory that valet can set; leave it null")
@@ -477,12 +478,16 @@ def _load_tasks(config):
         module = importlib.import_module(module_name)
     except Exception as exc:
         where = f" (looked for first in {folder})" if folder is not None else ""
+        frames = traceback.extract_tb(exc.__traceback__)
+        line = (f" ({frames[-1].filename}, line {frames[-1].lineno})"
+                if frames and not isinstance(exc, (SyntaxError, ImportError)) else "")
         raise ConfigError(f"tasks_module: {module_name!r} cannot be imported{where}: "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {exc}{line}") from None
     tasks = getattr(module, "TASKS", None)
     if not isinstance(tasks, dict):
-        raise ConfigError(f"tasks_module: {module_name!r} has no TASKS dict "
-                          f"mapping names to functions")
+        found = "no TASKS" if tasks is None else f"a TASKS that is a {type(tasks).__name__}"
+        raise ConfigError(f"tasks_module: {module_name!r} has {found}; it needs a TASKS "
+                          f"dict mapping names to functions")
     for name, fn in tasks.items():
         if not callable(fn):
             raise ConfigError(f"tasks_module: TASKS[{name!r}] in {module_name!r} is "
@@ -2855,10 +2860,10 @@ def _guarded(step, *args):
         return True
 
 
-# Worker processes (worker_type: process). Each runs _child_main(), started as a
-# fresh Python by `python -c <program>`: the program is the source of the few
-# functions below that it needs (see _child_program), so that it imports nothing
-# of valet's own and starts in tens of milliseconds. valet and it exchange frames
+# Worker processes (worker_type: process). Each runs _child_main() in a fresh
+# Python, whose program is the source of the few functions below that it needs
+# (see _child_program, sent as its first frame), so that it imports nothing of
+# valet's own and starts in tens of milliseconds. valet and it exchange frames
 # (_write_frame) over its stdin and stdout, each a JSON object except the tasks.
 
 _INTERRUPT = object()  # put in a _Child's inbox when its job is taken (with the claim)
@@ -2984,6 +2989,12 @@ def _child_run(fn, job, cancelled, send):
     return {"outcome": [COMPLETED, value, None, None]}
 
 
+# What a worker process is started with (`python -c _CHILD_BOOT valet-worker`, so
+# that ps shows what it is): it reads its program from stdin, as the first frame.
+_CHILD_BOOT = ("import sys; s = sys.stdin.buffer; exec(compile(s.read(int.from_bytes("
+               "s.read(4), 'big')), '<valet worker process>', 'exec'))")
+
+
 @functools.lru_cache(maxsize=None)
 def _child_program():
     """The source a worker process runs: what _child_main() needs of this module."""
@@ -2996,6 +3007,25 @@ def _child_program():
                _child_main):
         parts.append(inspect.getsource(fn))
     return "\n".join(parts) + "\n_child_main()\n"
+
+
+def _pickled_tasks(tasks):
+    """The tasks pickled for worker processes, which import each by its module and
+    name; ConfigError naming a task that cannot be (a lambda, a nested function,
+    one of the script valet was started from)."""
+    for name, fn in tasks.items():
+        try:
+            pickle.dumps(fn)
+            problem = getattr(fn, "__module__", None) == "__main__" and (
+                "it is defined in the script valet was started from")
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise ConfigError(f"worker_pool.worker_type: process runs tasks in other "
+                              f"processes, which import them by name, but task {name!r} "
+                              f"cannot be: {problem}; define it at the top level of a "
+                              f"module (such as the tasks_module)")
+    return pickle.dumps(tasks)
 
 
 def _exit_reason(code, memory_limit, which="the worker process running the job"):
@@ -3020,7 +3050,7 @@ class _Child:
     that reads its frames into `inbox` (then None, once it has exited)."""
 
     def __init__(self, setup, tasks):
-        self.process = subprocess.Popen([sys.executable, "-c", _child_program()],
+        self.process = subprocess.Popen([sys.executable, "-c", _CHILD_BOOT, "valet-worker"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.pid = self.process.pid
         self.jobs = 0  # jobs sent to it
@@ -3029,6 +3059,7 @@ class _Child:
         self.inbox = queue.SimpleQueue()
         threading.Thread(target=self._read, name=f"valet-child-{self.pid}",
                          daemon=True).start()
+        self._write(_child_program().encode())
         self.send(setup)
         self._write(tasks)
 
@@ -3139,6 +3170,11 @@ class _WorkerPool:
         self._spare = []        # those start() made, for worker threads to take
         self._mine = threading.local()  # .child: the calling worker thread's process
         self._replaced = 0      # worker processes replaced: killed, died or recycled
+        self._ending = 0        # workers stopping a task taken from them (kill_grace)
+        self._halted = threading.Event()  # set by halt()
+        # The tasks, pickled (by reference) for each worker process; ConfigError now,
+        # at construction, for one that a process could not import by name.
+        self._pickled = None if processes is None else _pickled_tasks(tasks)
 
     # -- the backlog: jobs accepted and waiting for a worker
 
@@ -3177,13 +3213,19 @@ class _WorkerPool:
     def stats(self):
         """Queue depth, busy and abandoned workers, and since when (wall clock) the job
         queued longest ago has been ready (None when none waits); with worker
-        processes, their pids and how many have been replaced."""
+        processes, the pids of those alive and how many have been replaced. A worker
+        whose process is being stopped (kill_grace) is busy."""
         with self._lock:
-            oldest = next(iter(self._waiting.values()), (None, None))[1]
-            return {"depth": len(self._waiting) + self._reserved, "busy": len(self._running),
-                    "abandoned": self._abandoned, "oldest": oldest, **({} if self.processes
-                    is None else {"pids": sorted(child.pid for child in self._children),
-                                  "replaced": self._replaced})}
+            stats = {"depth": len(self._waiting) + self._reserved,
+                     "busy": len(self._running) + self._ending,
+                     "abandoned": self._abandoned,
+                     "oldest": next(iter(self._waiting.values()), (None, None))[1]}
+            children = list(self._children)
+            if self.processes is not None:
+                stats["replaced"] = self._replaced
+        if self.processes is not None:  # (poll() reaps a process that has died)
+            stats["pids"] = sorted(c.pid for c in children if c.process.poll() is None)
+        return stats
 
     def progress(self, job_id):
         """What the running job's task last reported, or None."""
@@ -3372,8 +3414,9 @@ class _WorkerPool:
                     claim.taken = mine = True  # claim back: the task's own end stands
         if not mine:
             if claim.abandoned:
-                log.info("job %s: the task returned after the job was cancelled, timed "
-                         "out or stopped; its result is discarded", started["id"])
+                log.info("job %s: the task of attempt %d returned after the attempt was "
+                         "cancelled, timed out or stopped; its result is discarded",
+                         started["id"], started["attempts"])
             return not claim.abandoned  # an abandoned thread has been replaced
         following = self._following(started) if chain else None
         if following is None:
@@ -3485,22 +3528,35 @@ class _WorkerPool:
         context.cancelled, and the process is killed kill_grace seconds later unless
         the task has returned by then. A process that dies, is killed, ran out of
         memory or has run max_jobs_per_child jobs is replaced."""
-        until, grace = None, self.processes["kill_grace"]  # (until: when to kill it)
+        ending = []  # [when to kill it], once its job has been taken
+        try:
+            return self._answer(child, job, claim, ending)
+        finally:
+            if ending:
+                with self._lock:
+                    self._ending -= 1
+
+    def _answer(self, child, job, claim, ending):
+        """_outcome(), noting in `ending` when the process is to be killed."""
+        grace = self.processes["kill_grace"]
         while True:
+            until = ending[0] if ending else None
             try:
                 message = child.inbox.get(
                     timeout=None if until is None else max(0.0, until - time.monotonic()))
             except queue.Empty:
-                log.info("job %s: its worker process (pid %d) was killed, its task still "
-                         "running %gs after it was told to stop (worker_pool.kill_grace)",
-                         job["id"], child.pid, grace)
+                log.info("job %s: its task did not stop within worker_pool.kill_grace "
+                         "(%gs) of being told to: its worker process (pid %d) was killed",
+                         job["id"], grace, child.pid)
                 self._replace_child(child, kill=True)
                 return (FAILED, None, f"the task did not stop within {grace:g}s of being "
                                       f"told to (worker_pool.kill_grace)", None)
             if isinstance(message, tuple):  # (_INTERRUPT, the claim it was meant for)
-                if message[1] is claim and until is None:
+                if message[1] is claim and not ending:
                     child.send({"cancel": True})
-                    until = time.monotonic() + grace
+                    with self._lock:  # (its job, released, no longer counts it busy)
+                        self._ending += 1
+                    ending.append(time.monotonic() + grace)
             elif message is None or "error" in message:  # it died, or could not start
                 reason = (_exit_reason(child.process.wait(), self.processes["max_memory"])
                           if message is None else
@@ -3524,18 +3580,33 @@ class _WorkerPool:
 
     def _prepared(self):
         """The calling worker thread's process, once it has loaded the tasks (one that
-        has died meanwhile replaced), so that no job's time counts a start-up. One
-        that cannot start fails the job it is then sent, saying why."""
-        while True:
+        has died meanwhile replaced), so that no job's time counts a start-up. While
+        none can load them (the tasks module was broken since start), the worker
+        takes no job: it tries again, 1 s later at first, up to 30 s apart."""
+        delay = 1.0
+        while not self._halted.is_set():
             child = self._child()
             if child.problem is None and not child.is_ready:
                 child.problem = child.ready(60)
-            if child.problem is not None or child.process.poll() is None:
+            if child.problem is None and child.process.poll() is None:
+                if delay > 1:
+                    log.info("a worker process has loaded the tasks: jobs go on")
                 return child
-            self._replace_child(child)  # it died after it was ready, before a job came
+            if child.problem is None:  # it died after it was ready, before a job came
+                self._replace_child(child)
+                continue
+            log.error("a worker process could not load the tasks: %s; its worker takes "
+                      "no job, and tries again in %gs", child.problem, delay)
+            self._end_child(child, kill=True)
+            self._mine.child = None
+            if self._halted.wait(delay):
+                break
+            delay = min(delay * 2, 30.0)
+        return None
 
     def _child(self):
-        """The calling worker thread's process: one start() made, or a new one."""
+        """The calling worker thread's process: its own, one start() made, or a new
+        one."""
         child = getattr(self._mine, "child", None)
         if child is None:
             with self._lock:
@@ -3569,20 +3640,7 @@ class _WorkerPool:
 
     def _start_children(self):
         """Start a process per worker and wait until each has loaded the tasks;
-        ConfigError if one cannot (the tasks cannot be sent, or imported there)."""
-        for name, fn in self._tasks.items():
-            try:
-                pickle.dumps(fn)
-                problem = getattr(fn, "__module__", None) == "__main__" and (
-                    "it is defined in the script valet was started from")
-            except Exception as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            if problem:
-                raise ConfigError(f"worker_pool.worker_type: process runs tasks in other "
-                                  f"processes, which import them by name, but task "
-                                  f"{name!r} cannot be: {problem}; define it at the top "
-                                  f"level of a module (such as the tasks_module)")
-        self._pickled = pickle.dumps(self._tasks)
+        ConfigError if one cannot (its error: the tasks cannot be imported there)."""
         children = [self._new_child() for _ in range(self.size)]
         problems = [problem for problem in (child.ready(60) for child in children)
                     if problem]
@@ -3692,6 +3750,7 @@ class _WorkerPool:
         with self._lock:
             self._stopping = True
             self._waiting.clear()
+        self._halted.set()
 
     def stop(self, grace):
         """halt(), then wait up to `grace` seconds for running jobs, then fail them
@@ -6113,8 +6172,11 @@ def _client(argv):
         return exc.code
     # A job that failed is told on stderr, so that `valet result ID > out.json`
     # leaves no message in the file (with --json, its JSON still goes to stdout).
-    print(json.dumps(value, indent=2) if as_json else text,
-          file=sys.stderr if code and not as_json else sys.stdout)
+    try:
+        print(json.dumps(value, indent=2) if as_json else text,
+              file=sys.stderr if code and not as_json else sys.stdout, flush=True)
+    except BrokenPipeError:  # (piped into head, say): the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 
@@ -7024,6 +7086,26 @@ def _build(config):
         return 1
 
 
+def _start(app, config):
+    """Start the Valet main() runs: None, or the exit code to end with, its reason
+    said (and valet stopped)."""
+    try:
+        app.start()
+        return None
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config["server.host"], config["server.port"],
+                  exc.strerror or exc)
+        code = 1
+    except StorageError as exc:  # recovering the last run's jobs needs writes
+        log.error("cannot start: %s", exc)
+        code = 1
+    except ConfigError as exc:  # a worker process could not import the tasks
+        print(f"valet: config error: {exc}", file=sys.stderr)
+        code = 2
+    app.stop()
+    return code
+
+
 def main(argv=None) -> int:
     """Run valet from the command line; return the exit code (2 for a bad config).
     With a client command first (python valet.py jobs), talk to a running valet."""
@@ -7057,17 +7139,9 @@ def main(argv=None) -> int:
 
     stopping, received = threading.Event(), []
     _stop_on_signals(stopping, received)
-    try:
-        app.start()
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", config["server.host"], config["server.port"],
-                  exc.strerror or exc)
-        app.stop()
-        return 1
-    except (StorageError, ConfigError) as exc:  # recovering the last run's jobs needs
-        log.error("cannot start: %s", exc)         # writes; worker processes, the tasks
-        app.stop()
-        return 1
+    failed = _start(app, config)
+    if failed:
+        return failed
     stopping.wait()
     log.info("%s received: stopping (a second one stops at once)",
              signal.Signals(received[0]).name)
