@@ -4067,6 +4067,21 @@ def test_a_timed_out_attempt_is_retried_with_either_worker_type(process_app, wor
     assert wait_for_status(app, submit(app, "double", {"n": 2})["id"], valet.COMPLETED)
 
 
+def test_a_periodic_entry_runs_its_jobs_in_worker_processes(fault_tasks):
+    app = valet.Valet({"server": {"port": 0}, "storage": {"option": "memory"},
+                       "worker_pool": {"workers": 1, "worker_type": "process"},
+                       "periodic": [{"name": "tick", "task_name": "pid", "every": 1}]},
+                      tasks=fault_tasks.TASKS).start()
+    try:
+        [worker] = workers(app)["pids"]
+        fired = wait_until(lambda: app.list_jobs(task_name="pid")["jobs"], timeout=10,
+                           what="the entry to fire (after 1 s)")
+        done = wait_for_status(app, fired[0]["id"], valet.COMPLETED)
+        assert result_of(app, done["id"]) == worker  # run by the worker process
+    finally:
+        app.stop(1)
+
+
 def test_cancelling_a_running_pipeline_with_either_worker_type(process_app, worker_type,
                                                               tmp_path):
     app = process_app(worker_pool={"worker_type": worker_type})

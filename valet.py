@@ -2803,7 +2803,8 @@ class _Claim:
     cancel or stop to settle."""
 
     __slots__ = ("thread", "job_id", "job", "cancelled", "progress", "taken",
-                 "released", "abandoned", "deadline", "starting", "ready", "began", "child")
+                 "released", "abandoned", "deadline", "starting", "ready", "began", "child",
+                 "ending")
 
     def __init__(self, thread, job_id):
         self.thread = thread    # None once its job's end could not be written
@@ -2819,6 +2820,7 @@ class _Claim:
         self.ready = None       # when (wall clock) its job was ready to run
         self.began = None       # when (monotonic) its attempt began, once it has
         self.child = None       # the worker process running its task (process mode)
+        self.ending = False     # taken while that process ran it: it is told to stop
 
     def report(self, progress):
         """What the task last reported (Context.progress)."""
@@ -2865,9 +2867,6 @@ def _guarded(step, *args):
 # (see _child_program, sent as its first frame), so that it imports nothing of
 # valet's own and starts in tens of milliseconds. valet and it exchange frames
 # (_write_frame) over its stdin and stdout, each a JSON object except the tasks.
-
-_INTERRUPT = object()  # put in a _Child's inbox when its job is taken (with the claim)
-
 
 def _write_frame(stream, data):
     """Write one frame: its length in 4 bytes (big-endian), then its bytes."""
@@ -3055,7 +3054,6 @@ class _Child:
         self.pid = self.process.pid
         self.jobs = 0  # jobs sent to it
         self.is_ready = False  # it has loaded the tasks (see ready())
-        self.problem = None    # why it could not, once ready() has found out
         self.inbox = queue.SimpleQueue()
         threading.Thread(target=self._read, name=f"valet-child-{self.pid}",
                          daemon=True).start()
@@ -3082,8 +3080,9 @@ class _Child:
         self._write(json.dumps(message).encode())
 
     def interrupt(self, claim):
-        """Its job was taken (cancelled, timed out, stopped): tell its worker thread."""
-        self.inbox.put((_INTERRUPT, claim))
+        """Its job was taken (cancelled, timed out, stopped): tell its worker thread,
+        with the claim (so that a late one cannot stop the next job)."""
+        self.inbox.put(claim)
 
     def ready(self, timeout):
         """Wait for it to have loaded the tasks: None, or what went wrong."""
@@ -3170,7 +3169,7 @@ class _WorkerPool:
         self._spare = []        # those start() made, for worker threads to take
         self._mine = threading.local()  # .child: the calling worker thread's process
         self._replaced = 0      # worker processes replaced: killed, died or recycled
-        self._ending = 0        # workers stopping a task taken from them (kill_grace)
+        self._ending = 0        # workers whose process has a task to stop (claim.ending)
         self._halted = threading.Event()  # set by halt()
         # The tasks, pickled (by reference) for each worker process; ConfigError now,
         # at construction, for one that a process could not import by name.
@@ -3262,8 +3261,10 @@ class _WorkerPool:
         if claim.thread is None:
             return False
         if self.processes is not None:  # its worker stops the process, and stays
-            if claim.child is not None:
+            if claim.child is not None:   # (busy until then, its job released or not)
                 claim.child.interrupt(claim)
+                claim.ending = True
+                self._ending += 1
             return False
         claim.abandoned = True
         self._abandoned += 1
@@ -3352,9 +3353,9 @@ class _WorkerPool:
         one this thread has run; else None. None too after a pipeline's job (its
         end queues the next, maybe ahead of others), in a thread that has left the
         pool, and while the thread's new worker process starts."""
+        child = getattr(self._mine, "child", None)
         if job["next_job_id"] is not None or not self._in_pool(threading.current_thread()) \
-                or (self.processes is not None
-                    and not getattr(getattr(self._mine, "child", None), "is_ready", False)):
+                or (self.processes is not None and not (child and child.is_ready)):
             return None
         while not self._stopping:
             try:
@@ -3497,16 +3498,13 @@ class _WorkerPool:
         """_call() in this thread's worker process: send it the job, and wait for its
         outcome (see _outcome)."""
         child = self._child()
-        if child.problem is not None:
-            reason = f"the worker process could not start: {child.problem}"
-            log.warning("job %s: %s; another is started", job["id"], reason)
-            self._replace_child(child, kill=True)
-            return FAILED, None, reason, None
         if child.process.poll() is not None:  # it died while idle (killed from outside)
             log.warning("%s; another takes its place", _exit_reason(
                 child.process.returncode, None, f"the worker process {child.pid}, idle,"))
             self._replace_child(child)
             child = self._prepared()
+            if child is None:  # valet is stopping
+                return FAILED, None, "the server stopped before the job could start", None
         with self._lock:
             if claim.taken:  # cancelled or timed out before it was sent: never sent
                 return FAILED, None, None, None
@@ -3520,6 +3518,7 @@ class _WorkerPool:
         finally:
             with self._lock:  # no interrupt is meant for this job from here on
                 claim.child = None
+                self._ending -= claim.ending
 
     def _outcome(self, child, job, claim):
         """What the worker process running the job answers: its progress reports, kept,
@@ -3528,19 +3527,8 @@ class _WorkerPool:
         context.cancelled, and the process is killed kill_grace seconds later unless
         the task has returned by then. A process that dies, is killed, ran out of
         memory or has run max_jobs_per_child jobs is replaced."""
-        ending = []  # [when to kill it], once its job has been taken
-        try:
-            return self._answer(child, job, claim, ending)
-        finally:
-            if ending:
-                with self._lock:
-                    self._ending -= 1
-
-    def _answer(self, child, job, claim, ending):
-        """_outcome(), noting in `ending` when the process is to be killed."""
-        grace = self.processes["kill_grace"]
+        until, grace = None, self.processes["kill_grace"]  # (until: when to kill it)
         while True:
-            until = ending[0] if ending else None
             try:
                 message = child.inbox.get(
                     timeout=None if until is None else max(0.0, until - time.monotonic()))
@@ -3551,12 +3539,10 @@ class _WorkerPool:
                 self._replace_child(child, kill=True)
                 return (FAILED, None, f"the task did not stop within {grace:g}s of being "
                                       f"told to (worker_pool.kill_grace)", None)
-            if isinstance(message, tuple):  # (_INTERRUPT, the claim it was meant for)
-                if message[1] is claim and not ending:
+            if isinstance(message, _Claim):  # (see interrupt())
+                if message is claim and until is None:
                     child.send({"cancel": True})
-                    with self._lock:  # (its job, released, no longer counts it busy)
-                        self._ending += 1
-                    ending.append(time.monotonic() + grace)
+                    until = time.monotonic() + grace
             elif message is None or "error" in message:  # it died, or could not start
                 reason = (_exit_reason(child.process.wait(), self.processes["max_memory"])
                           if message is None else
@@ -3579,24 +3565,20 @@ class _WorkerPool:
                 return status, value, reason, trace
 
     def _prepared(self):
-        """The calling worker thread's process, once it has loaded the tasks (one that
-        has died meanwhile replaced), so that no job's time counts a start-up. While
-        none can load them (the tasks module was broken since start), the worker
-        takes no job: it tries again, 1 s later at first, up to 30 s apart."""
+        """The calling worker thread's process, once it has loaded the tasks, so that
+        no job's time counts a start-up (None if valet stops first). While none can
+        load them (the tasks module was broken since start), the worker takes no
+        job: it tries again, 1 s later at first, up to 30 s apart."""
         delay = 1.0
         while not self._halted.is_set():
             child = self._child()
-            if child.problem is None and not child.is_ready:
-                child.problem = child.ready(60)
-            if child.problem is None and child.process.poll() is None:
+            problem = None if child.is_ready else child.ready(60)
+            if problem is None:
                 if delay > 1:
                     log.info("a worker process has loaded the tasks: jobs go on")
                 return child
-            if child.problem is None:  # it died after it was ready, before a job came
-                self._replace_child(child)
-                continue
             log.error("a worker process could not load the tasks: %s; its worker takes "
-                      "no job, and tries again in %gs", child.problem, delay)
+                      "no job, and tries again in %gs", problem, delay)
             self._end_child(child, kill=True)
             self._mine.child = None
             if self._halted.wait(delay):
