@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import glob
 import hashlib
 import http.client
 import importlib
@@ -34,6 +35,7 @@ import string
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -369,10 +371,79 @@ class Counted:
 
 # ----------------------------------------------------------------- fixtures --
 
-@pytest.fixture(params=["memory", "sqlite"])
+# PostgreSQL: a throwaway server for the session (initdb and pg_ctl, in a temporary
+# folder, on a free port; as the user nobody when the tests run as root, which
+# PostgreSQL refuses to be), and a schema of its own for each test.
+POSTGRES_HINT = ("the PostgreSQL tests need the PostgreSQL server and psycopg: "
+                 "apt-get install postgresql; pip install \"psycopg[binary]\"")
+
+
+def _postgres_programs():
+    """The folder of initdb and pg_ctl: on PATH, or Debian's; None if missing."""
+    found = shutil.which("initdb")
+    if found:
+        return os.path.dirname(os.path.realpath(found))
+    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda f: int(
+        f.split("/")[-2]) if f.split("/")[-2].isdigit() else 0)
+    return folders[-1] if folders else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A DSN of a PostgreSQL server started for this session; skips without one."""
+    programs = _postgres_programs()
+    try:
+        import psycopg  # noqa: F401 (only the PostgreSQL tests need it)
+    except ImportError:
+        programs = None
+    if programs is None:
+        print(f"\n{POSTGRES_HINT}", file=sys.__stderr__)  # (once: a session fixture)
+        pytest.skip(POSTGRES_HINT)
+    folder = tempfile.mkdtemp(prefix="valet-test-pg-")
+    user = {"user": "nobody"} if os.geteuid() == 0 else {}
+    if user:
+        import pwd  # (POSIX only, as PostgreSQL's refusal to run as root is)
+        os.chown(folder, pwd.getpwnam("nobody").pw_uid, -1)
+    data, port = os.path.join(folder, "data"), free_port()
+
+    def run(*args):
+        subprocess.run([os.path.join(programs, args[0]), *args[1:]], check=True,
+                       capture_output=True, timeout=60, **user)
+
+    run("initdb", "-D", data, "-U", "valet", "--auth=trust", "-E", "UTF8", "--no-sync")
+    run("pg_ctl", "-D", data, "-l", os.path.join(folder, "log"), "-w", "-o",
+        f"-p {port} -h 127.0.0.1 -k {folder} -c fsync=off -c max_connections=300", "start")
+    try:
+        yield f"host=127.0.0.1 port={port} user=valet dbname=postgres"
+    finally:
+        run("pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres(postgres_server):
+    """The dsn and schema of an empty PostgresStore for this test. (One schema, emptied
+    for each test: making a schema anew takes ten times as long.)"""
+    import psycopg
+    valet.PostgresStore(postgres_server, "tests").close()  # made, once; or up to date
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute("; ".join(f"DELETE FROM tests.{table}" for table in (
+            "jobs", "results", "pipelines", "periodic", "keys", "nodes", "job_counts")))
+    return {"dsn": postgres_server, "schema": "tests"}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def storage(request, tmp_path):
     return {"storage": {"option": request.param,
-                        "sqlite": {"path": str(tmp_path / "valet.db")}}}
+                        "sqlite": {"path": str(tmp_path / "valet.db")},
+                        **({"postgres": request.getfixturevalue("postgres")}
+                           if request.param == "postgres" else {})}}
 
 
 @pytest.fixture
@@ -419,18 +490,43 @@ def app(make_app):
 
 
 # The stores the storage contract is checked on: name -> a function that opens an
-# empty store in a temporary folder. A new backend adds itself here.
+# empty store, given a temporary folder and the test's request (for its fixtures).
+# A new backend adds itself here.
 STORES = {
-    "memory": lambda folder: valet.MemoryStore(),
-    "sqlite": lambda folder: valet.SqliteStore(folder / "valet.db"),
+    "memory": lambda folder, request: valet.MemoryStore(),
+    "sqlite": lambda folder, request: valet.SqliteStore(folder / "valet.db"),
+    "postgres": lambda folder, request: valet.PostgresStore(
+        **request.getfixturevalue("postgres")),
 }
 
 
 @pytest.fixture(params=list(STORES))
 def store(request, tmp_path):
-    store = STORES[request.param](tmp_path)
+    store = STORES[request.param](tmp_path, request)
     yield store
     store.close()
+
+
+@contextlib.contextmanager
+def reopened(app):
+    """The store of a stopped app, opened anew (a closed MemoryStore can still be read)."""
+    store = app.lifecycle.store
+    if isinstance(store, valet.SqliteStore):
+        store = valet.SqliteStore(store.path)
+    elif isinstance(store, valet.PostgresStore):
+        store = valet.PostgresStore(store.dsn, store.schema)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def run_one(app):
+    """Run one ready job of an unstarted app, as one worker would (with several nodes,
+    its node first starts it in the store)."""
+    if app.node is not None:
+        app.node.claim_once(limit=1)
+    return app.pool.run_once(block=False)
 
 
 def new_record(name="job", status=valet.PENDING):
@@ -2947,7 +3043,7 @@ def test_pipeline_runs_its_next_job_after_a_restart_on_sqlite(make_app, storage,
         stage("gate"), stage("collect", "b2", use_previous_results=True)]})
     a1, a2 = (job["id"] for job in begun["jobs"])
     b1, b2 = (job["id"] for job in unstarted["jobs"])
-    assert first.pool.run_once(block=False) is True  # exactly one job: the first queued
+    assert run_one(first) is True  # exactly one job: the first queued
     assert first.lifecycle.store.get(a1)["status"] == valet.COMPLETED
     assert [first.lifecycle.store.get(i)["status"] for i in (a2, b1, b2)] == [valet.PENDING] * 3
     first.stop()
@@ -3406,14 +3502,8 @@ def test_stop_fails_jobs_still_running_after_the_grace_period(storage, gate, ran
     app.stop(grace=0)
     app.stop()  # a second stop does nothing
     gate.opened.set()
-    if storage["storage"]["option"] == "sqlite":
-        store = valet.SqliteStore(storage["storage"]["sqlite"]["path"])
-        try:
-            stopped = store.get(job["id"])
-        finally:
-            store.close()
-    else:
-        stopped = app.lifecycle.store.get(job["id"])  # a closed MemoryStore can still be read
+    with reopened(app) as store:
+        stopped = store.get(job["id"])
     assert stopped["status"] == valet.FAILED
     assert "server stopped before the job finished" in stopped["failure_reason"]
 
@@ -5788,8 +5878,8 @@ def test_bad_content_length_is_400_and_closes_the_connection(app):
 def test_head_answers_as_get_without_a_body_and_options_gets_405_with_allow(app):
     conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
     try:
-        got = request(conn, "GET", "/status")
-        conn.request("HEAD", "/status")
+        got = request(conn, "GET", "/tasks")  # (an answer whose length never changes)
+        conn.request("HEAD", "/tasks")
         resp = conn.getresponse()
         assert resp.status == 200 and resp.read() == b""
         assert resp.getheader("Content-Length") == got.headers["Content-Length"]
@@ -5814,11 +5904,8 @@ def test_open_connection_gets_503_once_stop_has_begun(app):
         assert resp.body["message"] == "valet is shutting down"
     finally:
         conn.close()
-    store = app.lifecycle.store  # closed: read the file anew, if it is one
-    if isinstance(store, valet.SqliteStore):
-        store = valet.SqliteStore(store.path)
-    assert store.list(None, 0, 10) == []  # the refused POST stored nothing
-    store.close()
+    with reopened(app) as store:
+        assert store.list(None, 0, 10) == []  # the refused POST stored nothing
 
 
 # -- logging
@@ -6953,7 +7040,7 @@ def test_floods_of_503s_are_logged_as_the_first_line_then_a_count_a_second(
 # or later (RFC 9110); any other method than valet's gets 404 or 405. A failure
 # names its seed: VALET_FUZZ_SEED=<seed> pytest test_valet.py -k fuzz replays it.
 # Per store, so that each run is one fixed sequence; VALET_FUZZ_SEED replays another.
-SEEDS = {"memory": 5150, "sqlite": 1906}
+SEEDS = {"memory": 5150, "sqlite": 1906, "postgres": 4242}
 REQUESTS_PER_STORE = 3000
 SOCKET_TIMEOUT = 5.0
 

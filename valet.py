@@ -50,7 +50,7 @@ __version__ = "0.7.0"
 
 __all__ = [
     "Valet", "load_config", "main", "Context",
-    "Store", "MemoryStore", "SqliteStore",
+    "Store", "MemoryStore", "SqliteStore", "PostgresStore",
     "ConfigError", "ValetError", "Invalid", "NotFound", "Conflict", "BacklogFull",
     "ShuttingDown", "StorageError", "StoreInUse", "InvalidTransition",
     "SCHEDULED", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "STATUSES",
@@ -128,6 +128,9 @@ JOB_FIELDS = (
     "retry_backoff", "run_at", "created_at", "started_at", "completed_at", "duration",
     "pipeline_id", "next_job_id", "use_previous_results",
 )
+
+# Every key of a node's JSON in /status, in order.
+_NODE_FIELDS = ("name", "this", "host", "pid", "version", "started_at", "heartbeat_age")
 
 # Every key of a pipeline's JSON, in order.
 PIPELINE_FIELDS = (
@@ -337,11 +340,28 @@ _SCHEMA = {
                                              _is_int(v) and 16 <= v <= 2**20),
                                          "null or a number of megabytes from 16 to "
                                          "1048576"),
-    "storage.option": ("sqlite", *_choice("sqlite", "memory")),
+    "storage.option": ("sqlite", *_choice("sqlite", "memory", "postgres")),
     "storage.sqlite.path": ("valet.db",
                             lambda v: isinstance(v, str) and v not in ("", ":memory:"),
                             "a file path (for no file, use storage.option: memory)"),
     "storage.sqlite.synchronous": ("full", *_choice("full", "normal")),
+    "storage.postgres.dsn": (None, lambda v: v is None or (isinstance(v, str) and v != ""),
+                             "a libpq connection string, such as \"host=db.internal "
+                             "dbname=valet user=valet\" or \"postgresql://valet@db/valet\""),
+    "storage.postgres.schema": ("valet", lambda v: isinstance(v, str) and re.fullmatch(
+                                    r"[a-z_][a-z0-9_]{0,62}", v) is not None,
+                                "a lowercase SQL name: letters, digits and _"),
+    "storage.postgres.node": (None, lambda v: v is None or (
+                                  isinstance(v, str) and 0 < len(v) <= 200 and v.isprintable()),
+                              "null (this host's name and port) or a name of up to 200 "
+                              "printable characters"),
+    "storage.postgres.heartbeat": (5, _is_seconds(0, 3600),
+                                   "a number of seconds from 0 (not included) to 3600"),
+    "storage.postgres.node_timeout": (30, _is_seconds(0, 86400),
+                                      "a number of seconds from 0 (not included) to 86400"),
+    "storage.postgres.poll": (1, _is_seconds(0, 3600),
+                              "a number of seconds from 0 (not included) to 3600"),
+    "storage.postgres.listen": (True, lambda v: isinstance(v, bool), "true or false"),
     "tasks_module": ("tasks", lambda v: isinstance(v, str) and v != "",
                      "an importable module name"),
     "retention.finished_jobs": ("7d", _is_duration, "null (keep every job) or a "
@@ -425,6 +445,8 @@ def load_config(source=None, overrides: dict | None = None,
     if (environ or {}).get("VALET_AUTH_TOKEN"):  # so the secret need not sit in a file
         given["server.auth_token"] = environ["VALET_AUTH_TOKEN"]
         config.token_from = "VALET_AUTH_TOKEN"
+    if (environ or {}).get("VALET_POSTGRES_DSN"):  # (which may hold a password)
+        given["storage.postgres.dsn"] = environ["VALET_POSTGRES_DSN"]
     problems = []
     for key, value in given.items():
         if key not in _SCHEMA:
@@ -437,7 +459,7 @@ def load_config(source=None, overrides: dict | None = None,
                             if key == "server.auth_token" else
                             f"{key}: {_show(value)} is not allowed; expected {allowed}")
         config[key] = value
-    problems += _process_problems(config, given)
+    problems += _process_problems(config, given) + _postgres_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     config["periodic"] = _periodic_entries(config["periodic"])
@@ -457,6 +479,23 @@ def _process_problems(config, given):
     if config["worker_pool.max_memory_per_child"] is not None and sys.platform == "win32":
         problems.append("worker_pool.max_memory_per_child: Windows has no limit of a "
                         "process's memory that valet can set; leave it null")
+    return problems
+
+
+def _postgres_problems(config):
+    """What is wrong with the settings of a store shared by several nodes."""
+    if config["storage.option"] != "postgres":
+        return []
+    problems = []
+    if config["storage.postgres.dsn"] is None:
+        problems.append("storage.postgres.dsn: null is not allowed with storage.option: "
+                        "postgres; give the database to use (or set VALET_POSTGRES_DSN)")
+    if config["storage.postgres.node_timeout"] < 2 * config["storage.postgres.heartbeat"]:
+        problems.append(f"storage.postgres.node_timeout: "
+                        f"{_show(config['storage.postgres.node_timeout'])} is not allowed; "
+                        f"expected at least twice storage.postgres.heartbeat "
+                        f"({config['storage.postgres.heartbeat']:g}s), or a node that is "
+                        f"alive would be taken for dead")
     return problems
 
 
@@ -616,6 +655,8 @@ class _Fields:
         elif not isinstance(value, str) or (required and not value.strip()):
             kind = "a non-empty string" if required else "a string or null"
             self.problem(f"{key} must be {kind}, got {_show(value)}")
+        elif "\0" in value:  # (which PostgreSQL cannot store, and no one means)
+            self.problem(f"{key} must not contain NUL (\\u0000) characters")
         else:
             return value
         return None
@@ -2228,10 +2269,770 @@ class SqliteStore(Store):
         _unlock_file(self._owner)  # another store may open the file now
 
 
+# PostgreSQL: several valet processes, "nodes", on one database. Its tables live in
+# a schema of their own (storage.postgres.schema), made and upgraded by the steps
+# below, each once, in order, under an advisory lock: nodes that start together
+# take turns, and the first does the work.
+_PG_STEPS = (
+    # 1: the tables of 0.8.0
+    """
+    CREATE TABLE jobs (
+        seq            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id             TEXT NOT NULL UNIQUE,
+        name           TEXT NOT NULL,
+        description    TEXT,
+        task_name      TEXT NOT NULL,
+        metadata       TEXT NOT NULL,   -- JSON, as given (jsonb would reorder keys)
+        timeout        TEXT,            -- JSON: an int stays an int, a float a float
+        status         TEXT NOT NULL,
+        failure_reason TEXT,
+        created_at     DOUBLE PRECISION NOT NULL,  -- epoch seconds
+        started_at     DOUBLE PRECISION,
+        completed_at   DOUBLE PRECISION,
+        priority       INTEGER NOT NULL,
+        attempts       INTEGER NOT NULL,
+        max_retries    INTEGER NOT NULL,
+        retry_backoff  TEXT NOT NULL,   -- JSON, as timeout
+        run_at         DOUBLE PRECISION,
+        pipeline_id    TEXT,
+        previous_job_id TEXT,
+        next_job_id    TEXT,
+        use_previous_results BOOLEAN NOT NULL,
+        failure_traceback TEXT,
+        node           TEXT,            -- the node that runs it (or ran it last)
+        ready_at       DOUBLE PRECISION -- when it last became ready to run: its turn
+    );
+    CREATE INDEX jobs_ready ON jobs (priority DESC, ready_at, seq) WHERE status = 'PENDING';
+    CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'SCHEDULED';
+    CREATE INDEX jobs_running ON jobs (node) WHERE status = 'IN_PROGRESS';
+    CREATE INDEX jobs_by_status ON jobs (status, seq);
+    CREATE INDEX jobs_by_task ON jobs (task_name, seq);
+    CREATE INDEX jobs_by_pipeline ON jobs (pipeline_id, seq) WHERE pipeline_id IS NOT NULL;
+    CREATE INDEX jobs_finished ON jobs (completed_at)
+        WHERE completed_at IS NOT NULL AND pipeline_id IS NULL;
+    CREATE TABLE results (
+        job_id TEXT PRIMARY KEY,
+        value  TEXT NOT NULL,           -- JSON
+        error  TEXT
+    );
+    CREATE TABLE pipelines (
+        seq         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id          TEXT NOT NULL UNIQUE,
+        name        TEXT NOT NULL,
+        description TEXT,
+        priority    INTEGER NOT NULL,
+        run_at      DOUBLE PRECISION,
+        created_at  DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE periodic (
+        name     TEXT PRIMARY KEY,
+        last_due DOUBLE PRECISION NOT NULL  -- the due time of its last firing
+    );
+    CREATE TABLE keys (
+        key     TEXT PRIMARY KEY,
+        kind    TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        digest  TEXT NOT NULL
+    );
+    CREATE INDEX keys_by_item ON keys (item_id);
+    CREATE TABLE nodes (
+        name         TEXT PRIMARY KEY,
+        host         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        version      TEXT NOT NULL,
+        started_at   DOUBLE PRECISION NOT NULL,
+        heartbeat_at TIMESTAMPTZ NOT NULL  -- the database's clock, not the node's
+    );
+    -- How many jobs there are in each status: every change of a job's status adds
+    -- rows of +1 and -1 (no row is updated, so nodes never wait on each other for
+    -- it), and counts() folds them into one row per status now and then.
+    CREATE TABLE job_counts (status TEXT NOT NULL, n BIGINT NOT NULL);
+    CREATE FUNCTION count_jobs() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$  -- (its schema's tables, whoever deletes)
+    BEGIN
+        IF TG_OP = 'UPDATE' AND OLD.status = NEW.status THEN
+            RETURN NULL;
+        END IF;
+        IF TG_OP IN ('UPDATE', 'DELETE') THEN
+            INSERT INTO job_counts VALUES (OLD.status, -1);
+        END IF;
+        IF TG_OP IN ('UPDATE', 'INSERT') THEN
+            INSERT INTO job_counts VALUES (NEW.status, 1);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER count_jobs AFTER INSERT OR DELETE OR UPDATE OF status ON jobs
+        FOR EACH ROW EXECUTE FUNCTION count_jobs();
+    """,
+)
+
+_PG_JOB = ", ".join(_JOB_COLUMNS)  # a job's record, without the node running it
+_PG_JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS[1:])}, node, ready_at) "
+                  f"VALUES ({', '.join(['%s'] * (len(_JOB_COLUMNS) + 1))})")
+_PG_PIPELINE_INSERT = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
+                       f"VALUES ({', '.join(['%s'] * len(_PIPELINE_COLUMNS))})")
+# A PENDING job whose turn it is: not one of a pipeline waiting for the job before it.
+_PG_TURN = ("(j.previous_job_id IS NULL OR EXISTS (SELECT 1 FROM jobs AS p WHERE "
+            "p.id = j.previous_job_id AND p.status = 'COMPLETED'))")
+_PG_MAX_NOTICE = 7000  # bytes of one NOTIFY's payload (PostgreSQL allows 8000)
+_PG_COUNT_ROWS = 5000  # rows of job_counts past which counts() folds them
+_PG_ROLLBACKS = 5      # tries of a transaction that PostgreSQL rolled back (a deadlock)
+
+
+def _pg_name(name):
+    """A name quoted for SQL (a schema, a channel)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+class PostgresStore(Store):
+    """Jobs in a PostgreSQL database, shared by several valet processes (nodes).
+
+    Each call takes a connection from a pool of this store's own and runs in one
+    transaction; every write has committed when it returns. PostgreSQL's row locks
+    make each transition safe between nodes: two nodes that move one job from the
+    same status cannot both succeed. A transition that ends a running attempt
+    (from IN_PROGRESS alone) applies only to a job this node runs, so a node that
+    was taken for dead cannot end a job another node has taken over since.
+
+    Beyond the interface, the methods a node uses to share the work (shared =
+    True): join() and leave() the nodes table, claim() ready jobs, beat() the
+    heartbeat and take over the jobs of dead nodes, and listen() for what the
+    other nodes did. The store tells the others of each change it writes with
+    NOTIFY on its channel, in the transaction that makes the change: "work" when
+    a job may have become ready, and "job <id> <attempts> <status> <node>" when
+    a job has moved (but to IN_PROGRESS).
+
+    Needs psycopg 3 (pip install "psycopg[binary]"), imported here and nowhere else.
+    """
+
+    option = "postgres"
+    shared = True
+
+    def __init__(self, dsn, schema="valet", node=None):
+        try:
+            import psycopg
+            import psycopg.rows
+        except ImportError:
+            raise ConfigError('storage.option: postgres needs the psycopg driver, which is '
+                              'not installed: pip install "psycopg[binary]"') from None
+        self._pg = psycopg
+        from psycopg.types.string import StrDumperUnknown
+
+        class Text(StrDumperUnknown):
+            """PostgreSQL's text cannot hold NUL: U+FFFD is written in its place (in a
+            task's failure reason, say; an id with one, looked for, is found nowhere)."""
+            def dump(self, obj):
+                return super().dump(obj.replace("\0", "\ufffd") if "\0" in obj else obj)
+
+        self._text = Text
+        self.dsn = dsn
+        self.schema = schema
+        self.channel = f"valet.{schema}"  # NOTIFY's channel: one per schema
+        self.node = node or f"{socket.gethostname()}:{os.getpid()}"  # join() names it
+        self._idle = queue.SimpleQueue()  # connections not in use
+        self._fault = None
+        self._fault_lock = threading.Lock()
+        self._closed = False
+        self._listener = None  # the connection listen() holds
+        self._checked = 0.0    # when health() last reached the database (monotonic)
+        self.where = self._where(dsn)
+        conn = self._connect()
+        try:
+            self._migrate(conn)
+        except psycopg.Error as exc:
+            conn.close()
+            raise StorageError(self._cause(exc), str(exc).strip()) from None
+        self._idle.put(conn)
+
+    @staticmethod
+    def _where(dsn):
+        """The database a DSN names, without its password: for the log."""
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+            parts = conninfo_to_dict(dsn)
+        except Exception:
+            return "postgres"
+        host = parts.get("host") or "localhost"
+        return f"{parts.get('dbname') or parts.get('user') or ''}@{host}:{parts.get('port') or 5432}"
+
+    # -- connections
+
+    def _connect(self):
+        try:
+            conn = self._pg.connect(self.dsn, autocommit=True,
+                                    row_factory=self._pg.rows.dict_row,
+                                    application_name=f"valet {self.node}"[:63])
+            conn.adapters.register_dumper(str, self._text)
+            conn.execute(f"SET search_path TO {_pg_name(self.schema)}")
+            return conn
+        except self._pg.Error as exc:
+            raise self._failed(exc) from None
+
+    def _cause(self, exc):
+        """A few words for what went wrong: "cannot reach PostgreSQL"."""
+        pg = self._pg
+        if isinstance(exc, pg.OperationalError) and getattr(exc, "sqlstate", None) in (
+                None, "57P01", "57P02", "57P03", "08000", "08003", "08006", "08001"):
+            return "cannot reach PostgreSQL"
+        if isinstance(exc, pg.errors.DiskFull):
+            return "disk is full"
+        if isinstance(exc, pg.errors.ReadOnlySqlTransaction):
+            return "database is read-only"
+        if isinstance(exc, json.JSONDecodeError):
+            return _CORRUPT
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+    def _is_fault(self, exc):
+        """Whether an error is the database's (unreachable, full, read-only), not the
+        call's own (a unique key taken)."""
+        pg = self._pg
+        return isinstance(exc, (pg.OperationalError, pg.InterfaceError, pg.InternalError,
+                                json.JSONDecodeError))
+
+    def _failed(self, exc):
+        """Note a fault, logging it if it is a new one; the StorageError to raise."""
+        cause = self._cause(exc)
+        with self._fault_lock:
+            new, self._fault = self._fault != cause, cause
+            self.errors += 1
+        if new:
+            log.error("storage: %s (%s: %s); requests that need it get 503 until it "
+                      "clears", cause, type(exc).__name__, str(exc).strip())
+        return StorageError(cause, str(exc).strip())
+
+    def _worked(self):
+        self._checked = time.monotonic()
+        if self._fault is not None:
+            with self._fault_lock:
+                cause, self._fault = self._fault, None
+            if cause is not None:
+                log.warning("storage: working again (it had failed: %s)", cause)
+
+    def _run(self, fn, snapshot=False):
+        """fn(connection) in one transaction (with snapshot, a read-only one that sees
+        one moment of the database), on a connection of the pool; its value once
+        committed. A transaction PostgreSQL rolls back to break a deadlock is tried
+        again; a fault of the database raises StorageError."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        for attempt in range(_PG_ROLLBACKS):
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            try:
+                with conn.transaction():
+                    if snapshot:
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ "
+                                     "READ ONLY")
+                    value = fn(conn)
+            except BaseException as exc:
+                if isinstance(exc, self._pg.errors.TransactionRollback) and (
+                        attempt + 1 < _PG_ROLLBACKS):  # (a deadlock, broken: try again)
+                    self._idle.put(conn)
+                    continue
+                if conn.broken or conn.closed or not isinstance(exc, self._pg.Error):
+                    conn.close()  # (a KeyboardInterrupt may leave it mid-statement)
+                else:
+                    self._idle.put(conn)
+                if isinstance(exc, Exception) and self._is_fault(exc):
+                    raise self._failed(exc) from None
+                raise
+            self._idle.put(conn)
+            self._worked()
+            return value
+
+    def _migrate(self, conn):
+        """Make or upgrade the tables: the steps not yet taken, in one transaction,
+        while holding the schema's advisory lock."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                         (f"valet migration {self.schema}",))
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_pg_name(self.schema)}")
+            conn.execute("CREATE TABLE IF NOT EXISTS version (step INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(step) AS step FROM version").fetchone()
+            done = row["step"] or 0
+            if done > len(_PG_STEPS):
+                raise StorageError("the database was upgraded by a newer valet",
+                                   f"schema {self.schema!r} is at step {done}; this valet "
+                                   f"{__version__} knows {len(_PG_STEPS)}: run the newer one")
+            for step in range(done, len(_PG_STEPS)):
+                conn.execute(_PG_STEPS[step])
+                conn.execute("INSERT INTO version VALUES (%s)", (step + 1,))
+            if done < len(_PG_STEPS):
+                log.info("storage: schema %r of %s is at step %d", self.schema, self.where,
+                         len(_PG_STEPS))
+
+    # -- records
+
+    @staticmethod
+    def _out(row):
+        if row is not None and "metadata" in row:
+            row["metadata"] = json.loads(row["metadata"])
+            row["timeout"] = None if row["timeout"] is None else json.loads(row["timeout"])
+            row["retry_backoff"] = json.loads(row["retry_backoff"])
+        return row
+
+    def _job_row(self, job):
+        row = [json.dumps(job[c]) if c in ("metadata", "retry_backoff") or (
+            c == "timeout" and job[c] is not None) else job[c] for c in _JOB_COLUMNS[1:]]
+        return [*row, self.node if job["status"] == IN_PROGRESS else None,
+                max(job["created_at"], job["run_at"] or 0)]
+
+    def _read(self, sql, args=()):
+        return self._run(lambda conn: [self._out(row) for row in
+                                       conn.execute(sql, args).fetchall()])
+
+    @staticmethod
+    def _notify(conn, channel, messages):
+        """Tell every node of `messages`, when this transaction commits."""
+        chunk = []
+        for message in [*dict.fromkeys(messages), None]:
+            if chunk and (message is None or sum(map(len, chunk)) + len(message) >
+                          _PG_MAX_NOTICE):
+                conn.execute("SELECT pg_notify(%s, %s)", (channel, "\n".join(chunk)))
+                chunk = []
+            if message is not None:
+                chunk.append(message)
+
+    @staticmethod
+    def _moved(job):
+        """The notice of a job's move, for the nodes watching it."""
+        return f"job {job['id']} {job['attempts']} {job['status']} {job.get('node') or '-'}"
+
+    # -- the interface
+
+    def add(self, *jobs, pipeline=None, fired=None, key=None):
+        _check_new(jobs)
+        rows = [self._job_row(job) for job in jobs]
+        pipeline_row = None if pipeline is None else [pipeline[c] for c in _PIPELINE_COLUMNS]
+        if key is not None:
+            key_row = (key[0], *(("job", jobs[0]["id"]) if pipeline is None
+                                 else ("pipeline", pipeline["id"])), key[1])
+
+        def insert(conn):
+            if fired is not None and conn.execute(
+                    "INSERT INTO periodic AS p VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+                    "SET last_due = excluded.last_due WHERE p.last_due < excluded.last_due",
+                    fired).rowcount == 0:
+                return False
+            if key is not None and conn.execute(
+                    "INSERT INTO keys VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    key_row).rowcount == 0:
+                return False
+            if pipeline_row is not None:
+                conn.execute(_PG_PIPELINE_INSERT, pipeline_row)
+            with conn.cursor() as cursor:
+                cursor.executemany(_PG_JOB_INSERT, rows)
+            self._notify(conn, self.channel, ["work"])
+            return True
+
+        return self._run(insert)
+
+    def get(self, job_id):
+        rows = self._read(f"SELECT {_PG_JOB} FROM jobs WHERE id = %s", (job_id,))
+        return rows[0] if rows else None
+
+    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
+             task_name=None, name=None, created_after=None, created_before=None):
+        clauses, args = [], []
+        for clause, value in (("status = %s", status), ("task_name = %s", task_name),
+                              ("name = %s", name), ("created_at > %s", created_after),
+                              ("created_at < %s", created_before),
+                              ("seq < %s" if newest_first else "seq > %s",
+                               after if after or not newest_first else None)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        return self._read(f"SELECT {_PG_JOB} FROM jobs {where}ORDER BY seq "
+                          f"{'DESC ' if newest_first else ''}LIMIT %s", [*args, limit])
+
+    def transitions(self, *moves):
+        moves = [_checked_move(move) for move in moves]
+        return self._run(lambda conn: self._transitions(conn, moves))
+
+    def _transitions(self, conn, moves):
+        records, notices = [], []
+        for job_id, from_states, to_state, fields, result, then in moves:
+            record = self._move(conn, job_id, from_states, to_state, fields)
+            if record is None:
+                records.append(None)
+                continue
+            notices.append(self._moved(record))
+            del record["node"]
+            records.append(self._out(record))
+            if to_state in (PENDING, SCHEDULED) or record["next_job_id"] and (
+                    to_state == COMPLETED):
+                notices.append("work")  # it, or the next job of its pipeline, may run
+            if to_state == COMPLETED and record["next_job_id"]:  # the next one's turn
+                conn.execute("UPDATE jobs SET ready_at = %s WHERE id = %s",
+                             (record["completed_at"], record["next_job_id"]))
+            if result:
+                conn.execute("INSERT INTO results VALUES (%s, %s, %s) ON CONFLICT (job_id) "
+                             "DO UPDATE SET value = excluded.value, error = excluded.error",
+                             (job_id, json.dumps(result[0]), result[1]))
+            elif result == ():
+                conn.execute("DELETE FROM results WHERE job_id = %s", (job_id,))
+            for move_id, states, state, move_fields in then:
+                moved = self._move(conn, move_id, states, state, move_fields)
+                if moved is not None:
+                    notices.append(self._moved(moved))
+        self._notify(conn, self.channel, notices)
+        return records
+
+    def _move(self, conn, job_id, from_states, to_state, fields):
+        """One UPDATE of a transition: the moved row (with its node), or None."""
+        fields = dict(fields or {})
+        if to_state == IN_PROGRESS:
+            fields["node"] = self.node
+        elif to_state == PENDING:  # (a job retried by request: ready from now on)
+            fields["ready_at"] = time.time()
+        sets = "".join(f", {column} = %s" for column in fields)
+        mine = " AND node = %s" if tuple(from_states) == (IN_PROGRESS,) else ""
+        return conn.execute(
+            f"UPDATE jobs SET status = %s{sets} WHERE id = %s AND status = ANY(%s){mine} "
+            f"RETURNING {_PG_JOB}, node",
+            [to_state, *fields.values(), job_id, list(from_states),
+             *([self.node] if mine else [])]).fetchone()
+
+    def update(self, item_id, fields, kind="job"):
+        _check_fields(fields, _EDITABLE_FIELDS, "update()")
+        table = {"job": "jobs", "pipeline": "pipelines"}[_kind(kind)]
+        sets = ", ".join(f"{column} = %s" for column in fields) or "id = id"
+        sql = f"UPDATE {table} SET {sets} WHERE id = %s"
+        args = [*fields.values(), item_id]
+        return self._run(lambda conn: conn.execute(sql, args).rowcount == 1)
+
+    def delete(self, job_id, allowed):
+        def remove(conn):
+            job = self._out(conn.execute(f"SELECT {_PG_JOB} FROM jobs WHERE id = %s "
+                                         f"FOR UPDATE", (job_id,)).fetchone())
+            if job is not None and allowed(job):
+                conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+                conn.execute("DELETE FROM results WHERE job_id = %s", (job_id,))
+                conn.execute("DELETE FROM keys WHERE item_id = %s", (job_id,))
+                self._notify(conn, self.channel, [f"job {job_id} - DELETED -"])
+            return job
+
+        return self._run(remove)
+
+    def result(self, job_id):
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT value, error FROM results WHERE job_id = %s", (job_id,)).fetchall())
+        if not rows:
+            return None
+        return {"value": json.loads(rows[0]["value"]), "error": rows[0]["error"]}
+
+    def delete_result(self, job_id):
+        return self._run(lambda conn: conn.execute(
+            "DELETE FROM results WHERE job_id = %s", (job_id,)).rowcount == 1)
+
+    def get_pipeline(self, pipeline_id):
+        return self._run(lambda conn: self._pipeline(conn, pipeline_id), snapshot=True)
+
+    def _pipeline(self, conn, pipeline_id, lock=""):
+        pipeline = conn.execute(f"SELECT * FROM pipelines WHERE id = %s{lock}",
+                                (pipeline_id,)).fetchone()
+        if pipeline is None:
+            return None
+        pipeline["jobs"] = [self._out(row) for row in conn.execute(
+            f"SELECT {_PG_JOB} FROM jobs WHERE pipeline_id = %s ORDER BY seq{lock}",
+            (pipeline_id,))]
+        return pipeline
+
+    def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE):
+        def read(conn):
+            pipelines = conn.execute("SELECT * FROM pipelines WHERE seq > %s ORDER BY seq "
+                                     "LIMIT %s", (after, limit)).fetchall()
+            by_id = {pipeline["id"]: pipeline for pipeline in pipelines}
+            for pipeline in pipelines:
+                pipeline["jobs"] = []
+            if pipelines:
+                for row in conn.execute(
+                        f"SELECT {_PG_JOB} FROM jobs WHERE pipeline_id = ANY(%s) ORDER BY seq",
+                        (list(by_id),)):
+                    by_id[row["pipeline_id"]]["jobs"].append(self._out(row))
+            return pipelines
+
+        return self._run(read, snapshot=True)
+
+    def delete_pipeline(self, pipeline_id, allowed):
+        def remove(conn):
+            pipeline = self._pipeline(conn, pipeline_id, lock=" FOR UPDATE")
+            if pipeline is not None and allowed(pipeline):
+                conn.execute("DELETE FROM results WHERE job_id IN "
+                             "(SELECT id FROM jobs WHERE pipeline_id = %s)", (pipeline_id,))
+                conn.execute("DELETE FROM jobs WHERE pipeline_id = %s", (pipeline_id,))
+                conn.execute("DELETE FROM pipelines WHERE id = %s", (pipeline_id,))
+                conn.execute("DELETE FROM keys WHERE item_id = %s", (pipeline_id,))
+                self._notify(conn, self.channel, [f"job {job['id']} - DELETED -"
+                                                  for job in pipeline["jobs"]])
+            return pipeline
+
+        return self._run(remove)
+
+    def find_key(self, key):
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT kind, item_id AS id, digest FROM keys WHERE key = %s", (key,)).fetchall())
+        return rows[0] if rows else None
+
+    def purge(self, before, statuses=FINISHED, limit=500, pipelines=False):
+        _check_finished(statuses)
+        before_sql, before_args = ("completed_at < %s", [before]) if before is not None else (
+            "completed_at IS NOT NULL", [])
+
+        def remove(conn):
+            ids = [row["id"] for row in conn.execute(
+                f"SELECT id FROM jobs WHERE {before_sql} AND pipeline_id IS NULL AND "
+                f"status = ANY(%s) ORDER BY completed_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                [*before_args, list(statuses), limit])]
+            whole = []
+            if pipelines and len(ids) < limit:
+                whole = [row["id"] for row in conn.execute(
+                    "SELECT id FROM pipelines AS p WHERE created_at < %s AND NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE pipeline_id = p.id AND (completed_at IS "
+                    "NULL OR completed_at >= %s)) ORDER BY seq LIMIT %s "
+                    "FOR UPDATE SKIP LOCKED",
+                    (before, before, max(1, (limit - len(ids)) // _MAX_PIPELINE_JOBS)))]
+            conn.execute("DELETE FROM results WHERE job_id = ANY(%s)", (ids,))
+            conn.execute("DELETE FROM keys WHERE item_id = ANY(%s)", (ids + whole,))
+            deleted = conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,)).rowcount
+            if whole:
+                conn.execute("DELETE FROM results WHERE job_id IN (SELECT id FROM jobs "
+                             "WHERE pipeline_id = ANY(%s))", (whole,))
+                deleted += conn.execute("DELETE FROM jobs WHERE pipeline_id = ANY(%s)",
+                                        (whole,)).rowcount
+                conn.execute("DELETE FROM pipelines WHERE id = ANY(%s)", (whole,))
+            return deleted
+
+        return self._run(remove)
+
+    def periodic_last(self, name, now):
+        def anchor(conn):
+            conn.execute("INSERT INTO periodic VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                         (name, now))
+            return conn.execute("SELECT last_due FROM periodic WHERE name = %s",
+                                (name,)).fetchone()["last_due"]
+
+        return self._run(anchor)
+
+    def health(self):
+        """None if the database answered in the last second (or answers now), else
+        the cause of its fault."""
+        if self._fault is None and time.monotonic() - self._checked < 1:
+            return None
+        try:
+            self._run(lambda conn: conn.execute("SELECT 1"))
+        except StorageError as exc:
+            return exc.cause
+        except RuntimeError:
+            return "the store is closed"
+        return None
+
+    def counts(self):
+        def count(conn):
+            rows = conn.execute("SELECT status, sum(n) AS n, count(*) AS k FROM job_counts "
+                                "GROUP BY status").fetchall()
+            if sum(row["k"] for row in rows) > _PG_COUNT_ROWS:  # fold them: one row each
+                conn.execute("WITH gone AS (DELETE FROM job_counts RETURNING status, n) "
+                             "INSERT INTO job_counts SELECT status, sum(n) FROM gone "
+                             "GROUP BY status")
+            return {row["status"]: int(row["n"]) for row in rows}
+
+        found = self._run(count)
+        return {status: found.get(status, 0) for status in STATUSES}
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                self._listener.close()
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
+
+    # -- sharing the work with other nodes
+
+    def join(self, node, lock=True):
+        """Enter this node in the nodes table as `node`, and hold the advisory lock of
+        that name for as long as the store is open: StoreInUse if another live
+        process holds it. A node's name outlives it: a node that starts again
+        under its name takes up the jobs it was running (held())."""
+        self.node = node
+        if not lock:  # (a pooler may hand a session's lock to any client)
+            return self._enter()
+        conn = self._connect()
+        try:
+            got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s)) AS got",
+                               (f"valet node {self.schema} {node}",)).fetchone()["got"]
+        except self._pg.Error as exc:
+            conn.close()
+            raise self._failed(exc) from None
+        if not got:
+            conn.close()
+            raise StoreInUse(f"a valet node named {node!r} is running on {self.where} "
+                             f"already; give this one another storage.postgres.node (or "
+                             f"another server.port)")
+        self._listener = conn
+        self._enter()
+
+    def _enter(self):
+        node = self.node
+        self._run(lambda c: c.execute(
+            "INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (name) DO "
+            "UPDATE SET host = excluded.host, pid = excluded.pid, version = "
+            "excluded.version, started_at = excluded.started_at, heartbeat_at = now()",
+            (node, socket.gethostname(), os.getpid(), __version__, time.time())))
+
+    def leave(self):
+        """Take this node out of the nodes table (it stops; it runs nothing now), let go
+        of its name, and end listen()."""
+        try:
+            self._run(lambda conn: conn.execute("DELETE FROM nodes WHERE name = %s",
+                                                (self.node,)))
+        finally:
+            if self._listener is not None:
+                self._listener.close()  # (listen() returns, its `stopped` being set)
+
+    def held(self):
+        """The jobs IN_PROGRESS on this node: at start, those its last run left."""
+        return self._read(f"SELECT {_PG_JOB} FROM jobs WHERE status = 'IN_PROGRESS' AND "
+                          f"node = %s ORDER BY seq", (self.node,))
+
+    def claim(self, n, now, promote=True):
+        """Start up to `n` ready jobs on this node, in one transaction: first make the
+        SCHEDULED jobs that are due by `now` PENDING (for any node to take), then
+        move the `n` first PENDING jobs whose turn it is (highest priority first,
+        then in submission order) to IN_PROGRESS, one attempt more, with started_at
+        set if it was not. SKIP LOCKED: a job another node is taking is left to it.
+        Returns ([(since when it was ready, the started record)], in that order; the
+        earliest run_at of a job still SCHEDULED, or None; waiting())."""
+        def take(conn):
+            if promote:
+                conn.execute(
+                    "UPDATE jobs SET status = 'PENDING', ready_at = run_at WHERE id IN (SELECT id FROM jobs "
+                    "WHERE status = 'SCHEDULED' AND run_at <= %s ORDER BY run_at LIMIT 1000 "
+                    "FOR UPDATE SKIP LOCKED)", (now,))
+            started = conn.execute(
+                f"UPDATE jobs SET status = 'IN_PROGRESS', attempts = attempts + 1, "
+                f"started_at = coalesce(started_at, %s), node = %s WHERE id IN ("
+                f"SELECT id FROM jobs AS j WHERE status = 'PENDING' AND {_PG_TURN} "
+                f"ORDER BY priority DESC, ready_at, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+                f"RETURNING {_PG_JOB}, ready_at", (now, self.node, n)).fetchall() if n else []
+            due = conn.execute("SELECT min(run_at) AS due FROM jobs WHERE status = "
+                               "'SCHEDULED'").fetchone()["due"]
+            return started, due, self._waiting(conn)
+
+        started, due, waiting = self._run(take)
+        started.sort(key=lambda job: (-job["priority"], job["ready_at"], job["seq"]))
+        return [(job.pop("ready_at"), self._out(job)) for job in started], due, waiting
+
+    def waiting(self):
+        """{"waiting": how many jobs are ready and not taken, "oldest": since when (wall
+        clock) the oldest of them has been ready, or None}."""
+        return self._run(self._waiting)
+
+    @staticmethod
+    def _waiting(conn):
+        return conn.execute(f"SELECT count(*) AS waiting, min(ready_at) AS oldest FROM jobs "
+                            f"AS j WHERE status = 'PENDING' AND {_PG_TURN}").fetchone()
+
+    def beat(self, node_timeout):
+        """The heartbeat: mark this node alive now (on the database's clock). Then take
+        over the jobs of every node silent for longer than `node_timeout` seconds,
+        and take those nodes out. Returns (whether this node's own entry was gone,
+        having been taken for dead; [(a dead node's name, seconds it was silent,
+        the records of the jobs it was running, now this node's)])."""
+        def beat(conn):
+            lost = conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE name = %s",
+                                (self.node,)).rowcount == 0
+            if lost:
+                conn.execute("INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, now())",
+                             (self.node, socket.gethostname(), os.getpid(), __version__,
+                              time.time()))
+            dead = conn.execute(
+                "DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => %s) "
+                "RETURNING name, extract(epoch FROM now() - heartbeat_at)::float AS silent",
+                (node_timeout,)).fetchall()
+            taken = []
+            for node in dead:
+                jobs = conn.execute(
+                    f"UPDATE jobs SET node = %s WHERE status = 'IN_PROGRESS' AND node = %s "
+                    f"RETURNING {_PG_JOB}", (self.node, node["name"])).fetchall()
+                taken.append((node["name"], node["silent"],
+                              sorted((self._out(job) for job in jobs),
+                                     key=lambda job: job["seq"])))
+            return lost, taken
+
+        return self._run(beat)
+
+    def moved(self, jobs):
+        """Of `jobs` ({id: attempts}, jobs this node runs), the notices of those that
+        another node has ended (or deleted) since: listen()'s, found by looking."""
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT id, attempts, status, node FROM jobs WHERE id = ANY(%s)",
+            (list(jobs),)).fetchall()) if jobs else []
+        found = {row["id"]: row for row in rows}
+        return [self._moved(found[job_id]) if job_id in found else
+                f"job {job_id} {attempts} DELETED -" for job_id, attempts in jobs.items()
+                if job_id not in found or found[job_id]["status"] != IN_PROGRESS
+                or found[job_id]["node"] != self.node]
+
+    def nodes(self):
+        """The nodes alive: [{"name", "host", "pid", "version", "started_at",
+        "heartbeat_age" (seconds since its last heartbeat)}], by name."""
+        return self._run(lambda conn: conn.execute(
+            "SELECT name, host, pid, version, started_at, "
+            "extract(epoch FROM now() - heartbeat_at)::float AS heartbeat_age "
+            "FROM nodes ORDER BY name").fetchall())
+
+    def listen(self, heard, stopped, poll):
+        """Pass each notice of the other nodes (and this one) to heard(message), on
+        the calling thread, until `stopped` (an Event) is set. When the connection
+        is lost, it connects again, and calls heard("lost"): something may have
+        been missed. Checks `stopped` every `poll` seconds."""
+        conn, listening = self._listener, False
+        while not stopped.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = self._listener = self._connect()
+                    if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s)) AS got",
+                                        (f"valet node {self.schema} {self.node}",)
+                                        ).fetchone()["got"]:
+                        log.error("storage: another process has taken this node's name "
+                                  "(%s) while its connection was lost", self.node)
+                    listening = False
+                    heard("lost")
+                if not listening:
+                    conn.execute(f"LISTEN {_pg_name(self.channel)}")
+                    listening = True
+                for notice in conn.notifies(timeout=poll):
+                    for message in notice.payload.split("\n"):
+                        heard(message)
+                    if stopped.is_set():
+                        break
+            except (self._pg.Error, StorageError) as exc:
+                if stopped.is_set() or self._closed:
+                    return
+                log.warning("storage: lost the connection that hears the other nodes "
+                            "(%s); connecting again", str(exc).strip() or type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+                stopped.wait(min(poll, 1))
+
+
 def _open_store(config):
     """The store config's storage.option names."""
     if config["storage.option"] == "memory":
         return MemoryStore()
+    if config["storage.option"] == "postgres":
+        return PostgresStore(config["storage.postgres.dsn"], config["storage.postgres.schema"])
     return SqliteStore(_in_folder(config, config["storage.sqlite.path"]),
                        config["storage.sqlite.synchronous"])
 
@@ -2312,6 +3113,7 @@ class _Lifecycle:
         self.scheduler = scheduler
         self.metrics = metrics if metrics is not None else _Metrics()  # jobs counted
         self.pool = None  # the _WorkerPool, set by its owner: the two call each other
+        self.node = None  # the _Node, when the store is shared by several valet processes
         self.recovered = False  # recover() has settled what the last run left running
         self._clock = clock  # the wall clock, for the times a job records
         self._lock = threading.Lock()  # guards _waiters
@@ -2397,9 +3199,9 @@ class _Lifecycle:
         for job in jobs:
             self.metrics.count("valet_jobs_submitted_total", (("task", job["task_name"]),))
         if first["status"] == SCHEDULED:
-            self.scheduler.at(first["run_at"], self.promote, first["id"], first["run_at"])
+            self._schedule(first["id"], first["run_at"])
         else:
-            self.pool.enqueue(first, reserved=reserved, since=first["created_at"])
+            self._queue(first, reserved=reserved, since=first["created_at"])
         if pipeline is None:
             log.debug("job %s: created %s (task %s)", first["id"], first["status"],
                       first["task_name"])
@@ -2408,10 +3210,39 @@ class _Lifecycle:
                       len(jobs), first["status"])
         return True
 
+    def _queue(self, job, reserved=True, since=None):
+        """A stored job is PENDING and its turn has come: queue it for a worker. (With
+        several nodes, the nodes' workers take it from the store: wake this one's.)"""
+        if self.node is None:
+            self.pool.enqueue(job, reserved=reserved, since=since)
+            return
+        if reserved:
+            self.pool.unreserve()
+        self.node.added()
+
+    def _schedule(self, job_id, run_at):
+        """A stored job is SCHEDULED: promote it at `run_at`. (With several nodes, the
+        first node free when it is due takes it.)"""
+        if self.node is None:
+            self.scheduler.at(run_at, self.promote, job_id, run_at)
+        else:  # (the node also learns of it from the store: this is to the millisecond)
+            self.scheduler.at(run_at, self.node.wake)
+            self.node.wake()
+
     def recover(self):
         """Take up what the last run left in the store: schedule its scheduled jobs,
         settle the jobs it was running (a failed attempt, retried if the job has
-        retries left), and queue its pending jobs whose turn it is, in order."""
+        retries left), and queue its pending jobs whose turn it is, in order. With
+        several nodes, only the jobs this node was running are its to settle; the
+        rest is in the store for every node to take."""
+        if self.node is not None:
+            held = self.store.held()
+            for job in held:
+                self.finish(job, FAILED, reason="the server stopped while the job was running")
+            if held:
+                log.info("from the store: %d job(s) this node was running settled", len(held))
+            self.recovered = True
+            return
         scheduled = list(self._stored(SCHEDULED))
         for job in scheduled:
             self.scheduler.at(job["run_at"], self.promote, job["id"], job["run_at"])
@@ -2512,7 +3343,7 @@ class _Lifecycle:
             if job["next_job_id"] is not None:  # (retried: the move is made)
                 following = self.persist(self.store.get, job["next_job_id"])
                 if following is not None and following["status"] == PENDING:
-                    self.pool.enqueue(following, reserved=False)
+                    self._queue(following, reserved=False)
 
         return _Move(job["id"], (IN_PROGRESS,), COMPLETED,
                      {"completed_at": self._clock(), "failure_reason": None,
@@ -2527,7 +3358,7 @@ class _Lifecycle:
             log.info("job %s: attempt %d failed (%s); retry %d of %d at %s", job["id"],
                      moved["attempts"], reason, moved["attempts"], moved["max_retries"],
                      _rfc3339(run_at))
-            self.scheduler.at(run_at, self.promote, job["id"], run_at)
+            self._schedule(job["id"], run_at)
 
         return _Move(job["id"], (IN_PROGRESS,), SCHEDULED,
                      {"run_at": run_at, "failure_reason": reason, "failure_traceback": trace},
@@ -2599,16 +3430,19 @@ class _Lifecycle:
             if claim is not None and not taken:  # a worker or the deadline thread is
                 self._wait_for_release(claim)   # ending it
                 continue
-            if claim is None and job["status"] == IN_PROGRESS and self.recovered:
+            if claim is None and job["status"] == IN_PROGRESS and self.recovered and (
+                    self.node is None):
                 # Its claim was released as we looked: it has moved on. (Or another
                 # process runs it: wait, rather than spin, for it to move.)
                 self._wait_for_change(job_id, 1)
                 continue
             # With its claim the job is this call's; without one, it may be cancelled
             # only while no worker runs it: until a worker claims it, or before
-            # recover() has settled the jobs the last run left IN_PROGRESS.
-            states = UNFINISHED if claim is not None or not self.recovered else (
-                SCHEDULED, PENDING)
+            # recover() has settled the jobs the last run left IN_PROGRESS. With
+            # several nodes, a job running on another is cancelled here, and that
+            # node, told by the store, stops its task (_Node.heard).
+            states = UNFINISHED if claim is not None or not self.recovered or (
+                self.node is not None) else (SCHEDULED, PENDING)
             settled = False
             try:
                 moved = self._cancel(claim.job if claim and claim.job else job, reason, states)
@@ -2709,7 +3543,7 @@ class _Lifecycle:
             job = self.store.get(job_id)
             raise _not_found("job", job_id) if job is None else Conflict(
                 _why_not_retryable(job))
-        self.pool.enqueue(moved)
+        self._queue(moved)
         log.info("job %s: %s -> %s (retried by request)", job_id, job["status"], PENDING)
         return moved
 
@@ -3154,8 +3988,9 @@ class _WorkerPool:
         self._changed = threading.Condition(self._lock)  # threads or claims changed
         self._reserved = 0     # submissions given a place in the backlog, not yet queued
         # id -> (the order of its live entry on the queue, since when (wall clock) it has
-        # been ready to run), in the order queued: an older entry of the job, left by a
-        # cancel and a retry, is skipped; until a worker takes it or it is withdrawn
+        # been ready to run, its attempts), in the order queued: an older entry of the
+        # job, left by a cancel and a retry, is skipped; until a worker takes it or it
+        # is withdrawn
         self._waiting = {}
         self._starting = {}    # job id -> workers writing its start (see starting())
         self._running = {}     # job id -> the _Claim of the thread that took it
@@ -3171,6 +4006,8 @@ class _WorkerPool:
         self._replaced = 0      # worker processes replaced: killed, died or recycled
         self._ending = 0        # workers whose process has a task to stop (claim.ending)
         self._halted = threading.Event()  # set by halt()
+        self._idle = 0          # workers waiting for a job on the queue
+        self.node = None  # the _Node, with several nodes: it queues only started jobs
         # The tasks, pickled (by reference) for each worker process; ConfigError now,
         # at construction, for one that a process could not import by name.
         self._pickled = None if processes is None else _pickled_tasks(tasks)
@@ -3178,12 +4015,20 @@ class _WorkerPool:
     # -- the backlog: jobs accepted and waiting for a worker
 
     def reserve(self):
-        """Take a place in the backlog, or raise BacklogFull."""
-        with self._lock:
-            if len(self._waiting) + self._reserved >= self.capacity:
-                raise BacklogFull(f"the backlog is full (worker_pool.queue_capacity is "
-                                  f"{self.capacity}); try again shortly")
-            self._reserved += 1
+        """Take a place in the backlog, or raise BacklogFull. (With several nodes, the
+        jobs waiting in the store as last counted; counted afresh before a refusal.)"""
+        for fresh in (False, True):
+            if fresh and self.node is None:
+                break
+            if fresh:
+                self.node.count()
+            with self._lock:
+                waiting = len(self._waiting) if self.node is None else self.node.waiting
+                if waiting + self._reserved < self.capacity:
+                    self._reserved += 1
+                    return
+        raise BacklogFull(f"the backlog is full (worker_pool.queue_capacity is "
+                          f"{self.capacity}); try again shortly")
 
     def unreserve(self):
         """Give back a place reserve() took, for a job that was not stored."""
@@ -3200,7 +4045,7 @@ class _WorkerPool:
         with self._lock:
             self._reserved -= reserved
             self._waiting.pop(job["id"], None)  # (last: _waiting is in the order queued)
-            self._waiting[job["id"]] = (order, since)
+            self._waiting[job["id"]] = (order, since, job["attempts"])
         self._ready.put((-job["priority"], order, job))
 
     def withdraw(self, job_id):
@@ -3218,7 +4063,10 @@ class _WorkerPool:
             stats = {"depth": len(self._waiting) + self._reserved,
                      "busy": len(self._running) + self._ending,
                      "abandoned": self._abandoned,
-                     "oldest": next(iter(self._waiting.values()), (None, None))[1]}
+                     "oldest": next(iter(self._waiting.values()), (None, None, None))[1]}
+            if self.node is not None:  # the jobs waiting in the store, for any node
+                stats["depth"], stats["oldest"] = (self.node.waiting + self._reserved,
+                                                   self.node.oldest)
             children = list(self._children)
             if self.processes is not None:
                 stats["replaced"] = self._replaced
@@ -3244,7 +4092,7 @@ class _WorkerPool:
         withdrawn, if the job was queued, since when it was ready (else None):
         enqueue it again, with that, if its cancel cannot be written."""
         with self._lock:
-            withdrawn = self._waiting.pop(job_id, (None, None))[1]
+            withdrawn = self._waiting.pop(job_id, (None, None, None))[1]
             claim = self._running.get(job_id)
             if claim is None or claim.taken:
                 return claim, False, withdrawn
@@ -3252,6 +4100,39 @@ class _WorkerPool:
         if replace:
             self._replace()
         return claim, True, withdrawn
+
+    def drop(self, job_id, attempts):
+        """A job this node has started (queued, or running) was ended by another node:
+        cancelled there, or settled as this node's when it was taken for dead.
+        Withdraw it, or take its claim (telling its task) and forget it, if it is
+        the same attempt (`attempts`). Returns whether it was here."""
+        with self._lock:
+            claim = self._running.get(job_id)
+            queued = self._waiting.get(job_id, (None, None, None))[2] == attempts
+            if queued:  # (a queued job is one that the node has started)
+                del self._waiting[job_id]
+            if claim is None or claim.taken or claim.job is None or (
+                    claim.job["attempts"] != attempts):
+                return queued
+            replace = self._take(claim)
+        if replace:
+            self._replace()
+        self.release(claim)
+        self._lifecycle.wake(job_id)
+        return True
+
+    def running(self):
+        """{job id: attempts} of the jobs running here, and queued (started)."""
+        with self._lock:
+            running = {job_id: claim.job["attempts"] for job_id, claim in self._running.items()
+                       if claim.job is not None and not claim.taken}
+            return {**{job_id: entry[2] for job_id, entry in self._waiting.items()},
+                    **running}
+
+    def idle(self):
+        """How many workers wait for a job with none queued for them."""
+        with self._lock:
+            return max(0, self._idle - len(self._waiting))
 
     def _take(self, claim):
         """Take a claim, with the lock held. Its thread, if it has one, leaves the pool:
@@ -3277,6 +4158,8 @@ class _WorkerPool:
         (idempotent). With settled=False, its job's end could not be written: the
         claim is given back untaken and with no thread, and the job stays
         IN_PROGRESS until a cancel, stop or the next start settles it."""
+        if self.node is not None:
+            self.node.wake()  # a worker is free, or soon will be
         with self._lock:
             if claim.released:
                 return
@@ -3311,12 +4194,20 @@ class _WorkerPool:
         if job is None:
             if self.processes is not None:
                 self._prepared()
-            _, entry_order, job = self._ready.get(block, timeout)
+            with self._lock:
+                self._idle += 1
+            try:
+                _, entry_order, job = self._ready.get(block, timeout)
+            finally:
+                with self._lock:
+                    self._idle -= 1
             if job is _STOP:
                 return False
             claim = self._claim(job, entry_order)
             if claim is None:
                 return True
+            if self.node is not None:  # the node started it in the store
+                started = job
         try:
             return self._run(job, claim, started, chain)
         finally:
@@ -3338,7 +4229,7 @@ class _WorkerPool:
         if it was deleted or cancelled while queued (maybe queued again since, with
         an entry of its own), or is left for the next start."""
         with self._lock:
-            order, ready = self._waiting.get(job["id"], (None, None))
+            order, ready, _ = self._waiting.get(job["id"], (None, None, None))
             if order != entry_order or self._stopping:
                 return None
             del self._waiting[job["id"]]
@@ -3354,7 +4245,8 @@ class _WorkerPool:
         end queues the next, maybe ahead of others), in a thread that has left the
         pool, and while the thread's new worker process starts."""
         child = getattr(self._mine, "child", None)
-        if job["next_job_id"] is not None or not self._in_pool(threading.current_thread()) \
+        if self.node is not None or job["next_job_id"] is not None \
+                or not self._in_pool(threading.current_thread()) \
                 or (self.processes is not None and not (child and child.is_ready)):
             return None
         while not self._stopping:
@@ -3771,6 +4663,200 @@ class _WorkerPool:
                 children, self._spare = list(self._children), []
             for child in children:  # (a worker that never ran one, or one stuck)
                 self._end_child(child, kill=True)
+
+
+class _Node:
+    """This process as one node of several that share a store (PostgresStore). No
+    node leads: each takes work from the store for its own idle workers, and all
+    of them watch over each other.
+
+    Three threads. valet-claims starts ready jobs for the workers free here, in one
+    statement of the store (claim(): SKIP LOCKED, so no two nodes start one job),
+    and queues them for them: whenever work may be ready (a job added or ended on
+    any node, heard through the store; a worker here free), when the earliest
+    scheduled job comes due, and every `poll` seconds whatever it heard.
+    valet-heartbeat beats every `heartbeat` seconds, and settles the jobs of
+    nodes silent for longer than `node_timeout` as after a crash (a failed
+    attempt, retried if the job has retries left). valet-listen hears what the
+    nodes write: a job that moved wakes its waiters here, and a job that another
+    node ended while it runs here (cancelled it, or took it over from a node it
+    took for dead) is stopped here. claim_once() and beat_once() are the single
+    steps of the first two.
+    """
+
+    def __init__(self, name, store, lifecycle, pool, heartbeat, node_timeout, poll,
+                 listen=True, clock=time.time):
+        self.name = name
+        self.store = store
+        self.heartbeat = heartbeat
+        self.node_timeout = node_timeout
+        self.poll = poll
+        self.listen = listen
+        self.waiting = 0     # jobs ready in the store and not taken, at the last claim
+        self.oldest = None   # since when (wall clock) the oldest of them has been ready
+        self._lifecycle = lifecycle
+        self._pool = pool
+        self._clock = clock
+        self._due = None     # the earliest run_at of a SCHEDULED job, at the last claim
+        self._claiming = threading.Lock()  # a claim, until its jobs are queued
+        self._lock = threading.Lock()
+        self._woken = threading.Condition(self._lock)  # guards _dirty
+        self._dirty = True   # work may be ready since the last claim
+        self._stopped = threading.Event()  # set by stop(): claim no more jobs
+        self._left = threading.Event()     # set by leave(): the other threads end
+        self._threads = []
+        lifecycle.node = pool.node = self
+
+    def join(self):
+        """Enter the nodes table (StoreInUse if a live node has this name)."""
+        self.store.join(self.name, lock=self.listen)
+
+    def start(self):
+        for name, target in (("valet-claims", self._claim_forever),
+                             ("valet-heartbeat", self._beat_forever),
+                             *([("valet-listen", self._listen)] if self.listen else [])):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self):
+        """Claim no more jobs (call before the pool stops)."""
+        self._stopped.set()
+        self.wake()
+        for thread in self._threads[:1]:  # (valet-claims, once started)
+            thread.join(10)
+
+    def leave(self):
+        """Leave the nodes table, and stop the heartbeat and hearing the others (call
+        once the pool has stopped: until then, they go on)."""
+        self._left.set()
+        with contextlib.suppress(StorageError, RuntimeError):
+            self.store.leave()  # (which ends listen())
+        for thread in self._threads:
+            thread.join(10)
+
+    def wake(self):
+        """Work may be ready: claim it soon."""
+        with self._lock:
+            self._dirty = True
+            self._woken.notify()
+
+    def added(self):
+        """A job was stored here and is ready: count it waiting until the next claim."""
+        with self._lock:
+            self.waiting += 1
+        self.wake()
+
+    def count(self):
+        """Count the jobs waiting in the store afresh (for /status)."""
+        waiting = self.store.waiting()
+        with self._lock:
+            self.waiting, self.oldest = waiting["waiting"], waiting["oldest"]
+
+    # -- claims
+
+    def claim_once(self, limit=None):
+        """Start as many ready jobs as there are workers free here (or `limit`), and
+        queue them for them; returns how many. Also learns when the next scheduled
+        job is due, and how many jobs wait."""
+        with self._claiming:
+            now = self._clock()
+            free = self._pool.idle() if limit is None else limit
+            promote = self._due is None or self._due <= now
+            started, self._due, waiting = self.store.claim(free, now, promote)
+            self.waiting, self.oldest = waiting["waiting"], waiting["oldest"]
+            for ready, job in started:
+                log.debug("job %s: %s -> %s (attempt %d) on node %s", job["id"], PENDING,
+                          IN_PROGRESS, job["attempts"], self.name)
+                self._pool.enqueue(job, reserved=False, since=ready)
+            return len(started)
+
+    def _claim_forever(self):
+        while not self._stopped.is_set():
+            with self._lock:
+                if not self._dirty:
+                    wait = self.poll
+                    if self._due is not None:
+                        wait = min(wait, max(0.0, self._due - self._clock()))
+                    self._woken.wait(wait)
+                self._dirty = False
+            if self._stopped.is_set():
+                return
+            if self._pool.idle() or (self._due is not None and self._due <= self._clock()):
+                self._step(self.claim_once)
+            if not self.listen:  # (hear, by looking, what no notice will tell)
+                self._step(self.look_once)
+
+    # -- heartbeats
+
+    def beat_once(self):
+        """Beat, then settle the jobs of the nodes taken for dead; returns how many."""
+        lost, taken = self.store.beat(self.node_timeout)
+        if lost:
+            log.error("node %s: the other nodes took this one for dead (no heartbeat for "
+                      "over %gs: storage.postgres.node_timeout) and settled the jobs it "
+                      "was running; it carries on", self.name, self.node_timeout)
+        settled = 0
+        for name, silent, jobs in taken:
+            log.warning("node %s: no heartbeat for %.0fs; settling the %d job(s) it was "
+                        "running", name, silent, len(jobs))
+            for job in jobs:
+                reason = (f"the node {name} running the job stopped (no heartbeat for "
+                          f"{silent:.0f}s)")
+                if self._lifecycle.persist(self._lifecycle.finish, job, FAILED,
+                                           reason=reason) is not None:
+                    settled += 1
+        return settled
+
+    def _beat_forever(self):
+        while not self._left.wait(self.heartbeat):
+            self._step(self.beat_once)
+
+    def _step(self, step):
+        """One step of a thread's loop. While the store fails (it logs the fault), the
+        thread waits a poll interval before the next."""
+        try:
+            step()
+        except StorageError:
+            self._left.wait(self.poll)
+        except Exception:
+            log.exception("%s: unexpected error", threading.current_thread().name)
+            self._left.wait(self.poll)
+
+    # -- what the other nodes did
+
+    def _listen(self):
+        self.store.listen(self.heard, self._left, self.poll)
+
+    def heard(self, message):
+        """A notice from the store (see PostgresStore): wake the claims for "work";
+        for a job's move, wake its waiters, and stop it here if another node ended
+        it. "lost": notices may have been missed."""
+        if message in ("work", "lost"):
+            self.wake()
+            if message == "lost":
+                self._lifecycle.wake_all()
+            return
+        _, job_id, attempts, status, node = message.split(" ", 4)
+        self._lifecycle.wake(job_id)
+        if status in (IN_PROGRESS, PENDING) or attempts == "-" or (
+                node == self.name and status != CANCELLED):
+            return
+        with self._claiming:  # (a job being claimed here is queued first)
+            if self._pool.drop(job_id, int(attempts)):
+                log.info("job %s: %s by another node; stopped here", job_id, status)
+
+    def look_once(self):
+        """Look in the store for the jobs running here that another node has ended (what
+        listen would hear); returns how many were stopped here."""
+        notices = self.store.moved(self._pool.running())
+        for notice in notices:
+            self.heard(notice)
+        return len(notices)
+
+    def nodes(self):
+        """The nodes alive, this one marked, for /status."""
+        return [dict(node, this=node["name"] == self.name) for node in self.store.nodes()]
 
 
 # ---------------------------------------------------------------- scheduler --
@@ -5219,6 +6305,8 @@ def _answer_schemas():
         "completed_at": _TIME_OR_NULL, "duration": _MILLISECONDS,
         "jobs": {"type": "array", "items": _REF["Job"]}}, PIPELINE_FIELDS)
     count = _object({status: _COUNT for status in STATUSES}, STATUSES)
+    node = _object(dict(zip(_NODE_FIELDS, (_STRING, {"type": "boolean"}, _STRING, _COUNT,
+                                           _STRING, _TIME, {"type": "number"}))), _NODE_FIELDS)
     status = _object({
         "version": _STRING, "time": _TIME, "uptime": {"type": "number", "minimum": 0},
         "storage": _object({"option": _STRING, "ok": {"type": "boolean"},
@@ -5237,7 +6325,10 @@ def _answer_schemas():
                             "replaced": {**_COUNT, "description": "worker processes "
                                          "replaced since start: killed, died or recycled "
                                          "(process mode)"}},
-                           ("type", "busy", "total", "abandoned"))},
+                           ("type", "busy", "total", "abandoned")),
+        "nodes": _nullable({"type": "array", "items": node, "description": "the live "
+                            "nodes sharing the store, with storage.option: postgres "
+                            "(null while it fails)"})},
         ("version", "time", "uptime", "storage", "jobs", "queue", "workers"))
     return {"Job": job, "Pipeline": pipeline, "Status": status}
 
@@ -5481,6 +6572,14 @@ class Valet:
                                 self.config["timeout_unit"], clock, monotonic,
                                 self.config["worker_pool.default_timeout"], processes)
         self.lifecycle.pool = self.pool
+        self.node = None  # this process as a node of several (a store they share)
+        if getattr(self._store, "shared", False):
+            self.node = _Node(self.config["storage.postgres.node"], self._store,
+                              self.lifecycle, self.pool,
+                              self.config["storage.postgres.heartbeat"],
+                              self.config["storage.postgres.node_timeout"],
+                              self.config["storage.postgres.poll"],
+                              self.config["storage.postgres.listen"], clock)
         keep = self.config["retention.finished_jobs"]
         self.retention = None if keep is None else _duration_seconds(keep)  # seconds
         self.started_at = None  # monotonic, once started
@@ -5519,6 +6618,11 @@ class Valet:
         if self._recovered:
             return
         self._recovered = True
+        if self.node is not None:
+            if self.node.name is None:  # a node is named after where it listens
+                port = self.port if self._server is not None else self.config["server.port"]
+                self.node.name = f"{socket.gethostname()}:{port}"
+            self.node.join()
         self.lifecycle.recover()
         self.scheduler.start_periodic(self._store.periodic_last, self._fire)
 
@@ -5541,10 +6645,16 @@ class Valet:
                                    "build a new Valet")
             if self.started_at is not None:
                 raise RuntimeError("valet is already started")
-            self.recover()
             self._server = _Server((self.config["server.host"], self.config["server.port"]),
                                    self)
+            try:
+                self.recover()
+            except BaseException:
+                self._server.server_close()
+                raise
             self.pool.start()
+            if self.node is not None:
+                self.node.start()
             self.scheduler.start()
             if self.retention is not None:
                 threading.Thread(target=self._sweep_forever, name="valet-retention",
@@ -5556,6 +6666,8 @@ class Valet:
         kind = self.config["worker_pool.worker_type"]  # thread or process
         if self.pool.size > 1:
             kind += "es" if kind.endswith("s") else "s"
+        if self.node is not None:
+            where = f"{self._store.where}, node {self.node.name}"
         log.info("valet %s listening on %s (storage: %s%s, workers: %d %s%s)",
                  __version__, self.url, self._store.option, f" {where}" if where else "",
                  self.pool.size, kind,
@@ -5588,8 +6700,12 @@ class Valet:
         if self._server is not None:
             self._server.stop_serving()
             self._server.server_close()
+        if self.node is not None:
+            self.node.stop()
         if self.started_at is not None:
             self.pool.stop(grace)
+        if self.node is not None and self._recovered:
+            self.node.leave()
         self._closed = True
         self._store.close()
         if self.started_at is not None:
@@ -5691,6 +6807,8 @@ class Valet:
                 if (job is None or job["status"] in FINISHED or self.stopping
                         or (left is not None and left <= 0)):
                     return None if job is None else self._json_of_job(job)
+                if self.node is not None:  # (heard from the store; else, look again)
+                    left = min(left or math.inf, self.node.poll)
                 changed.wait(left)
 
     def list_jobs(self, status: str | None = None, limit: int = DEFAULT_PAGE_SIZE,
@@ -5894,10 +7012,13 @@ class Valet:
 
     def status(self) -> dict:
         """Version, time, uptime, storage (ok, or the cause of its fault), jobs by
-        status, backlog and workers (GET /status, which answers 503 while the
-        storage is not ok; then "jobs" is null)."""
-        pool = self.pool.stats()
+        status, backlog and workers, and the live nodes with several (GET /status,
+        which answers 503 while the storage is not ok; then "jobs" is null)."""
         fault = "valet is stopped" if self._closed else self._store.health()
+        if self.node is not None and fault is None:
+            with contextlib.suppress(StorageError, RuntimeError):
+                self.node.count()  # (the backlog as it is now, on every node)
+        pool = self.pool.stats()
         return {
             "version": __version__,
             "time": _rfc3339(self.clock()),
@@ -5913,7 +7034,21 @@ class Valet:
                         "busy": pool["busy"], "total": self.pool.size,
                         "abandoned": pool["abandoned"],
                         **{key: pool[key] for key in ("pids", "replaced") if key in pool}},
+            **({} if self.node is None else {"nodes": self._nodes(fault)}),
         }
+
+    def _nodes(self, fault):
+        """The live nodes sharing the store, for /status (None while it fails)."""
+        if fault is not None:
+            return None
+        try:
+            return [{"name": node["name"], "this": node["this"], "host": node["host"],
+                     "pid": node["pid"], "version": node["version"],
+                     "started_at": _rfc3339(node["started_at"]),
+                     "heartbeat_age": round(node["heartbeat_age"], 3)}
+                    for node in self.node.nodes()]
+        except (StorageError, RuntimeError):
+            return None
 
     def _counts(self):
         """Jobs by status, or None if the store cannot tell now."""
