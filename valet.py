@@ -46,7 +46,7 @@ job lifecycle, workers, scheduler, HTTP, the Valet facade, the command-line
 client, main.
 """
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 __all__ = [
     "Valet", "load_config", "main", "Context",
@@ -362,6 +362,8 @@ _SCHEMA = {
     "storage.postgres.poll": (1, _is_seconds(0, 3600),
                               "a number of seconds from 0 (not included) to 3600"),
     "storage.postgres.listen": (True, lambda v: isinstance(v, bool), "true or false"),
+    "storage.postgres.connections": (10, lambda v: _is_int(v) and 1 <= v <= 1000,
+                                     "an integer from 1 to 1000"),
     "tasks_module": ("tasks", lambda v: isinstance(v, str) and v != "",
                      "an importable module name"),
     "retention.finished_jobs": ("7d", _is_duration, "null (keep every job) or a "
@@ -2379,6 +2381,11 @@ _PG_COUNT_ROWS = 5000  # rows of job_counts past which counts() folds them
 _PG_ROLLBACKS = 5      # tries of a transaction that PostgreSQL rolled back (a deadlock)
 
 
+def _one_line(exc):
+    """An error's message on one line (PostgreSQL's take several)."""
+    return " ".join(str(exc).split())
+
+
 def _pg_name(name):
     """A name quoted for SQL (a schema, a channel)."""
     return '"' + name.replace('"', '""') + '"'
@@ -2408,7 +2415,7 @@ class PostgresStore(Store):
     option = "postgres"
     shared = True
 
-    def __init__(self, dsn, schema="valet", node=None):
+    def __init__(self, dsn, schema="valet", node=None, connections=10):
         try:
             import psycopg
             import psycopg.rows
@@ -2430,18 +2437,21 @@ class PostgresStore(Store):
         self.channel = f"valet.{schema}"  # NOTIFY's channel: one per schema
         self.node = node or f"{socket.gethostname()}:{os.getpid()}"  # join() names it
         self._idle = queue.SimpleQueue()  # connections not in use
+        self._free = threading.BoundedSemaphore(connections)  # connections to open or use
         self._fault = None
         self._fault_lock = threading.Lock()
         self._closed = False
         self._listener = None  # the connection listen() holds
         self._checked = 0.0    # when health() last reached the database (monotonic)
         self.where = self._where(dsn)
-        conn = self._connect()
-        try:
+        conn = None
+        try:  # (a fault here stops valet with one line: it is not logged as one)
+            conn = self._connect(opening=True)
             self._migrate(conn)
         except psycopg.Error as exc:
-            conn.close()
-            raise StorageError(self._cause(exc), str(exc).strip()) from None
+            if conn is not None:
+                conn.close()
+            raise StorageError(self._cause(exc), _one_line(exc)) from None
         self._idle.put(conn)
 
     @staticmethod
@@ -2457,7 +2467,7 @@ class PostgresStore(Store):
 
     # -- connections
 
-    def _connect(self):
+    def _connect(self, opening=False):
         try:
             conn = self._pg.connect(self.dsn, autocommit=True,
                                     row_factory=self._pg.rows.dict_row,
@@ -2466,6 +2476,8 @@ class PostgresStore(Store):
             conn.execute(f"SET search_path TO {_pg_name(self.schema)}")
             return conn
         except self._pg.Error as exc:
+            if opening:
+                raise
             raise self._failed(exc) from None
 
     def _cause(self, exc):
@@ -2480,7 +2492,7 @@ class PostgresStore(Store):
             return "database is read-only"
         if isinstance(exc, json.JSONDecodeError):
             return _CORRUPT
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _one_line(exc).split(": ")[0] or type(exc).__name__
 
     def _is_fault(self, exc):
         """Whether an error is the database's (unreachable, full, read-only), not the
@@ -2497,8 +2509,8 @@ class PostgresStore(Store):
             self.errors += 1
         if new:
             log.error("storage: %s (%s: %s); requests that need it get 503 until it "
-                      "clears", cause, type(exc).__name__, str(exc).strip())
-        return StorageError(cause, str(exc).strip())
+                      "clears", cause, type(exc).__name__, _one_line(exc))
+        return StorageError(cause, _one_line(exc))
 
     def _worked(self):
         self._checked = time.monotonic()
@@ -2515,6 +2527,10 @@ class PostgresStore(Store):
         again; a fault of the database raises StorageError."""
         if self._closed:
             raise RuntimeError("the store is closed")
+        with self._free:
+            return self._try(fn, snapshot)
+
+    def _try(self, fn, snapshot):
         for attempt in range(_PG_ROLLBACKS):
             try:
                 conn = self._idle.get_nowait()
@@ -2533,6 +2549,8 @@ class PostgresStore(Store):
                     continue
                 if conn.broken or conn.closed or not isinstance(exc, self._pg.Error):
                     conn.close()  # (a KeyboardInterrupt may leave it mid-statement)
+                    if conn.broken:  # the server went away: so did the idle ones
+                        self._close_idle()
                 else:
                     self._idle.put(conn)
                 if isinstance(exc, Exception) and self._is_fault(exc):
@@ -2850,6 +2868,9 @@ class PostgresStore(Store):
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 self._listener.close()
+        self._close_idle()
+
+    def _close_idle(self):
         while True:
             try:
                 self._idle.get_nowait().close()
@@ -3020,7 +3041,7 @@ class PostgresStore(Store):
                 if stopped.is_set() or self._closed:
                     return
                 log.warning("storage: lost the connection that hears the other nodes "
-                            "(%s); connecting again", str(exc).strip() or type(exc).__name__)
+                            "(%s); connecting again", _one_line(exc) or type(exc).__name__)
                 with contextlib.suppress(Exception):
                     conn.close()
                 conn = None
@@ -3032,7 +3053,8 @@ def _open_store(config):
     if config["storage.option"] == "memory":
         return MemoryStore()
     if config["storage.option"] == "postgres":
-        return PostgresStore(config["storage.postgres.dsn"], config["storage.postgres.schema"])
+        return PostgresStore(config["storage.postgres.dsn"], config["storage.postgres.schema"],
+                             connections=config["storage.postgres.connections"])
     return SqliteStore(_in_folder(config, config["storage.sqlite.path"]),
                        config["storage.sqlite.synchronous"])
 
@@ -7268,7 +7290,11 @@ def _status_lines(status):
         f"queue: {queue_['depth']} of {queue_['capacity']} waiting"
         + (f", the oldest for {oldest:g}s" if oldest is not None else ""),
         f"workers: {workers['busy']} of {workers['total']} busy, "
-        f"{workers['abandoned']} abandoned")), 0
+        f"{workers['abandoned']} abandoned",
+        *([] if "nodes" not in status else [
+            "nodes: " + (", ".join(node["name"] + (" (this one)" if node["this"] else "")
+                                   for node in status["nodes"])
+                         if status["nodes"] is not None else "unknown")]))), 0
 
 
 def _client(argv):
@@ -7450,6 +7476,7 @@ dialog::backdrop { background: rgba(20, 26, 36, .35); } dialog .actions { justif
   <div class="health" id="health"><span class="dot"></span><span id="health-text">connecting…</span></div>
   <div class="figures" id="figures"><span>queue <b id="f-queue">–</b></span> <span>oldest waiting <b id="f-oldest">–</b></span>
     <span><span id="f-kind">workers</span> busy <b id="f-workers">–</b></span> <span><span id="f-lost">abandoned</span> <b id="f-abandoned">–</b></span>
+    <span id="f-nodes-box" hidden>nodes <b id="f-nodes">–</b></span>
     <button class="link" id="forget-token" type="button" hidden>forget token</button></div>
 </div></header>
 <div class="wrap">
@@ -7696,6 +7723,10 @@ async function loadStatus() {
   setText($("#f-workers"), w.busy + " / " + w.total);
   setText($("#f-lost"), processes ? "replaced" : "abandoned");
   setText($("#f-abandoned"), processes ? w.replaced : w.abandoned);
+  const nodes = s.nodes, box = $("#f-nodes-box");
+  box.hidden = !("nodes" in s);
+  setText($("#f-nodes"), Array.isArray(nodes) ? String(nodes.length) : "–");
+  box.title = Array.isArray(nodes) ? nodes.map(n => n.name + (n.this ? " (this one)" : "")).join("\n") : "";
   const counts = s.jobs || {};
   for (const b of document.querySelectorAll("[data-count]")) setText($(".n", b), counts[b.dataset.count] ?? "–");
   enable($("#bulk-retry"), counts.FAILED !== 0);
@@ -8192,8 +8223,10 @@ def _build(config):
         print(f"valet: config error: {exc}", file=sys.stderr)
         return 2
     except StorageError as exc:
-        path = _in_folder(config, config["storage.sqlite.path"])
-        log.error("cannot open %r: %s%s%s", path, exc.cause,
+        path = (repr(_in_folder(config, config["storage.sqlite.path"]))
+                if config["storage.option"] == "sqlite" else
+                f"the PostgreSQL database {PostgresStore._where(config['storage.postgres.dsn'])}")
+        log.error("cannot open %s: %s%s%s", path, exc.cause,
                   f" ({exc.detail})" if exc.detail else "",
                   "; restore it from a backup (README: Guarantees)"
                   if exc.cause == _CORRUPT else "")
@@ -8215,6 +8248,9 @@ def _start(app, config):
         code = 1
     except StorageError as exc:  # recovering the last run's jobs needs writes
         log.error("cannot start: %s", exc)
+        code = 1
+    except StoreInUse as exc:  # a live node has this node's name
+        log.error("%s", exc)
         code = 1
     except ConfigError as exc:  # a worker process could not import the tasks
         print(f"valet: config error: {exc}", file=sys.stderr)
