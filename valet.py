@@ -2932,7 +2932,7 @@ class PostgresStore(Store):
         then in submission order) to IN_PROGRESS, one attempt more, with started_at
         set if it was not. SKIP LOCKED: a job another node is taking is left to it.
         Returns ([(since when it was ready, the started record)], in that order; the
-        earliest run_at of a job still SCHEDULED, or None; waiting())."""
+        earliest run_at of a job still SCHEDULED, or None)."""
         def take(conn):
             if promote:
                 conn.execute(
@@ -2947,21 +2947,31 @@ class PostgresStore(Store):
                 f"RETURNING {_PG_JOB}, ready_at", (now, self.node, n)).fetchall() if n else []
             due = conn.execute("SELECT min(run_at) AS due FROM jobs WHERE status = "
                                "'SCHEDULED'").fetchone()["due"]
-            return started, due, self._waiting(conn)
+            return started, due
 
-        started, due, waiting = self._run(take)
+        started, due = self._run(take)
         started.sort(key=lambda job: (-job["priority"], job["ready_at"], job["seq"]))
-        return [(job.pop("ready_at"), self._out(job)) for job in started], due, waiting
+        return [(job.pop("ready_at"), self._out(job)) for job in started], due
+
+    def unclaim(self, jobs):
+        """Give back jobs claim() started here that never ran ({id: attempts}): PENDING
+        again, as they were before (the attempt and first start undone), for any
+        node to take. Returns how many."""
+        if not jobs:
+            return 0
+        return self._run(lambda conn: conn.execute(
+            "UPDATE jobs AS j SET status = 'PENDING', attempts = j.attempts - 1, node = NULL, "
+            "started_at = CASE WHEN j.attempts = 1 THEN NULL ELSE j.started_at END "
+            "FROM unnest(%s::text[], %s::int[]) AS given (id, attempts) WHERE j.id = "
+            "given.id AND j.attempts = given.attempts AND status = 'IN_PROGRESS' AND "
+            "node = %s", (list(jobs), list(jobs.values()), self.node)).rowcount)
 
     def waiting(self):
         """{"waiting": how many jobs are ready and not taken, "oldest": since when (wall
         clock) the oldest of them has been ready, or None}."""
-        return self._run(self._waiting)
-
-    @staticmethod
-    def _waiting(conn):
-        return conn.execute(f"SELECT count(*) AS waiting, min(ready_at) AS oldest FROM jobs "
-                            f"AS j WHERE status = 'PENDING' AND {_PG_TURN}").fetchone()
+        return self._run(lambda conn: conn.execute(
+            f"SELECT count(*) AS waiting, min(ready_at) AS oldest FROM jobs AS j WHERE "
+            f"status = 'PENDING' AND {_PG_TURN}").fetchone())
 
     def beat(self, node_timeout):
         """The heartbeat: mark this node alive now (on the database's clock). Then take
@@ -4030,6 +4040,7 @@ class _WorkerPool:
         self._halted = threading.Event()  # set by halt()
         self._idle = 0          # workers waiting for a job on the queue
         self.node = None  # the _Node, with several nodes: it queues only started jobs
+        self.unstarted = {}  # id -> attempts of jobs queued, started, when halt() came
         # The tasks, pickled (by reference) for each worker process; ConfigError now,
         # at construction, for one that a process could not import by name.
         self._pickled = None if processes is None else _pickled_tasks(tasks)
@@ -4066,6 +4077,9 @@ class _WorkerPool:
         since = self._clock() if since is None else since
         with self._lock:
             self._reserved -= reserved
+            if self._stopping and self.node is not None:  # (started as the pool halted)
+                self.unstarted[job["id"]] = job["attempts"]
+                return
             self._waiting.pop(job["id"], None)  # (last: _waiting is in the order queued)
             self._waiting[job["id"]] = (order, since, job["attempts"])
         self._ready.put((-job["priority"], order, job))
@@ -4154,7 +4168,7 @@ class _WorkerPool:
     def idle(self):
         """How many workers wait for a job with none queued for them."""
         with self._lock:
-            return max(0, self._idle - len(self._waiting))
+            return 0 if self._stopping else max(0, self._idle - len(self._waiting))
 
     def _take(self, claim):
         """Take a claim, with the lock held. Its thread, if it has one, leaves the pool:
@@ -4642,9 +4656,14 @@ class _WorkerPool:
             self._spawn()
 
     def halt(self):
-        """Start no more jobs: those still queued stay PENDING in the store."""
+        """Start no more jobs: those still queued stay PENDING in the store. (With
+        several nodes, those queued were started in the store: unstarted lists
+        them, for the node to give back.)"""
         with self._lock:
             self._stopping = True
+            if self.node is not None:
+                self.unstarted.update((job_id, entry[2]) for job_id, entry in
+                                      self._waiting.items())
             self._waiting.clear()
         self._halted.set()
 
@@ -4714,8 +4733,11 @@ class _Node:
         self.node_timeout = node_timeout
         self.poll = poll
         self.listen = listen
-        self.waiting = 0     # jobs ready in the store and not taken, at the last claim
-        self.oldest = None   # since when (wall clock) the oldest of them has been ready
+        # Jobs ready in the store and not taken, as last counted (count()), then less
+        # those claimed here and more those added here; and since when (wall clock)
+        # the oldest of them had been ready, when counted.
+        self.waiting = 0
+        self.oldest = None
         self._lifecycle = lifecycle
         self._pool = pool
         self._clock = clock
@@ -4727,11 +4749,13 @@ class _Node:
         self._stopped = threading.Event()  # set by stop(): claim no more jobs
         self._left = threading.Event()     # set by leave(): the other threads end
         self._threads = []
+        self.joined = False
         lifecycle.node = pool.node = self
 
     def join(self):
         """Enter the nodes table (StoreInUse if a live node has this name)."""
         self.store.join(self.name, lock=self.listen)
+        self.joined = True
 
     def start(self):
         for name, target in (("valet-claims", self._claim_forever),
@@ -4752,6 +4776,13 @@ class _Node:
         """Leave the nodes table, and stop the heartbeat and hearing the others (call
         once the pool has stopped: until then, they go on)."""
         self._left.set()
+        if not self.joined:  # (its name may be a live node's)
+            return
+        with contextlib.suppress(StorageError, RuntimeError):
+            given = self.store.unclaim(self._pool.unstarted)
+            if given:
+                log.info("node %s: %d job(s) it had started but not run are PENDING "
+                         "again, for the other nodes", self.name, given)
         with contextlib.suppress(StorageError, RuntimeError):
             self.store.leave()  # (which ends listen())
         for thread in self._threads:
@@ -4780,13 +4811,14 @@ class _Node:
     def claim_once(self, limit=None):
         """Start as many ready jobs as there are workers free here (or `limit`), and
         queue them for them; returns how many. Also learns when the next scheduled
-        job is due, and how many jobs wait."""
+        job is due."""
         with self._claiming:
             now = self._clock()
             free = self._pool.idle() if limit is None else limit
             promote = self._due is None or self._due <= now
-            started, self._due, waiting = self.store.claim(free, now, promote)
-            self.waiting, self.oldest = waiting["waiting"], waiting["oldest"]
+            started, self._due = self.store.claim(free, now, promote)
+            with self._lock:  # (fewer wait now; how many, count() tells)
+                self.waiting = max(0, self.waiting - len(started))
             for ready, job in started:
                 log.debug("job %s: %s -> %s (attempt %d) on node %s", job["id"], PENDING,
                           IN_PROGRESS, job["attempts"], self.name)
@@ -4818,6 +4850,7 @@ class _Node:
             log.error("node %s: the other nodes took this one for dead (no heartbeat for "
                       "over %gs: storage.postgres.node_timeout) and settled the jobs it "
                       "was running; it carries on", self.name, self.node_timeout)
+            self.look_once()  # (its tasks of those jobs are told to stop)
         settled = 0
         for name, silent, jobs in taken:
             log.warning("node %s: no heartbeat for %.0fs; settling the %d job(s) it was "
@@ -4856,8 +4889,9 @@ class _Node:
         it. "lost": notices may have been missed."""
         if message in ("work", "lost"):
             self.wake()
-            if message == "lost":
+            if message == "lost":  # (what it may have missed: jobs ended elsewhere)
                 self._lifecycle.wake_all()
+                self._step(self.look_once)
             return
         _, job_id, attempts, status, node = message.split(" ", 4)
         self._lifecycle.wake(job_id)
@@ -6829,7 +6863,7 @@ class Valet:
                 if (job is None or job["status"] in FINISHED or self.stopping
                         or (left is not None and left <= 0)):
                     return None if job is None else self._json_of_job(job)
-                if self.node is not None:  # (heard from the store; else, look again)
+                if self.node is not None and not self.node.listen:  # (else, heard)
                     left = min(left or math.inf, self.node.poll)
                 changed.wait(left)
 
@@ -7087,6 +7121,9 @@ class Valet:
         """Every metric, in the Prometheus text format (GET /metrics). It answers also
         while the store fails: then without the jobs by status."""
         self._refuse_when_closed()
+        if self.node is not None:
+            with contextlib.suppress(StorageError, RuntimeError):
+                self.node.count()  # (the backlog as it is now, on every node)
         pool, counts = self.pool.stats(), self._counts()
         return self.metrics.text({
             "valet_info": [((("version", __version__),), 1)],

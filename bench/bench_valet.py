@@ -32,6 +32,14 @@ Sections
     scale         a SQLite store with 1,000,000 finished jobs against an empty one:
                   start-up, memory, request latencies; and memory per 100k jobs
     footprint     start-up time and idle memory with a default-like config
+    postgres      storage.option: postgres, with 1, 2 and 3 nodes (valet processes on
+                  one database): POST /jobs per second, load spread over the nodes,
+                  and N jobs end to end, each as a ratio to SQLite measured in the
+                  same rounds by the same client; and in every PostgreSQL round the
+                  jobs run twice and the jobs not completed (both must be 0). The
+                  bench starts its own PostgreSQL server (initdb, pg_ctl; fsync on,
+                  as by default) and stops it after; without the server programs or
+                  psycopg the section is skipped with a line saying how to add them
 
 Every figure is the median of several rounds (3 by default), and the rounds are
 interleaved (ceiling, memory, SQLite, ceiling, ...) so that drift on a noisy
@@ -54,13 +62,18 @@ is slower than wrk, so both the ceiling and valet come out lower; the table
 header and the JSON say which tool was used. end_to_end and memory_per_100k
 always submit with these processes (a fixed number of jobs, not a duration).
 
-Only the standard library is used here (and valet itself, for its SQLite schema).
+Only the standard library is used here (and valet itself, for its SQLite schema),
+but for the postgres section, which needs psycopg (pip install "psycopg[binary]")
+and PostgreSQL's initdb and pg_ctl (apt-get install postgresql), and is skipped
+without them.
 """
 
 import argparse
 import calendar
 import collections
+import contextlib
 import datetime
+import glob
 import http.client
 import http.server
 import json
@@ -92,7 +105,7 @@ DEFAULT_JSON = ROOT / "bench" / "results.json"
 HOST = "127.0.0.1"
 
 SECTIONS = ("ceiling", "submit", "end_to_end", "workers", "idle_latency", "lateness",
-            "scale", "footprint")
+            "scale", "footprint", "postgres")
 
 # The no-op job: the task echo returns its metadata.
 JOB_BODY = {"name": "bench", "task_name": "echo", "metadata": {"bench": True}}
@@ -129,6 +142,9 @@ FULL = {
     "memory_jobs": 100_000,
     "memory_rounds": 3,           # rounds of memory_per_100k
     "footprint_starts": 5,
+    "postgres_load_seconds": 10,  # each POST /jobs load of the postgres section
+    "postgres_max_requests": 100_000,  # a cap on each of those loads (then it stops)
+    "postgres_jobs": 5000,        # jobs end to end, each store and number of nodes
 }
 QUICK = {
     **FULL,
@@ -145,6 +161,9 @@ QUICK = {
     "memory_jobs": 20_000,
     "memory_rounds": 1,           # one is enough for a quick look
     "footprint_starts": 3,
+    "postgres_load_seconds": 3,
+    "postgres_max_requests": 30_000,
+    "postgres_jobs": 1500,
 }
 WARMUP_JOBS = 5  # jobs sent before a latency measurement, not counted
 
@@ -163,6 +182,8 @@ TARGETS = {
     "lateness.sqlite.p99": ("<", 5.0, "value"),
     "scale.ratio": ("<", 1.5, "value"),              # every seeded/empty latency ratio
     "scale.startup": ("<", 2.0, "value"),            # start-up on the seeded store, s
+    "postgres.run_twice": ("==", 0, "value"),        # jobs, over a node count's rounds
+    "postgres.not_completed": ("==", 0, "value"),
 }
 
 
@@ -494,14 +515,19 @@ def _run_workers(arg_lists, timeout):
     return reports
 
 
-def python_load(url, body, seconds):
+def python_load(url, body, seconds, count=0):
     """Load with LOAD_PROCESSES processes of this script, one keep-alive connection
     each; req/s = all 2xx answers / the wall time from the first send to the last
-    answer."""
+    answer. url may be a list: process i sends to url[i % len(url)]. With count,
+    the processes stop after that many 2xx between them (count/P each)."""
+    urls = [url] if isinstance(url, str) else list(url)
     start_at = time.time() + LOAD_START_DELAY
-    args = _worker_args(url, body, seconds=seconds, start_at=start_at,
-                        deadline=start_at + seconds + 30)
-    reports = _run_workers([args] * LOAD_PROCESSES, timeout=LOAD_START_DELAY + seconds + 60)
+    share = -(-count // LOAD_PROCESSES) if count else 0
+    reports = _run_workers(
+        [_worker_args(urls[i % len(urls)], body, seconds=seconds, count=share,
+                      start_at=start_at, deadline=start_at + seconds + 30)
+         for i in range(LOAD_PROCESSES)],
+        timeout=LOAD_START_DELAY + seconds + 60)
     latencies = [ms for report in reports for ms in report["latencies_ms"]]
     ok = sum(report["ok"] for report in reports)
     window = max(r["last"] for r in reports) - min(r["first"] for r in reports)
@@ -518,13 +544,15 @@ def python_load(url, body, seconds):
 def python_submit(url, body, count, timeout=RUN_TIMEOUT):
     """Submit `count` jobs from LOAD_PROCESSES processes (count/P each, keep-alive,
     as fast as each can); {"ok", "errors", "first", "last"}: 202s, failures, and the
-    wall times of the first POST and of the last answer."""
+    wall times of the first POST and of the last answer. url may be a list: process
+    i sends to url[i % len(url)]."""
+    urls = [url] if isinstance(url, str) else list(url)
     shares = [count // LOAD_PROCESSES + (1 if i < count % LOAD_PROCESSES else 0)
               for i in range(LOAD_PROCESSES)]
     start_at = time.time() + LOAD_START_DELAY
     reports = _run_workers(
-        [_worker_args(url, body, count=share, start_at=start_at,
-                      deadline=start_at + timeout) for share in shares if share],
+        [_worker_args(urls[i % len(urls)], body, count=share, start_at=start_at,
+                      deadline=start_at + timeout) for i, share in enumerate(shares) if share],
         timeout=LOAD_START_DELAY + timeout + 30)
     return {
         "ok": sum(r["ok"] for r in reports),
@@ -671,14 +699,18 @@ class ValetServer:
     manager: __enter__ starts it and waits until /status answers; __exit__ stops it
     with SIGTERM, SIGKILL if it takes too long).
 
-    store is "memory" or "sqlite"; db_path the SQLite file (default: a new file in
-    workdir). startup is the seconds from Popen to the first 200 from /status.
+    store is "memory", "sqlite" or "postgres"; db_path the SQLite file (default: a new
+    file in workdir); postgres the storage.postgres keys ({"dsn", "schema"}).
+    tasks_module names the tasks; with tasks_source, that module is this text,
+    written beside the config (where valet looks for it first). startup is the
+    seconds from Popen to the first 200 from /status.
     """
 
     _count = 0
 
     def __init__(self, workdir, store="sqlite", db_path=None, queue_capacity=QUEUE_CAPACITY,
-                 root=ROOT, worker_type="thread", workers=WORKERS):
+                 root=ROOT, worker_type="thread", workers=WORKERS, postgres=None,
+                 tasks_module="tasks", tasks_source=None):
         ValetServer._count += 1
         self.root = Path(root)  # the folder of the valet.py and tasks.py to run
         self.dir = Path(workdir) / f"valet-{ValetServer._count}"
@@ -691,6 +723,10 @@ class ValetServer:
         self.queue_capacity = queue_capacity
         self.worker_type = worker_type
         self.workers = workers
+        self.postgres = postgres
+        self.tasks_module = tasks_module
+        if tasks_source is not None:
+            (self.dir / f"{tasks_module}.py").write_text(tasks_source)
         self.proc = None
         self.startup = None
 
@@ -702,8 +738,9 @@ class ValetServer:
                             **({} if self.worker_type == "thread" else
                                {"worker_type": self.worker_type})},
             "storage": {"option": self.store,
-                        "sqlite": {"path": str(self.db_path), "synchronous": "full"}},
-            "tasks_module": "tasks",
+                        "sqlite": {"path": str(self.db_path), "synchronous": "full"},
+                        **({"postgres": self.postgres} if self.postgres else {})},
+            "tasks_module": self.tasks_module,
             "logging_level": "info",
         }
 
@@ -1412,6 +1449,446 @@ def measure_footprint(bench):
     return {"starts": starts, "medians": {"startup_s": startup, "rss_mib": rss}}, rows
 
 
+# -- 9: postgres
+
+PG_NODES = (1, 2, 3)      # nodes (valet processes) sharing the database, per target
+PG_HINT = ('postgres: skipped; it needs the PostgreSQL server programs (initdb, pg_ctl) '
+           'and psycopg in the Python running the bench: apt-get install postgresql; '
+           'pip install "psycopg[binary]"')
+PG_DRAIN_INTERVAL = 0.05  # seconds between looks at /status while the jobs finish
+
+# The tasks of the postgres section: record(metadata, context) appends the job's id,
+# attempt and process to the file metadata["runs"] names, so that the bench can
+# count the jobs run more than once. One write() of one line, O_APPEND: lines from
+# several threads and processes do not mix. SQLite runs the same task.
+RECORD_MODULE = "valet_bench_tasks"
+RECORD_SOURCE = '''"""valet bench: a no-op task that records each run (written by bench_valet.py)."""
+import os
+import threading
+
+_files = {}
+_lock = threading.Lock()
+
+
+def record(metadata, context):
+    path = metadata["runs"]
+    with _lock:
+        fd = _files.get(path)
+        if fd is None:
+            fd = _files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, f"{context.job_id} {context.attempt} {os.getpid()}\\n".encode())
+    return None
+
+
+TASKS = {"record": record}
+'''
+
+
+def postgres_programs():
+    """The folder of initdb and pg_ctl: on PATH, or Debian's newest; None if missing."""
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return os.path.dirname(os.path.realpath(found))
+    folders = [f for f in glob.glob("/usr/lib/postgresql/*/bin")
+               if os.path.exists(os.path.join(f, "initdb"))]
+    folders.sort(key=lambda f: int(f.split("/")[-2]) if f.split("/")[-2].isdigit() else 0)
+    return folders[-1] if folders else None
+
+
+def postgres_missing():
+    """Why the postgres section cannot run here (what is missing), or None."""
+    missing = []
+    if postgres_programs() is None:
+        missing.append("initdb and pg_ctl not found")
+    try:
+        import psycopg  # noqa: F401 (only this section needs it)
+    except ImportError:
+        missing.append(f"no psycopg in {sys.executable}")
+    return "; ".join(missing) or None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server (a context manager): initdb in a new temporary
+    folder, pg_ctl start on a free port of HOST (its socket in that folder), as the
+    user nobody when the bench runs as root (PostgreSQL refuses root). Its settings
+    are the defaults, fsync and synchronous_commit on: the bench measures a durable
+    store. __exit__ stops it (pg_ctl stop -m fast, else immediate, else SIGKILL) and
+    removes the folder, also when starting failed half-way."""
+
+    def __init__(self):
+        self.programs = postgres_programs()
+        self.port = free_port()
+        self.folder = None
+        self.dsn = f"host={HOST} port={self.port} user=valet dbname=postgres"
+        self.settings = {}
+        self._user = {"user": "nobody"} if os.geteuid() == 0 else {}
+
+    def _run(self, *args, timeout=120):
+        return subprocess.run([os.path.join(self.programs, args[0]), *args[1:]], check=True,
+                              capture_output=True, text=True, timeout=timeout,
+                              cwd=self.folder, **self._user)
+
+    def __enter__(self):
+        self.folder = tempfile.mkdtemp(prefix="valet-bench-pg-")
+        try:
+            if self._user:
+                import pwd  # (POSIX only, as PostgreSQL's refusal to run as root is)
+                os.chown(self.folder, pwd.getpwnam("nobody").pw_uid, -1)
+            data = os.path.join(self.folder, "data")
+            self._run("initdb", "-D", data, "-U", "valet", "--auth=trust", "-E", "UTF8")
+            self._run("pg_ctl", "-D", data, "-l", os.path.join(self.folder, "log"), "-w",
+                      "-t", "60", "-o", f"-p {self.port} -h {HOST} -k {self.folder}", "start",
+                      timeout=90)
+            import psycopg
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                for name in ("server_version", "fsync", "synchronous_commit", "wal_sync_method",
+                             "max_connections", "shared_buffers"):
+                    self.settings[name] = conn.execute(f"SHOW {name}").fetchone()[0]
+        except BaseException as exc:
+            log = self.log_tail()
+            self._stop()
+            if isinstance(exc, subprocess.CalledProcessError):
+                raise RuntimeError(f"{Path(exc.cmd[0]).name} failed ({exc.returncode}): "
+                                   f"{(exc.stderr or '').strip()[-300:]} {log}") from None
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._stop()
+
+    def log_tail(self):
+        try:
+            return Path(self.folder, "log").read_text(errors="replace")[-300:]
+        except (OSError, TypeError):
+            return ""
+
+    def _stop(self):
+        if self.folder is None:
+            return
+        data = os.path.join(self.folder, "data")
+        pid_file = os.path.join(data, "postmaster.pid")
+        for mode in ("fast", "immediate"):
+            if not os.path.exists(pid_file):
+                break
+            try:
+                self._run("pg_ctl", "-D", data, "-m", mode, "-w", "-t", "30", "stop",
+                          timeout=45)
+            except (subprocess.SubprocessError, OSError):
+                continue
+        if os.path.exists(pid_file):  # pg_ctl could not stop it: kill the postmaster
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                os.kill(int(Path(pid_file).read_text().split()[0]), signal.SIGKILL)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+    def execute(self, sql):
+        import psycopg
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql)
+
+
+def wrk_spread_load(urls, body, seconds, cap):
+    """Load with one wrk process of one thread per server in `urls` (thread i sends to
+    urls[i]), WRK_CONNECTIONS connections between them (rounded down to a multiple
+    of the threads, so that each server has as many), for `seconds`; each thread
+    stops once it has sent its share of `cap` requests (a bound; reaching it
+    makes the req/s low, which the result says: "capped")."""
+    threads = len(urls)
+    connections = max(threads, WRK_CONNECTIONS // threads * threads)
+    per_thread = max(1, cap // threads)
+    ports = ", ".join(str(urllib.parse.urlsplit(url).port) for url in urls)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write('wrk.method = "POST"\n'
+                     f"wrk.body = [==[{json.dumps(body)}]==]\n"
+                     'wrk.headers["Content-Type"] = "application/json"\n'
+                     f"local ports = {{{ports}}}\n"
+                     "local made = 0\n"
+                     "function setup(thread)\n"
+                     "  made = made + 1\n"
+                     "  local port = ports[(made - 1) % #ports + 1]\n"
+                     f'  thread.addr = wrk.lookup("{HOST}", tostring(port))[1]\n'
+                     "end\n"
+                     f"local left = {per_thread}\n"
+                     "local req = nil\n"
+                     "function request()\n"
+                     "  if req == nil then req = wrk.format() end\n"
+                     "  left = left - 1\n"
+                     "  if left == 0 then wrk.thread:stop() end\n"
+                     "  return req\n"
+                     "end\n")
+    try:
+        out = run_child([shutil.which("wrk"), f"-t{threads}", f"-c{connections}",
+                         f"-d{seconds}s", "--latency", "-s", script.name, f"{urls[0]}/jobs"],
+                        timeout=seconds + 30)
+    finally:
+        os.unlink(script.name)
+    result = parse_wrk(out)
+    result["tool"] = f"wrk -t{threads} -c{connections}"
+    result["capped"] = result["requests"] >= per_thread * threads - connections
+    return result
+
+
+def spread_load(urls, body, seconds, use_wrk, cap):
+    """load() over several servers at once (see wrk_spread_load; the built-in
+    generator's LOAD_PROCESSES processes take the servers in turn), at most `cap`
+    requests."""
+    if use_wrk:
+        return wrk_spread_load(urls, body, seconds, cap)
+    result = python_load(urls, body, seconds, count=cap)
+    result["capped"] = result["requests"] >= cap
+    return result
+
+
+def _pg_target(target):
+    """("sqlite", 1) or ("postgres", n) from "sqlite" or "postgres 2"."""
+    store, _, nodes = target.partition(" ")
+    return store, int(nodes or 1)
+
+
+@contextlib.contextmanager
+def _pg_nodes(bench, pg, target, schema):
+    """The valet processes of a target, started one after the other and stopped
+    (every one of them, whatever happens): one on a fresh SQLite file, or n nodes
+    on a fresh schema of the PostgreSQL server, each with a config of its own (the
+    dsn and schema, WORKERS workers) and RECORD_MODULE as its tasks. The schema is
+    dropped afterwards."""
+    store, n = _pg_target(target)
+    postgres = {"dsn": pg.dsn, "schema": schema} if store == "postgres" else None
+    try:
+        with contextlib.ExitStack() as stack:
+            servers = []
+            for _ in range(n):
+                server = ValetServer(bench.workdir, store, postgres=postgres,
+                                     tasks_module=RECORD_MODULE, tasks_source=RECORD_SOURCE)
+                servers.append(stack.enter_context(server))
+            yield servers
+    finally:
+        if postgres is not None:
+            with contextlib.suppress(Exception):
+                pg.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def _pg_settle(url, at_least, timeout):
+    """Poll /status (every PG_DRAIN_INTERVAL s) until no job is left to run in the
+    store and it holds at least `at_least` jobs, or `timeout` seconds pass; its
+    jobs by status then, and whether that happened in time."""
+    client = Client(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            jobs = client.get("/status")["jobs"]
+            if jobs is not None:
+                finished = sum(jobs.get(status, 0) for status in FINISHED)
+                if sum(jobs.values()) == finished >= at_least:
+                    return jobs, True
+            if time.monotonic() > deadline:
+                return jobs or {}, False
+            time.sleep(PG_DRAIN_INTERVAL)
+    finally:
+        client.close()
+
+
+def _pg_runs(path):
+    """(runs recorded, jobs run more than once) from a record file."""
+    try:
+        lines = Path(path).read_text().split("\n")
+    except FileNotFoundError:
+        return 0, 0
+    counts = collections.Counter(line.split(" ", 1)[0] for line in lines if line)
+    return sum(counts.values()), sum(1 for n in counts.values() if n > 1)
+
+
+def _pg_checks(servers, jobs, acked, runs_path, settled, drain_s):
+    """The figures every round of the section ends with: jobs stored, completed and
+    not completed (of those stored or acknowledged, whichever is more), runs
+    recorded, jobs run twice, ERROR lines in the nodes' logs."""
+    runs, twice = _pg_runs(runs_path)
+    stored = sum(jobs.values())
+    completed = jobs.get("COMPLETED", 0)
+    return {"stored": stored, "completed": completed,
+            "not_completed": max(stored, acked) - completed, "runs": runs,
+            "run_twice": twice, "settled": settled, "drain_seconds": drain_s,
+            "log_errors": sum(server.log_count(" ERROR ") for server in servers)}
+
+
+def _pg_submit_round(bench, pg, target, i):
+    """POST /jobs load spread over the target's servers for postgres_load_seconds (as
+    the submit section loads one server); then, on PostgreSQL, until every job
+    accepted has run (at most RUN_TIMEOUT s), and the checks."""
+    store, n = _pg_target(target)
+    runs_path = Path(bench.workdir) / f"runs-submit-{i + 1}-{store}-{n}.txt"
+    body = {"name": "bench", "task_name": "record", "metadata": {"runs": str(runs_path)}}
+    with _pg_nodes(bench, pg, target, f"bench_submit_{i + 1}_{n}") as servers:
+        urls = [server.url for server in servers]
+        result = spread_load(urls, body, bench.s["postgres_load_seconds"], bench.use_wrk,
+                             bench.s["postgres_max_requests"])
+        result["nodes"] = n
+        if store == "postgres":
+            acked = result["requests"] - result.get("non_2xx", 0)  # (python: 2xx only)
+            t0 = time.monotonic()
+            jobs, settled = _pg_settle(urls[0], acked, RUN_TIMEOUT)
+            result.update(_pg_checks(servers, jobs, acked, runs_path, settled,
+                                     time.monotonic() - t0))
+        else:
+            result["log_errors"] = servers[0].log_count(" ERROR ")
+    return result
+
+
+def _pg_end_to_end_round(bench, pg, target, i):
+    """N jobs submitted by LOAD_PROCESSES processes (N/P each) spread over the
+    target's servers, then run; jobs/s = N / (the last job's completed_at − the
+    first POST). (end_to_end stops its clock at the /status that shows the queue
+    empty, polled every 2 ms; with several nodes that takes a look at the store,
+    and would load it, so the clock stops here at the last completed_at, and
+    /status is looked at every PG_DRAIN_INTERVAL s only to know it is over.)"""
+    store, n = _pg_target(target)
+    count = bench.s["postgres_jobs"]
+    runs_path = Path(bench.workdir) / f"runs-e2e-{i + 1}-{store}-{n}.txt"
+    body = {"name": "bench", "task_name": "record", "metadata": {"runs": str(runs_path)}}
+    with _pg_nodes(bench, pg, target, f"bench_e2e_{i + 1}_{n}") as servers:
+        urls = [server.url for server in servers]
+        submitted = python_submit(urls, body, count)
+        t0 = time.monotonic()
+        jobs, settled = _pg_settle(urls[0], submitted["ok"], RUN_TIMEOUT)
+        drain_s = time.monotonic() - t0
+        client = Client(urls[0])
+        done = client.list_jobs("COMPLETED")
+        client.close()
+        result = _pg_checks(servers, jobs, submitted["ok"], runs_path, settled, drain_s)
+    if not done:
+        raise RuntimeError("no job completed")
+    last = max(parse_time(job["completed_at"]) for job in done)
+    elapsed = last - submitted["first"]
+    return {"jobs_per_s": count / elapsed if settled else None, "seconds": elapsed,
+            "nodes": n, "submitted": submitted["ok"], "errors": submitted["errors"],
+            "submit_seconds": submitted["last"] - submitted["first"], **result}
+
+
+def _pg_shared_note(n):
+    cores = os.cpu_count() or 1
+    if n + 1 <= cores:
+        return ""
+    return (f"{n} node{'s' if n > 1 else ''} and the PostgreSQL server share "
+            f"{cores} core{'s' if cores > 1 else ''} (with the load)")
+
+
+def measure_postgres(bench):
+    """storage.option: postgres with 1, 2 and 3 nodes, against SQLite, in the same
+    interleaved rounds and by the same clients. submit: POST /jobs for
+    postgres_load_seconds, spread over the nodes (wrk: one thread per node, the
+    connections split evenly; or the built-in generator's processes, taking the
+    nodes in turn). end to end: postgres_jobs jobs submitted (spread alike) and run.
+    Every valet has WORKERS workers and runs RECORD_MODULE's record, a no-op that
+    appends the job's id to a file: after each PostgreSQL round, once every job
+    has finished, the bench counts the jobs run more than once and those not
+    COMPLETED (both must be 0). Each round gets a fresh schema (dropped after)."""
+    missing = postgres_missing()
+    if missing:
+        line = f"{PG_HINT} ({missing})"
+        progress(line)
+        bench.notes.append(line)
+        return {"skipped": line}, []
+    targets = ("sqlite",) + tuple(f"postgres {n}" for n in PG_NODES)
+    count = bench.s["postgres_jobs"]
+    seconds = bench.s["postgres_load_seconds"]
+    with PostgresServer() as pg:
+        progress(f"postgres: server {pg.settings.get('server_version')} on port {pg.port} "
+                 f"(fsync {pg.settings.get('fsync')}, synchronous_commit "
+                 f"{pg.settings.get('synchronous_commit')})")
+        submit_rounds = interleave(bench, "postgres", targets,
+                                   lambda target, i: _pg_submit_round(bench, pg, target, i),
+                                   f" (POST /jobs, {seconds}s load)")
+        e2e_rounds = interleave(bench, "postgres", targets,
+                                lambda target, i: _pg_end_to_end_round(bench, pg, target, i),
+                                f" ({count:,} jobs end to end)")
+        server_settings = dict(pg.settings)
+
+    shared = _pg_shared_note(max(PG_NODES))
+    data = {"server": server_settings, "nodes": list(PG_NODES), "workers_per_node": WORKERS,
+            "load_seconds": seconds, "max_requests": bench.s["postgres_max_requests"],
+            "jobs": count, "cores": os.cpu_count(), "cores_note": shared,
+            "submit_rounds": submit_rounds, "end_to_end_rounds": e2e_rounds, "medians": {}}
+    if shared:
+        bench.notes.append(f"postgres: {shared}; their figures are of nodes that "
+                           f"compete for the CPU, not of nodes on machines of their own")
+    rows = []
+
+    def label(target):
+        store, n = _pg_target(target)
+        return "SQLite" if store == "sqlite" else f"PostgreSQL, {n} node{'s' * (n > 1)}"
+
+    def failed_note(rounds, target):
+        return _errors_note([r for r in rounds if r.get("target") == target])
+
+    # POST /jobs
+    base = None
+    for target in targets:
+        runs = _figures(submit_rounds, target)
+        med = {key: median([r[key] for r in runs]) for key in ("rps", "p50_ms", "p99_ms")}
+        if target == "sqlite":
+            base = med["rps"]
+        ratio = med["rps"] / base if med["rps"] is not None and base else None
+        data["medians"][f"submit {target}"] = {**med, "ratio_to_sqlite": ratio}
+        tools = sorted({r["tool"] for r in runs})
+        capped = sum(1 for r in runs if r.get("capped"))
+        note = "; ".join(filter(None, [
+            f"{ratio:.2f} × SQLite" if target != "sqlite" and ratio is not None else "",
+            f"p50 {_fmt(med['p50_ms'])} ms, p99 {_fmt(med['p99_ms'])} ms",
+            ", ".join(tools),
+            _pg_shared_note(_pg_target(target)[1]) if target != "sqlite" else "",
+            f"! {capped} round(s) stopped at the cap of "
+            f"{bench.s['postgres_max_requests']:,} requests" if capped else "",
+            failed_note(submit_rounds, target)]))
+        rows.append(row("postgres", f"POST /jobs, {label(target)}: req/s", med["rps"],
+                        "req/s", note=note))
+
+    # end to end
+    base = None
+    for target in targets:
+        runs = _figures(e2e_rounds, target)
+        rate = median([r["jobs_per_s"] for r in runs])
+        secs = median([r["seconds"] for r in runs])
+        if target == "sqlite":
+            base = rate
+        ratio = rate / base if rate is not None and base else None
+        data["medians"][f"end_to_end {target}"] = {"jobs_per_s": rate, "seconds": secs,
+                                                   "ratio_to_sqlite": ratio}
+        short = [r["completed"] for r in runs if r["completed"] != count]
+        note = "; ".join(filter(None, [
+            f"{ratio:.2f} × SQLite" if target != "sqlite" and ratio is not None else "",
+            f"{_fmt(secs)} s",
+            _pg_shared_note(_pg_target(target)[1]) if target != "sqlite" else "",
+            f"! only {short} of {count:,} COMPLETED" if short else "",
+            failed_note(e2e_rounds, target)]))
+        rows.append(row("postgres", f"{count:,} jobs end to end, {label(target)}: jobs/s",
+                        rate, "jobs/s", note=note))
+
+    # the checks, over every round of each number of nodes
+    for target in targets[1:]:
+        sub, e2e = _figures(submit_rounds, target), _figures(e2e_rounds, target)
+        both = sub + e2e
+        failed = failed_note(submit_rounds + e2e_rounds, target)
+        unsettled = sum(1 for r in both if not r["settled"])
+        checks = {}
+        for key, what in (("run_twice", "jobs run twice"),
+                          ("not_completed", "jobs not completed")):
+            value = sum(r[key] for r in both) if both else None
+            checks[key] = value
+            note = "; ".join(filter(None, [
+                f"per round: POST /jobs {[r[key] for r in sub]}, "
+                f"end to end {[r[key] for r in e2e]}",
+                f"of {sum(r['stored'] for r in both):,} jobs, "
+                f"{sum(r['runs'] for r in both):,} runs" if key == "run_twice" else
+                f"! {unsettled} round(s) not finished after {RUN_TIMEOUT:.0f}s"
+                if unsettled else "",
+                failed]))
+            rows.append(row("postgres", f"{label(target)}: {what}", value, "jobs",
+                            target_key=f"postgres.{key}", note=note))
+        checks["log_errors"] = sum(r["log_errors"] for r in both)
+        data["medians"][f"checks {target}"] = checks
+    return data, rows
+
+
 # ------------------------------------------------------------------- report --
 
 def _fmt(value):
@@ -1556,7 +2033,8 @@ def run_benchmarks(args):
                     "idle_latency": lambda: measure_idle_latency(bench),
                     "lateness": lambda: measure_lateness(bench),
                     "scale": lambda: measure_scale(bench, valet),
-                    "footprint": lambda: measure_footprint(bench)}
+                    "footprint": lambda: measure_footprint(bench),
+                    "postgres": lambda: measure_postgres(bench)}
         plan += [(name, measures[name]) for name in SECTIONS if name in measures
                  and name in selected]
         try:
