@@ -2578,8 +2578,9 @@ class PostgresStore(Store):
                 conn.execute(_PG_STEPS[step])
                 conn.execute("INSERT INTO version VALUES (%s)", (step + 1,))
             if done < len(_PG_STEPS):
-                log.info("storage: schema %r of %s is at step %d", self.schema, self.where,
-                         len(_PG_STEPS))
+                log.info("storage: %s valet's tables in the schema %r of %s (schema step "
+                         "%d)", "made" if done == 0 else f"upgraded from step {done}",
+                         self.schema, self.where, len(_PG_STEPS))
 
     # -- records
 
@@ -7751,7 +7752,8 @@ async function loadStatus() {
   if (s.time) skew = ms(s.time) - Date.now();
   setText($("#version"), s.version || "");
   const st = s.storage || {};
-  setHealth(!!st.ok, (st.option || "storage") + (st.ok ? " · ok" : " · failing: " + (st.error || "unknown error")));
+  const here = (s.nodes || []).find(n => n.this);
+  setHealth(!!st.ok, (st.option || "storage") + (here ? " · node " + here.name : "") + (st.ok ? " · ok" : " · failing: " + (st.error || "unknown error")));
   const q = s.queue || {}, w = s.workers || {};
   setText($("#f-queue"), q.depth + " / " + q.capacity + (q.accepting === false ? " (full)" : ""));
   setText($("#f-oldest"), q.oldest_waiting_seconds == null ? (q.depth ? "–" : "none") : human(q.oldest_waiting_seconds));
@@ -7763,7 +7765,7 @@ async function loadStatus() {
   const nodes = s.nodes, box = $("#f-nodes-box");
   box.hidden = !("nodes" in s);
   setText($("#f-nodes"), Array.isArray(nodes) ? String(nodes.length) : "–");
-  box.title = Array.isArray(nodes) ? nodes.map(n => n.name + (n.this ? " (this one)" : "")).join("\n") : "";
+  box.title = Array.isArray(nodes) ? nodes.map(n => n.name + (n.this ? " (this one)" : "")).join(", ") : "";
   const counts = s.jobs || {};
   for (const b of document.querySelectorAll("[data-count]")) setText($(".n", b), counts[b.dataset.count] ?? "–");
   enable($("#bulk-retry"), counts.FAILED !== 0);
