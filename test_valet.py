@@ -2077,6 +2077,549 @@ def test_corrupt_database_stays_not_ok_when_a_probe_write_succeeds(make_app, cap
     assert len(loud) <= 3, loud
 
 
+# ----------------------------------- storage: PostgreSQL, and several nodes --
+
+# -- several nodes: in one process
+#
+# Valet objects in this process, several on one schema, each a node (port 0). Most
+# tests drive a node's single steps themselves on unstarted apps (recover(), then
+# node.claim_once / beat_once / look_once and pool.run_once); the rest start the
+# apps and wait for what their threads do, with deadlines.
+
+@pytest.fixture
+def node_schema(postgres_server):
+    """The dsn and a new schema of this test's own, for several nodes; dropped after."""
+    import psycopg
+    schema = f"n_{uuid.uuid4().hex[:12]}"
+    yield {"dsn": postgres_server, "schema": schema}
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {valet._pg_name(schema)} CASCADE")
+
+
+@pytest.fixture
+def make_node(node_schema, gate, ran):
+    """make(name, start=True, tasks=None, config=None): a Valet on the test's schema,
+    the node `name` (None: named after its port), one worker. Started, or not
+    (start=False: nothing runs; the test calls recover() and the single steps).
+    `config` holds dotted overrides. Every one is stopped at the end."""
+    apps = []
+
+    def make(name, start=True, tasks=None, config=None):
+        loaded = valet.load_config({
+            "server": {"port": 0},
+            "storage": {"option": "postgres", "postgres": {
+                **node_schema, "node": name, "heartbeat": 30, "node_timeout": 120,
+                "poll": 1}},
+            "worker_pool": {"workers": 1, "queue_capacity": 20, "shutdown_grace": 5}},
+            config or {})
+        app = valet.Valet(loaded, tasks={**make_tasks(gate, ran), **(tasks or {})})
+        apps.append(app)
+        if start:
+            app.start()
+        return app
+
+    yield make
+    gate.opened.set()
+    for app in apps:
+        app.stop()
+
+
+def pg_rows(dsn, sql, args=()):
+    """The rows (tuples) of one statement on a connection of the test's own."""
+    import psycopg
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def in_schema(where, table):
+    return f"{valet._pg_name(where['schema'])}.{table}"
+
+
+def test_postgres_schema_is_made_once_when_nodes_start_together(node_schema, caplog):
+    caplog.set_level(logging.INFO, logger="valet")
+    stores, errors = [None] * 6, []
+
+    def open_one(i):
+        try:
+            stores[i] = valet.PostgresStore(**node_schema)
+        except Exception as exc:  # (reported below, with the others)
+            errors.append(exc)
+
+    def schema_state():
+        return pg_rows(node_schema["dsn"], "SELECT c.relname, c.relkind FROM pg_class AS c "
+                       "JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE "
+                       "n.nspname = %s ORDER BY 1", (node_schema["schema"],)), pg_rows(
+            node_schema["dsn"], f"SELECT step, count(*) FROM "
+                                f"{in_schema(node_schema, 'version')} GROUP BY step ORDER BY 1")
+
+    try:
+        run_together(open_one, 6)
+        assert errors == []
+        steps = len(valet._PG_STEPS)
+        tables, versions = schema_state()
+        assert versions == [(step, 1) for step in range(1, steps + 1)]
+        assert {"jobs", "results", "pipelines", "periodic", "keys", "nodes", "job_counts",
+                "version"} <= {name for name, kind in tables if kind == "r"}
+        def made():  # what the store logs of the schema: once, by the one that made it
+            return [r.getMessage() for r in caplog.records
+                    if node_schema["schema"] in r.getMessage()]
+
+        assert len(made()) == 1, made()
+        for i, store in enumerate(stores):  # every one works on the one schema
+            store.add(new_record(f"job {i}"))
+        assert all(store.counts()[valet.PENDING] == 6 for store in stores)
+        valet.PostgresStore(**node_schema).close()  # once more: nothing changes
+        assert schema_state() == (tables, versions)
+        assert len(made()) == 1, made()
+        assert stores[0].counts()[valet.PENDING] == 6
+    finally:
+        for store in stores:
+            if store is not None:
+                store.close()
+
+
+def test_postgres_schema_newer_than_this_valet_is_refused(node_schema):
+    valet.PostgresStore(**node_schema).close()
+    newer = len(valet._PG_STEPS) + 1
+    pg_rows(node_schema["dsn"], f"INSERT INTO {in_schema(node_schema, 'version')} VALUES "
+                                f"(%s) RETURNING step", (newer,))
+    with pytest.raises(valet.StorageError, match="newer valet") as refused:
+        valet.PostgresStore(**node_schema)
+    assert f"step {newer}" in refused.value.detail and valet.__version__ in refused.value.detail
+    with pytest.raises(valet.StorageError, match="newer valet"):  # a node, as one
+        valet.Valet({"storage": {"option": "postgres", "postgres": node_schema}},
+                    tasks={"echo": lambda metadata: metadata})
+    assert pg_rows(node_schema["dsn"], f"SELECT max(step) FROM "
+                                       f"{in_schema(node_schema, 'version')}") == [(newer,)]
+
+
+def test_two_nodes_never_start_the_same_job(make_node, node_schema):
+    a, b = make_node("node-a", start=False), make_node("node-b", start=False)
+    a.recover()
+    b.recover()
+    jobs = [new_record(f"job {i}") for i in range(200)]
+    a.lifecycle.store.add(*jobs[:100])
+    b.lifecycle.store.add(*jobs[100:])
+
+    def claim_all(i):  # four threads on each node, all at once
+        node = (a, b)[i % 2].node
+        while node.claim_once(limit=5) or node.store.waiting()["waiting"]:
+            pass
+
+    run_together(claim_all, 8)
+    on_a, on_b = a.pool.running(), b.pool.running()
+    assert on_a and on_b, "one node took every job: the claims did not overlap"
+    assert not set(on_a) & set(on_b)
+    assert set(on_a) | set(on_b) == {job["id"] for job in jobs}
+    assert set(on_a.values()) == set(on_b.values()) == {1}  # started once: attempt 1
+    rows = pg_rows(node_schema["dsn"], f"SELECT node, status, count(*), max(attempts) FROM "
+                                       f"{in_schema(node_schema, 'jobs')} GROUP BY node, "
+                                       f"status ORDER BY node")
+    assert rows == [("node-a", valet.IN_PROGRESS, len(on_a), 1),
+                    ("node-b", valet.IN_PROGRESS, len(on_b), 1)]
+
+
+def test_a_dead_node_s_jobs_are_settled_by_a_live_one_and_retried_when_they_have_retries(
+        make_node, node_schema, ran):
+    a, b = make_node("node-a", start=False), make_node("node-b", start=False)
+    a.recover()
+    b.recover()
+    once = a.submit({"name": "once", "task_name": "echo", "metadata": "once"})["id"]
+    again = a.submit({"name": "again", "task_name": "echo", "metadata": "again",
+                      "max_retries": 1, "retry_backoff": 0})["id"]
+    assert a.node.claim_once(limit=2) == 2
+    assert set(a.pool.running()) == {once, again}
+    pg_rows(node_schema["dsn"], f"UPDATE {in_schema(node_schema, 'nodes')} SET heartbeat_at "
+                                f"= now() - interval '1 hour' WHERE name = 'node-a' "
+                                f"RETURNING name")
+
+    assert b.node.beat_once() == 2
+    assert [node["name"] for node in b.node.nodes()] == ["node-b"]
+    reason = r"the node node-a running the job stopped \(no heartbeat for 36[0-9]{2}s\)"
+    failed = b.job(once)
+    assert failed["status"] == valet.FAILED and failed["attempts"] == 1
+    assert re.fullmatch(reason, failed["failure_reason"])
+    retried = b.job(again)
+    assert retried["status"] == valet.SCHEDULED and retried["attempts"] == 1
+    assert re.fullmatch(reason, retried["failure_reason"])
+    assert b.node.claim_once(limit=1) == 1  # the retry: on B, the live one
+    assert b.job(again)["status"] == valet.IN_PROGRESS and b.job(again)["attempts"] == 2
+
+    # A wakes, runs the jobs it had started and settles them: no write of its applies
+    assert a.pool.run_once(block=False) and a.pool.run_once(block=False)
+    assert sorted(ran) == ["again", "once"]
+    assert a.pool.running() == {}
+    assert b.job(once) == failed
+    assert b.lifecycle.store.result(once) == {"value": None, "error": failed["failure_reason"]}
+    assert b.job(again)["status"] == valet.IN_PROGRESS and b.job(again)["attempts"] == 2
+    assert b.lifecycle.store.result(again) is None
+    assert pg_rows(node_schema["dsn"], f"SELECT node FROM {in_schema(node_schema, 'jobs')} "
+                                       f"WHERE id = %s", (again,)) == [("node-b",)]
+    assert b.pool.run_once(block=False)  # and B's own attempt ends as it should
+    assert b.job(again)["status"] == valet.COMPLETED
+    assert b.lifecycle.store.result(again)["value"] == "again"
+    assert a.node.beat_once() == 0  # A, taken for dead, enters the table again
+    assert sorted(node["name"] for node in a.node.nodes()) == ["node-a", "node-b"]
+
+
+def test_a_node_starting_again_under_its_name_settles_only_its_own_jobs(make_node,
+                                                                          node_schema):
+    a, b = make_node("node-a", start=False), make_node("node-b", start=False)
+    a.recover()
+    b.recover()
+    mine = a.submit({"name": "mine", "task_name": "echo"})["id"]
+    assert a.node.claim_once(limit=1) == 1
+    theirs = a.submit({"name": "theirs", "task_name": "echo"})["id"]
+    assert b.node.claim_once(limit=1) == 1
+    assert list(a.pool.running()) == [mine] and list(b.pool.running()) == [theirs]
+    a.lifecycle.store.close()  # A crashes: its connections go; its entry and jobs stay
+
+    again = make_node("node-a", start=False)
+    again.recover()
+    settled = again.job(mine)
+    assert settled["status"] == valet.FAILED
+    assert settled["failure_reason"] == "the server stopped while the job was running"
+    assert again.job(theirs)["status"] == valet.IN_PROGRESS
+    assert pg_rows(node_schema["dsn"], f"SELECT id, status, node FROM "
+                                       f"{in_schema(node_schema, 'jobs')} ORDER BY seq") == [
+        (mine, valet.FAILED, "node-a"), (theirs, valet.IN_PROGRESS, "node-b")]
+    assert b.pool.run_once(block=False)  # B's job is B's to end, and it does
+    assert again.job(theirs)["status"] == valet.COMPLETED
+
+
+def cancel_on_another_node(make_node, **postgres):
+    """A job runs on one of two started nodes; cancelled through the other, its task
+    is told, it is CANCELLED, and the worker that ran it is free again."""
+    told, entered = threading.Event(), threading.Event()
+
+    def waits(metadata, context):
+        entered.set()
+        if context.cancelled.wait(10):
+            told.set()
+        return "late"
+
+    config = {f"storage.postgres.{key}": value for key, value in postgres.items()}
+    apps = [make_node(f"node-{i}", tasks={"waits": waits}, config=config) for i in range(2)]
+    job_id = submit(apps[0], "waits")["id"]
+    assert entered.wait(5)
+    runner = wait_until(lambda: next((app for app in apps if job_id in app.pool.running()),
+                                     None), 5, "a node running the job")
+    other = apps[1 - apps.index(runner)]
+    assert call(runner, "GET", "/status").body["workers"]["busy"] == 1
+
+    resp = call(other, "POST", f"/jobs/{job_id}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED
+    assert told.wait(3), "the task was never told of the cancel"
+    wait_until(lambda: call(runner, "GET", "/status").body["workers"]["busy"] == 0, 3,
+               "the runner's worker to be free")
+    wait_until(lambda: call(runner, "GET", "/status").body["workers"]["abandoned"] == 0, 3,
+               "the cancelled task's thread to end")
+    job = call(runner, "GET", f"/jobs/{job_id}").body
+    assert job["status"] == valet.CANCELLED and job["failure_reason"] == "cancelled by request"
+    assert runner.lifecycle.store.result(job_id) is None  # its late result, discarded
+    assert runner.pool.running() == {}
+
+
+def test_cancelled_on_another_node_the_running_task_is_told_and_its_worker_freed(make_node):
+    cancel_on_another_node(make_node)
+
+
+def test_with_listen_off_a_cancel_on_another_node_is_found_by_polling(make_node):
+    cancel_on_another_node(make_node, listen=False, poll=0.2)
+
+
+def test_the_backlog_counts_jobs_waiting_in_the_database_on_every_node(make_node):
+    release, holding = threading.Event(), []
+
+    def hold(metadata):
+        holding.append(metadata)
+        assert release.wait(10)
+
+    a, b = [make_node(name, tasks={"hold": hold},
+                      config={"worker_pool.queue_capacity": 3}) for name in ("a", "b")]
+    try:
+        submit(a, "hold", 1)
+        submit(a, "hold", 2)
+        wait_until(lambda: len(holding) == 2, 5, "a held job on each node")
+        assert [call(app, "GET", "/status").body["workers"]["busy"] for app in (a, b)] == [1, 1]
+        waiting = [submit(a, "echo", i)["id"] for i in range(3)]
+        body = {"name": "one more", "task_name": "echo"}
+        refused = call(a, "POST", "/jobs", body)
+        assert refused.status == 503 and "backlog is full" in refused.body["message"]
+        status = call(b, "GET", "/status").body  # B counts the jobs A stored
+        assert status["queue"]["depth"] == 3 and status["queue"]["accepting"] is False
+        refused = call(b, "POST", "/jobs", body)
+        assert refused.status == 503 and "backlog is full" in refused.body["message"]
+        assert call(b, "POST", f"/jobs/{waiting[0]}/cancel").status == 200
+        assert call(b, "POST", "/jobs", body).status == 202
+        assert call(a, "POST", "/jobs", body).status == 503
+    finally:
+        release.set()
+
+
+def test_a_job_scheduled_on_one_node_runs_on_another_on_time(make_node, node_schema):
+    runner = make_node("runner", config={"storage.postgres.poll": 5})  # (not by polling)
+    submitter = make_node("submitter", start=False)
+    submitter.recover()  # a node, unstarted: it never runs a job
+    job = submitter.submit({"name": "later", "task_name": "echo", "metadata": "on time",
+                            "run_at": valet._rfc3339(time.time() + 0.5)})
+    assert job["status"] == valet.SCHEDULED
+    done = runner.wait(job["id"], timeout=3)
+    assert done["status"] == valet.COMPLETED
+    due, started = epoch(done["run_at"]), epoch(done["started_at"])
+    assert due <= started <= due + 0.2, f"started {started - due:.3f}s after its run_at"
+    assert pg_rows(node_schema["dsn"], f"SELECT node FROM {in_schema(node_schema, 'jobs')}"
+                   ) == [("runner",)]
+
+
+def test_postgres_store_stores_nul_free_text_and_finds_no_job_for_an_id_with_nul(app,
+                                                                                  postgres):
+    store = valet.PostgresStore(**postgres)
+    try:
+        assert store.get("a\x00b") is None
+        assert store.list(name="a\x00b") == []
+        job = new_record("nul", valet.IN_PROGRESS)
+        store.add(job)
+        assert store.get(job["id"] + "\x00") is None
+        moved = store.transition(job["id"], (valet.IN_PROGRESS,), valet.FAILED,
+                                 {"failure_reason": "bad \x00 byte",
+                                  "completed_at": time.time()}, (None, "bad \x00 byte"))
+        assert moved["failure_reason"] == "bad \ufffd byte"
+        assert store.get(job["id"])["failure_reason"] == "bad \ufffd byte"
+        assert store.result(job["id"]) == {"value": None, "error": "bad \ufffd byte"}
+    finally:
+        store.close()
+    for field in ("name", "task_name", "description"):  # on every store: 400, not a 500
+        resp = call(app, "POST", "/jobs", {"name": "job", "task_name": "echo",
+                                           field: "a\u0000b"})
+        assert resp.status == 400 and field in resp.body["message"], resp
+    assert call(app, "GET", "/jobs/a%00b").status == 404
+    created = submit(app, "echo")
+    resp = call(app, "PATCH", f"/jobs/{created['id']}", {"description": "a\u0000b"})
+    assert resp.status == 400 and "description" in resp.body["message"], resp
+    job = submit(app, "echo", {"text": "a\u0000b"})  # JSON keeps it: as given
+    assert wait_for_status(app, job["id"], valet.COMPLETED)["metadata"] == {"text": "a\u0000b"}
+
+
+def test_postgres_counts_stay_right_after_being_folded(postgres, monkeypatch):
+    store = valet.PostgresStore(**postgres)
+
+    def real():
+        rows = pg_rows(postgres["dsn"], f"SELECT status, count(*) FROM "
+                                        f"{in_schema(postgres, 'jobs')} GROUP BY status")
+        return {status: dict(rows).get(status, 0) for status in valet.STATUSES}
+
+    def count_rows():
+        return pg_rows(postgres["dsn"], f"SELECT count(*) FROM "
+                                        f"{in_schema(postgres, 'job_counts')}")[0][0]
+
+    try:
+        jobs = [new_record(f"job {i}") for i in range(4600)]
+        store.add(*jobs[:2300])
+        store.add(*jobs[2300:])
+        store.transitions(*[(job["id"], (valet.PENDING,), valet.IN_PROGRESS)
+                            for job in jobs[:300]])
+        now = time.time()
+        store.transitions(*[(job["id"], (valet.IN_PROGRESS,), valet.COMPLETED,
+                             {"completed_at": now}) for job in jobs[:100]])
+        store.transitions(*[(job["id"], (valet.PENDING,), valet.SCHEDULED, {"run_at": now})
+                            for job in jobs[4500:]])
+        assert count_rows() > valet._PG_COUNT_ROWS  # 5600 changes, a row each
+        expected = real()
+        assert (expected[valet.COMPLETED], expected[valet.IN_PROGRESS],
+                expected[valet.SCHEDULED], expected[valet.PENDING]) == (100, 200, 100, 4200)
+        assert store.counts() == expected  # (this one folds them)
+        assert count_rows() <= len(valet.STATUSES)
+        assert store.counts() == expected
+        assert store.delete(jobs[0]["id"], lambda job: True) is not None
+        expected[valet.COMPLETED] -= 1
+        assert store.counts() == expected == real()
+
+        # Folded on nearly every count, while four threads write: still right.
+        monkeypatch.setattr(valet, "_PG_COUNT_ROWS", 3)
+        stop = threading.Event()
+
+        def write_or_count(i):
+            if i == 0:
+                while not stop.is_set():
+                    store.counts()
+                return
+            try:
+                for k in range(300 + i - 1, 600, 4):  # PENDING -> CANCELLED, one by one
+                    store.transition(jobs[k]["id"], (valet.PENDING,), valet.CANCELLED,
+                                     {"completed_at": now})
+                    if k % 20 < 4:
+                        store.add(new_record(f"more {k}"))
+            finally:
+                if i == 1:
+                    stop.set()
+
+        run_together(write_or_count, 5)
+        stop.set()
+        assert real()[valet.CANCELLED] == 300
+        assert store.counts() == real()
+        assert count_rows() <= len(valet.STATUSES)
+        assert store.counts() == real()
+    finally:
+        store.close()
+
+
+def test_status_lists_the_live_nodes(make_node):
+    named = make_node("node-a")
+    unnamed = make_node(None)  # named after where it listens: its host and port
+    names = {"node-a", f"{socket.gethostname()}:{unnamed.port}"}
+    for asker, name in ((named, "node-a"), (unnamed, f"{socket.gethostname()}:{unnamed.port}")):
+        resp = call(asker, "GET", "/status")  # (checked against the OpenAPI document)
+        assert resp.status == 200
+        nodes = resp.body["nodes"]
+        assert {node["name"] for node in nodes} == names and len(nodes) == 2
+        assert {node["name"]: node["this"] for node in nodes} == {
+            other: other == name for other in names}
+        for node in nodes:
+            assert (node["host"], node["pid"], node["version"]) == (
+                socket.gethostname(), os.getpid(), valet.__version__)
+            assert 0 <= node["heartbeat_age"] < 5
+            assert time.time() - 10 < epoch(node["started_at"]) <= time.time()
+    documented = call(named, "GET", "/openapi.json").body["components"]["schemas"]["Status"]
+    node = resolve(documented["properties"]["nodes"])
+    item = resolve(next(option for option in node.get("anyOf", [node])
+                        if resolve(option).get("type") == "array")["items"])
+    assert set(item["properties"]) == {"name", "this", "host", "pid", "version",
+                                       "started_at", "heartbeat_age"}
+
+
+def test_a_node_taken_for_dead_while_alive_stops_the_tasks_the_others_settled(
+        make_node, node_schema, caplog):
+    told, entered = threading.Event(), threading.Event()
+
+    def waits(metadata, context):
+        entered.set()
+        if context.cancelled.wait(10):
+            told.set()
+        return "late"
+
+    paused = make_node("node-a", tasks={"waits": waits})
+    live = make_node("node-b", start=False)  # (unstarted: it takes no job)
+    live.recover()
+    job_id = submit(paused, "waits")["id"]
+    assert entered.wait(5)
+    pg_rows(node_schema["dsn"], f"UPDATE {in_schema(node_schema, 'nodes')} SET heartbeat_at "
+                                f"= now() - interval '1 hour' WHERE name = 'node-a' "
+                                f"RETURNING name")
+    assert live.node.beat_once() == 1
+    assert told.wait(3), "the paused node's task was never told"
+    wait_until(lambda: call(paused, "GET", "/status").body["workers"] == {
+        "type": "thread", "busy": 0, "total": 1, "abandoned": 0}, 3,
+        "the paused node's worker to be free and its task to have returned")
+    job = call(paused, "GET", f"/jobs/{job_id}").body
+    assert job["status"] == valet.FAILED
+    assert job["failure_reason"].startswith("the node node-a running the job stopped")
+    assert live.lifecycle.store.result(job_id)["value"] is None  # "late" was discarded
+    assert paused.node.beat_once() == 0  # it carries on, in the table again
+    assert any(r.levelno == logging.ERROR and "node-a" in r.getMessage()  # (it says so)
+               for r in caplog.records)
+    assert {node["name"] for node in live.node.nodes()} == {"node-a", "node-b"}
+
+
+def test_a_process_refused_a_live_node_s_name_leaves_that_node_listed(make_node):
+    live = make_node("node-a")
+    second = make_node("node-a", start=False)
+    with pytest.raises(valet.StoreInUse, match="node-a"):
+        second.start()
+    second.stop()  # as main() does after the refusal
+    assert [node["name"] for node in live.node.nodes()] == ["node-a"]
+    assert live.node.beat_once() == 0
+
+
+def test_a_node_that_stops_gives_back_the_jobs_it_started_but_never_ran(make_node,
+                                                                        node_schema):
+    stopping, other = make_node("node-a", start=False), make_node("node-b", start=False)
+    stopping.recover()
+    other.recover()
+    first = other.submit({"name": "first", "task_name": "echo", "metadata": 1})["id"]
+    assert stopping.node.claim_once(limit=1) == 1  # started in the store, never run
+    assert other.job(first)["status"] == valet.IN_PROGRESS
+    stopping.stop()
+    job = other.job(first)
+    assert (job["status"], job["attempts"], job["started_at"]) == (valet.PENDING, 0, None)
+    assert run_one(other) and other.job(first)["status"] == valet.COMPLETED
+    assert other.job(first)["attempts"] == 1
+
+    # A started node, whose claim is written just as it stops: the same.
+    late = make_node("node-c", start=False)
+    real_claim, claimed = late.lifecycle.store.claim, []
+
+    def claim(n, now, promote=True):  # every claim of a worker's waits for the halt
+        if n:
+            assert late.pool._halted.wait(5)
+        found = real_claim(n, now, promote)
+        claimed.extend(job["id"] for _, job in found[0])
+        return found
+
+    late.lifecycle.store.claim = claim
+    late.start()
+    second = other.submit({"name": "second", "task_name": "echo", "metadata": 2})["id"]
+    late.stop()
+    assert claimed == [second]
+    assert pg_rows(node_schema["dsn"], f"SELECT status, attempts, node FROM "
+                                       f"{in_schema(node_schema, 'jobs')} WHERE id = %s",
+                   (second,)) == [(valet.PENDING, 0, None)]
+    assert run_one(other) and other.job(second)["status"] == valet.COMPLETED
+
+
+def test_two_live_nodes_settle_a_dead_node_s_jobs_once(make_node, node_schema):
+    dead, b, c = [make_node(name, start=False) for name in ("node-a", "node-b", "node-c")]
+    for app in (dead, b, c):
+        app.recover()
+    ids = [dead.submit({"name": f"job {i}", "task_name": "echo", "max_retries": i % 2,
+                        "retry_backoff": 60})["id"] for i in range(4)]
+    assert dead.node.claim_once(limit=4) == 4
+    pg_rows(node_schema["dsn"], f"UPDATE {in_schema(node_schema, 'nodes')} SET heartbeat_at "
+                                f"= now() - interval '1 hour' WHERE name = 'node-a' "
+                                f"RETURNING name")
+    settled = [None, None]
+
+    def beat(i):
+        settled[i] = (b, c)[i].node.beat_once()
+
+    run_together(beat, 2)
+    assert sorted(settled) == [0, 4]
+    jobs = [b.job(job_id) for job_id in ids]
+    assert [(job["status"], job["attempts"]) for job in jobs] == [
+        (valet.FAILED, 1), (valet.SCHEDULED, 1), (valet.FAILED, 1), (valet.SCHEDULED, 1)]
+    assert {node["name"] for node in b.node.nodes()} == {"node-b", "node-c"}
+    counts = b.lifecycle.store.counts()
+    assert (counts[valet.FAILED], counts[valet.SCHEDULED], counts[valet.IN_PROGRESS]) == (
+        2, 2, 0)
+
+
+def test_postgres_store_lists_no_job_for_a_name_with_nul(postgres):
+    store = valet.PostgresStore(**postgres)
+    try:
+        store.add(new_record("a\ufffdb"))
+        assert [job["name"] for job in store.list(name="a\ufffdb")] == ["a\ufffdb"]
+        assert store.list(name="a\x00b") == []
+    finally:
+        store.close()
+
+
+def test_postgres_store_refused_for_a_newer_schema_leaves_no_connection_open(node_schema):
+    valet.PostgresStore(**node_schema).close()
+    pg_rows(node_schema["dsn"], f"INSERT INTO {in_schema(node_schema, 'version')} VALUES "
+                                f"(%s) RETURNING step", (len(valet._PG_STEPS) + 1,))
+    name = f"valet {socket.gethostname()}:{os.getpid()}"[:63]
+
+    def connections():
+        return pg_rows(node_schema["dsn"], "SELECT count(*) FROM pg_stat_activity WHERE "
+                                           "application_name = %s", (name,))[0][0]
+
+    before = connections()
+    with pytest.raises(valet.StorageError, match="newer valet") as refused:
+        valet.PostgresStore(**node_schema)
+    assert connections() == before, "the refused store's connection is still open"
+    del refused
+
+
 # ---------------------------------------------------------------- lifecycle --
 
 def test_lifecycle_refuses_a_move_the_table_forbids(store, gate, ran):

@@ -2448,9 +2448,11 @@ class PostgresStore(Store):
         try:  # (a fault here stops valet with one line: it is not logged as one)
             conn = self._connect(opening=True)
             self._migrate(conn)
-        except psycopg.Error as exc:
+        except (psycopg.Error, StorageError) as exc:
             if conn is not None:
                 conn.close()
+            if isinstance(exc, StorageError):  # (a schema newer than this valet)
+                raise
             raise StorageError(self._cause(exc), _one_line(exc)) from None
         self._idle.put(conn)
 
@@ -2654,6 +2656,8 @@ class PostgresStore(Store):
 
     def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
              task_name=None, name=None, created_after=None, created_before=None):
+        if any("\0" in value for value in (task_name, name) if isinstance(value, str)):
+            return []  # (no stored text holds NUL; written, it would be U+FFFD)
         clauses, args = [], []
         for clause, value in (("status = %s", status), ("task_name = %s", task_name),
                               ("name = %s", name), ("created_at > %s", created_after),
@@ -4050,7 +4054,10 @@ class _WorkerPool:
 
     def reserve(self):
         """Take a place in the backlog, or raise BacklogFull. (With several nodes, the
-        jobs waiting in the store as last counted; counted afresh before a refusal.)"""
+        jobs waiting in the store, counted at most a poll interval ago, and afresh
+        before a refusal.)"""
+        if self.node is not None:  # (the other nodes' submissions, claims: now and then)
+            self.node.count(unless_within=self.node.poll)
         for fresh in (False, True):
             if fresh and self.node is None:
                 break
@@ -4739,6 +4746,7 @@ class _Node:
         # the oldest of them had been ready, when counted.
         self.waiting = 0
         self.oldest = None
+        self._counted = -math.inf  # when (monotonic) waiting was last counted
         self._lifecycle = lifecycle
         self._pool = pool
         self._clock = clock
@@ -4801,11 +4809,15 @@ class _Node:
             self.waiting += 1
         self.wake()
 
-    def count(self):
-        """Count the jobs waiting in the store afresh (for /status)."""
+    def count(self, unless_within=None):
+        """Count the jobs waiting in the store afresh (unless counted within the last
+        `unless_within` seconds)."""
+        if unless_within is not None and time.monotonic() - self._counted < unless_within:
+            return
         waiting = self.store.waiting()
         with self._lock:
             self.waiting, self.oldest = waiting["waiting"], waiting["oldest"]
+            self._counted = time.monotonic()
 
     # -- claims
 

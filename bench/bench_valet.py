@@ -8,6 +8,8 @@ Run it with a Python that has PyYAML (valet needs it), from anywhere:
     .venv/bin/python bench/bench_valet.py --quick     # shorter runs, about 1.5 minutes
     .venv/bin/python bench/bench_valet.py --only submit,idle_latency --rounds 5
 
+(The postgres section adds about 5 minutes to a full run and 2.5 to a quick one.)
+
 Options: --quick, --rounds N, --json PATH (default bench/results.json), --no-wrk
 (use the built-in load generator even when wrk is installed), --only NAMES (a
 comma list of the sections below) and --against REV (submit also measures
@@ -144,7 +146,7 @@ FULL = {
     "footprint_starts": 5,
     "postgres_load_seconds": 10,  # each POST /jobs load of the postgres section
     "postgres_max_requests": 100_000,  # a cap on each of those loads (then it stops)
-    "postgres_jobs": 5000,        # jobs end to end, each store and number of nodes
+    "postgres_jobs": 4000,        # jobs end to end, each store and number of nodes
 }
 QUICK = {
     **FULL,
