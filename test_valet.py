@@ -2620,6 +2620,409 @@ def test_postgres_store_refused_for_a_newer_schema_leaves_no_connection_open(nod
     del refused
 
 
+# -- several nodes: real processes
+#
+# Real `python valet.py --port 0` processes (Process) as nodes, each in a folder of
+# its own with its own config.yaml, all on the test's schema (node_schema). Their
+# tasks append "<job id> <pid>" to the file their job's metadata names (one write,
+# O_APPEND), so that a test counts the runs of each job and sees which node ran it.
+# Every process is killed at the end of its test, before the schema is dropped.
+
+NODE_TASKS = """
+import os
+import time
+
+
+def _ran(metadata, context):
+    # One line per run, in one write: lines of several processes never interleave.
+    fd = os.open(metadata["runs"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{context.job_id} {os.getpid()}\\n".encode())
+    finally:
+        os.close(fd)
+
+
+def record(metadata, context):
+    _ran(metadata, context)
+    return {"pid": os.getpid()}
+
+
+def until_file(metadata, context):
+    # Run until the file metadata["file"] exists (20 s at most).
+    _ran(metadata, context)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(metadata["file"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the file never appeared")
+        time.sleep(0.005)
+    return {"pid": os.getpid()}
+
+
+def until_cancelled(metadata, context):
+    # Run until told to stop (20 s at most); then write metadata["stopped"].
+    _ran(metadata, context)
+    deadline = time.monotonic() + 20
+    while not context.cancelled.wait(0.01):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never told to stop")
+    with open(metadata["stopped"] + ".part", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(metadata["stopped"] + ".part", metadata["stopped"])  # whole, at once
+    return {"stopped": os.getpid()}
+
+
+TASKS = {"record": record, "until_file": until_file, "until_cancelled": until_cancelled}
+"""
+
+
+class Nodes:
+    """Starts real valet processes as nodes sharing one schema (start()), and stops
+    them all at the end, whatever happened (close())."""
+
+    def __init__(self, dsn, schema, folder):
+        self.dsn, self.schema, self.folder = dsn, schema, folder
+        self.runs = folder / "runs"  # where the tasks record their runs
+        self.started = []
+
+    def settings(self, workers=4, periodic=(), **postgres):
+        """The config of a node ("JSON is YAML"): `postgres` adds to storage.postgres."""
+        return {"storage": {"option": "postgres", "postgres": {
+                    "dsn": self.dsn, "schema": self.schema, **postgres}},
+                "worker_pool": {"workers": workers}, "periodic": list(periodic),
+                "tasks_module": "valet_node_tasks"}
+
+    def prepare(self, name):
+        """The node's folder, with the tasks module in it."""
+        folder = self.folder / name
+        folder.mkdir(exist_ok=True)
+        (folder / "valet_node_tasks.py").write_text(NODE_TASKS)
+        return folder
+
+    def start(self, name, **settings):
+        """A node listening, run in folder `name` (started anew in it if it was before)."""
+        node = Process.__new__(Process)
+        self.started.append(node)  # before it starts: killed at the end even if it
+        node.__init__(self.prepare(name), **self.settings(**settings))  # never listens
+        return node
+
+    def start_all(self, names, **settings):
+        """Several nodes started at once (each Process waits for its own to listen)."""
+        nodes = [None] * len(names)
+
+        def one(i):
+            nodes[i] = self.start(names[i], **settings)
+        run_together(one, len(names))
+        assert all(nodes), "a node did not start"
+        return nodes
+
+    def ran(self):
+        """[(job id, pid)] of every run recorded so far, in order."""
+        if not self.runs.exists():
+            return []
+        return [tuple(line.split()) for line in self.runs.read_text().splitlines()]
+
+    def one(self, sql, *args):
+        """The first value of a query of the nodes' database (its tables unqualified)."""
+        import psycopg
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f"SET search_path TO {self.schema}")
+            return conn.execute(sql, args).fetchone()[0]
+
+    def close(self):
+        for node in self.started:
+            if hasattr(node, "proc") and node.proc.poll() is None:
+                node.proc.kill()
+                node.proc.wait(10)
+
+
+@pytest.fixture
+def nodes(node_schema, tmp_path):
+    """Nodes on the test's schema, killed before node_schema drops it."""
+    nodes = Nodes(node_schema["dsn"], node_schema["schema"], tmp_path)
+    try:
+        yield nodes
+    finally:
+        nodes.close()
+
+
+def node_name(node):
+    """A node's default name: this host's name and the port it listens on."""
+    return f"{socket.gethostname()}:{node.port}"
+
+
+def wait_gently(predicate, timeout=10.0, what="the condition", every=0.05):
+    """wait_until for a predicate that costs the nodes work (a request, a query):
+    asked at most every `every` seconds."""
+    def paced():
+        value = predicate()
+        if not value:
+            time.sleep(every)
+        return value
+    return wait_until(paced, timeout, what)
+
+
+def job_of(node, job_id):
+    resp = call(node.port, "GET", f"/jobs/{job_id}")
+    assert resp.status == 200, resp
+    return resp.body
+
+
+def post_job(node, task_name, metadata, **fields):
+    resp = call(node.port, "POST", "/jobs", {"name": task_name, "task_name": task_name,
+                                             "metadata": metadata, **fields})
+    assert resp.status == 202, resp
+    return resp.body["id"]
+
+
+def fired_dues(node):
+    """The due times (epoch seconds) of the periodic firings this node stored, from its
+    log: each firing is logged once, by the node whose write recorded it."""
+    return [epoch(due) for line in node.lines for due in re.findall(
+        r"created PENDING by periodic entry 'tick' \(due ([^)]+)\)", line)]
+
+
+def stopped(node, signum=signal.SIGTERM):
+    """Stop a node with `signum` (None: it was sent one) and read its log to the end;
+    its exit code."""
+    if signum is not None:
+        node.proc.send_signal(signum)
+    code = node.proc.wait(10)
+    node.reader.join(10)
+    return code
+
+
+def test_three_nodes_run_every_job_exactly_once(nodes):
+    started = nodes.start_all("abc")
+    total, clients = 3000, 6
+    acknowledged = [[] for _ in range(clients)]
+    metadata = {"runs": str(nodes.runs)}
+
+    def submit_share(i):  # client i posts jobs i, i + 6, ..., round-robin over the nodes
+        conns = [http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+                 for node in started]
+        try:
+            for n in range(i, total, clients):
+                resp = request(conns[n % 3], "POST", "/jobs", {
+                    "name": "n", "task_name": "record", "metadata": metadata})
+                assert resp.status == 202, resp
+                acknowledged[i].append(resp.body["id"])
+        finally:
+            for conn in conns:
+                conn.close()
+
+    run_together(submit_share, clients)
+    acknowledged = [job_id for share in acknowledged for job_id in share]
+    assert len(acknowledged) == total == len(set(acknowledged))
+    counts = wait_gently(lambda: (jobs := call(started[0].port, "GET", "/status").body[
+        "jobs"])[valet.COMPLETED] == total and jobs, timeout=30, what="every job to complete")
+    assert counts == {**{status: 0 for status in valet.STATUSES}, valet.COMPLETED: total}
+    ran = nodes.ran()
+    runs = collections.Counter(job_id for job_id, _ in ran)
+    assert set(runs) == set(acknowledged)  # every acknowledged job, and no other, ran
+    assert [job_id for job_id, n in runs.items() if n != 1] == []  # exactly once
+    by_pid = collections.Counter(int(pid) for _, pid in ran)
+    assert set(by_pid) == {node.proc.pid for node in started}, by_pid  # on every node
+
+
+def test_a_node_killed_with_sigkill_has_its_running_jobs_settled_by_the_others(nodes,
+                                                                               tmp_path):
+    started = nodes.start_all("abc", heartbeat=0.2, node_timeout=1)
+    release = tmp_path / "release"
+    blocking = {"runs": str(nodes.runs), "file": str(release)}
+    # Twelve jobs for twelve workers: once all run, each node runs four (a node takes
+    # jobs only for its idle workers); every other one may be retried once.
+    retried = {post_job(started[i % 3], "until_file", blocking, max_retries=i % 2,
+                        retry_backoff=0): i % 2 == 1 for i in range(12)}
+    ran = wait_gently(lambda: len(r := nodes.ran()) == 12 and r, what="all 12 jobs to run")
+    pids = collections.Counter(pid for _, pid in ran)
+    assert sorted(pids.values()) == [4, 4, 4] and len(pids) == 3, pids
+    queued = [post_job(started[i % 3], "record", {"runs": str(nodes.runs)})
+              for i in range(30)]  # wait for a worker: none is free
+
+    # The victim: a node running a job that may be retried and one that may not (six
+    # of each on three nodes of four: one node at least runs both).
+    on = {node: {job_id for job_id, pid in ran if int(pid) == node.proc.pid}
+          for node in started}
+    victim = next(node for node in started if len({retried[j] for j in on[node]}) == 2)
+    alive = [node for node in started if node is not victim]
+    on_victim = on[victim]
+    assert stopped(victim, signal.SIGKILL) == -signal.SIGKILL
+
+    reason = re.compile(rf"the node {re.escape(node_name(victim))} running the job "
+                        rf"stopped \(no heartbeat for (\d+)s\)")
+
+    def settled(job_id):
+        job = job_of(alive[0], job_id)
+        if retried[job_id]:  # failed once, and waits for its retry (every worker is busy)
+            return job["status"] in (valet.SCHEDULED, valet.PENDING) and job
+        return job["status"] == valet.FAILED and job
+
+    settled_jobs = wait_gently(lambda: all(jobs := [settled(j) for j in on_victim]) and jobs,
+                               timeout=10, what="the dead node's jobs to be settled")
+    for job in settled_jobs:
+        found = reason.fullmatch(job["failure_reason"] or "")
+        assert found and int(found.group(1)) >= 1, job  # silent for over node_timeout
+        assert job["attempts"] == 1
+    for job_id in (set(retried) - on_victim) | set(queued):  # untouched meanwhile
+        assert job_of(alive[1], job_id)["status"] in (valet.IN_PROGRESS, valet.PENDING)
+
+    release.write_text("")
+    acknowledged = [*retried, *queued]
+
+    def ended():
+        jobs = {job_id: job_of(alive[0], job_id) for job_id in acknowledged}
+        return all(job["status"] in valet.FINISHED for job in jobs.values()) and jobs
+
+    final = wait_gently(ended, timeout=15, what="every acknowledged job to end")
+    ran = nodes.ran()
+    for job_id, job in final.items():
+        if job_id in on_victim and not retried[job_id]:
+            assert job["status"] == valet.FAILED and reason.fullmatch(job["failure_reason"])
+            continue
+        assert job["status"] == valet.COMPLETED, job
+        runs = [int(pid) for j, pid in ran if j == job_id]
+        if job_id in on_victim:  # retried, and run to the end on another node
+            assert job["attempts"] == 2 and job["failure_reason"] is None, job
+            assert runs[0] == victim.proc.pid and runs[1] != victim.proc.pid, runs
+            assert len(runs) == 2
+        else:
+            assert job["attempts"] == 1 and len(runs) == 1 and runs[0] != victim.proc.pid
+
+
+def test_periodic_entries_fire_once_per_due_time_with_three_nodes(nodes):
+    tick = {"name": "tick", "task_name": "record", "every": 1,
+            "metadata": {"runs": str(nodes.runs)}}
+    started = nodes.start_all("abc", periodic=[tick])
+    wait_gently(lambda: len(call(started[0].port, "GET", "/jobs?name=tick").body["jobs"])
+                >= 5, timeout=15, what="five firings")
+    for node in started:
+        node.proc.send_signal(signal.SIGTERM)
+    stopping = time.time()
+    assert [stopped(node, None) for node in started] == [0, 0, 0]
+
+    dues = sorted(due for node in started for due in fired_dues(node))
+    assert len(dues) >= 5
+    # One firing per due time, each second from the anchor (the first node's start),
+    # none twice and none skipped, whichever node stored it.
+    assert [round(b - a, 3) for a, b in zip(dues, dues[1:])] == [1.0] * (len(dues) - 1), dues
+    elapsed = stopping - (dues[0] - 1)  # since the anchor, a second before the first
+    assert abs(len(dues) - math.floor(elapsed)) <= 1, (len(dues), elapsed)
+
+    again = nodes.start("a", periodic=[tick])
+    wait_gently(lambda: fired_dues(again), timeout=5, what="the restarted node to fire")
+    jobs = call(again.port, "GET", "/jobs?name=tick&limit=1000").body["jobs"]
+    assert stopped(again) == 0
+    later = fired_dues(again)
+    assert later and min(later) > dues[-1], (later, dues)  # what was fired, is not again
+    assert all(float(round(due - dues[0], 3)).is_integer() for due in later), later  # on beat
+    assert nodes.one("SELECT count(*) FROM jobs WHERE name = 'tick'") == len(dues) + len(
+        later)  # and nothing was stored but what the logs tell
+    created = sorted(epoch(job["created_at"]) for job in jobs)[:len(dues)]  # by the three
+    assert all(b - a >= 0.5 for a, b in zip(created, created[1:])), created
+
+
+def test_cancel_on_one_node_stops_the_task_running_on_another(nodes, tmp_path):
+    first = nodes.start("a")
+    stop_file = tmp_path / "stopped"
+    job_id = post_job(first, "until_cancelled", {"runs": str(nodes.runs),
+                                                 "stopped": str(stop_file)})
+    wait_gently(lambda: job_of(first, job_id)["status"] == valet.IN_PROGRESS,
+                what="the job to start")
+    second = nodes.start("b")
+    resp = call(second.port, "POST", f"/jobs/{job_id}/cancel")
+    assert resp.status == 200 and resp.body["status"] == valet.CANCELLED, resp
+    cancelled = time.monotonic()
+    wait_until(stop_file.exists, timeout=5, what="the task on the first node to stop")
+    assert time.monotonic() - cancelled < 5
+    assert int(stop_file.read_text()) == first.proc.pid
+    wait_gently(lambda: (workers := call(first.port, "GET", "/status").body["workers"])[
+        "busy"] == 0 and workers["abandoned"] == 0, what="the first node's worker to be free")
+    for node in (first, second):  # its late result was discarded
+        assert job_of(node, job_id)["status"] == valet.CANCELLED
+    assert call(first.port, "GET", f"/jobs/{job_id}/results").status == 404
+
+
+def test_a_long_poll_on_one_node_answers_when_another_finishes_the_job(nodes, tmp_path):
+    first = nodes.start("a")
+    release = tmp_path / "release"
+    job_id = post_job(first, "until_file", {"runs": str(nodes.runs), "file": str(release)})
+    wait_gently(lambda: job_of(first, job_id)["status"] == valet.IN_PROGRESS,
+                what="the job to start")
+    second = nodes.start("b", poll=60)  # so only the first node's notice can wake it
+    answer = []
+
+    def long_poll():
+        conn = http.client.HTTPConnection("127.0.0.1", second.port, timeout=30)
+        try:
+            answer.append((request(conn, "GET", f"/jobs/{job_id}?wait=20"), time.monotonic()))
+        finally:
+            conn.close()
+
+    poller = threading.Thread(target=long_poll, daemon=True)
+    poller.start()
+    # A shorter wait on the second node runs out with the job still running; by then
+    # it has long taken up the longer one (sent first).
+    short = call(second.port, "GET", f"/jobs/{job_id}?wait=0.3")
+    assert short.status == 200 and short.body["status"] == valet.IN_PROGRESS
+    assert not answer  # still waiting
+    release.write_text("")
+    released = time.monotonic()
+    poller.join(10)
+    assert not poller.is_alive(), "the long poll was not answered"
+    resp, when = answer[0]
+    assert resp.status == 200 and resp.body["status"] == valet.COMPLETED, resp
+    assert when - released < 2, when - released
+    assert resp.body == job_of(first, job_id)
+
+
+def test_a_second_node_with_a_running_node_s_name_exits_1(nodes):
+    first = nodes.start("a", node="twin")
+    folder = nodes.prepare("b")
+    (folder / "config.yaml").write_text(json.dumps(nodes.settings(node="twin")))
+    done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
+                          capture_output=True, text=True, timeout=30, cwd=folder)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "'twin'" in done.stderr and "storage.postgres.node" in done.stderr, done.stderr
+    listed = call(first.port, "GET", "/status").body["nodes"]  # the first runs on
+    assert [(n["name"], n["pid"], n["this"]) for n in listed] == [
+        ("twin", first.proc.pid, True)]
+
+
+def test_without_psycopg_start_exits_2_saying_how_to_install_it(tmp_path):
+    # (It needs neither psycopg nor a server: it is about the machine that has none.)
+    fake = tmp_path / "fake" / "psycopg"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named psycopg')\n")
+    (tmp_path / "config.yaml").write_text(json.dumps({"storage": {
+        "option": "postgres", "postgres": {"dsn": "host=127.0.0.1 port=1 dbname=none"}}}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path / "fake"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("VALET_POSTGRES_DSN", None)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "valet.py"), "--port", "0"],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("valet: config error: storage.option: postgres needs "
+                                  "the psycopg driver"), done.stderr
+    assert 'pip install "psycopg[binary]"' in done.stderr
+
+
+def test_nodes_listed_in_status_and_a_stopped_node_leaves(nodes):
+    started = nodes.start_all("ab")
+    names = sorted(node_name(node) for node in started)
+    for node in started:
+        listed = call(node.port, "GET", "/status").body["nodes"]
+        assert [n["name"] for n in listed] == names
+        assert [(n["name"], n["pid"]) for n in listed if n["this"]] == [
+            (node_name(node), node.proc.pid)]
+        assert all(n["version"] == valet.__version__ for n in listed)
+    leaving, staying = started
+    assert stopped(leaving) == 0
+    listed = call(staying.port, "GET", "/status").body["nodes"]  # gone as it exited
+    assert [(n["name"], n["this"]) for n in listed] == [(node_name(staying), True)]
+
+
 # ---------------------------------------------------------------- lifecycle --
 
 def test_lifecycle_refuses_a_move_the_table_forbids(store, gate, ran):
