@@ -1,8 +1,9 @@
 # make run: start valet with config.yaml (options in ARGS, e.g. make run ARGS="--port
 # 8081").  make test: run the test suite (as two processes; make test-serial: one).
 # make clean: remove the virtual environment and caches (not the job database).
-# make bench: the benchmark (bench/bench_valet.py, about 5 minutes; make bench-quick:
-# about 1.5; extra options in ARGS, e.g. make bench ARGS="--only submit").
+# make bench: the benchmark (bench/bench_valet.py, about 11 minutes; make bench-quick:
+# about 4; extra options in ARGS, e.g. make bench ARGS="--only submit"). Its postgres
+# section needs the PostgreSQL server and .venv/bin/pip install "psycopg[binary]".
 # All first create a local virtual environment (.venv) holding PyYAML and pytest.
 
 PYTHON ?= python3

@@ -4,11 +4,11 @@ with a large store.
 
 Run it with a Python that has PyYAML (valet needs it), from anywhere:
 
-    .venv/bin/python bench/bench_valet.py             # full run, about 5 minutes
-    .venv/bin/python bench/bench_valet.py --quick     # shorter runs, about 1.5 minutes
+    .venv/bin/python bench/bench_valet.py             # full run, about 11 minutes
+    .venv/bin/python bench/bench_valet.py --quick     # shorter runs, about 4 minutes
     .venv/bin/python bench/bench_valet.py --only submit,idle_latency --rounds 5
 
-(The postgres section adds about 5 minutes to a full run and 2.5 to a quick one.)
+(The postgres section takes about 6 minutes of a full run and 2.5 of a quick one.)
 
 Options: --quick, --rounds N, --json PATH (default bench/results.json), --no-wrk
 (use the built-in load generator even when wrk is installed), --only NAMES (a
@@ -1456,7 +1456,8 @@ def measure_footprint(bench):
 PG_NODES = (1, 2, 3)      # nodes (valet processes) sharing the database, per target
 PG_HINT = ('postgres: skipped; it needs the PostgreSQL server programs (initdb, pg_ctl) '
            'and psycopg in the Python running the bench: apt-get install postgresql; '
-           'pip install "psycopg[binary]"')
+           'pip install "psycopg[binary]" (with make bench: .venv/bin/pip install '
+           '"psycopg[binary]")')
 PG_DRAIN_INTERVAL = 0.05  # seconds between looks at /status while the jobs finish
 
 # The tasks of the postgres section: record(metadata, context) appends the job's id,
@@ -1953,7 +1954,7 @@ def markdown_table(rows):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Benchmark valet (see the docstring).")
-    parser.add_argument("--quick", action="store_true", help="shorter runs (about 1.5 min)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 4 min)")
     parser.add_argument("--rounds", type=int, help="rounds per figure (default 3)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
     parser.add_argument("--no-wrk", action="store_true", help="use the built-in load generator")
