@@ -420,15 +420,21 @@ def postgres_server():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def _postgres_tests(postgres_server):
+    """A connection to the session's server, once its schema "tests" is made."""
+    import psycopg
+    valet.PostgresStore(postgres_server, "tests").close()
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        yield conn
+
+
 @pytest.fixture
-def postgres(postgres_server):
+def postgres(postgres_server, _postgres_tests):
     """The dsn and schema of an empty PostgresStore for this test. (One schema, emptied
     for each test: making a schema anew takes ten times as long.)"""
-    import psycopg
-    valet.PostgresStore(postgres_server, "tests").close()  # made, once; or up to date
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute("; ".join(f"DELETE FROM tests.{table}" for table in (
-            "jobs", "results", "pipelines", "periodic", "keys", "nodes", "job_counts")))
+    _postgres_tests.execute("; ".join(f"DELETE FROM tests.{table}" for table in (
+        "jobs", "results", "pipelines", "periodic", "keys", "nodes", "job_counts")))
     return {"dsn": postgres_server, "schema": "tests"}
 
 
@@ -438,8 +444,42 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+# Sections whose tests exercise the HTTP layer alone (framing, access checks,
+# hostile clients, the API's description): they run on memory and SQLite, not also
+# on PostgreSQL, which they would reach no differently. Every other test that uses
+# a store (through the `storage` fixture) runs on all three.
+HTTP_ONLY = ("# -- access:", "# -- hostile clients:", "# -- the API's description")
+
+
+def _http_only_tests():
+    """The names of the tests in the HTTP_ONLY sections of this file."""
+    names, section = set(), ""
+    with open(__file__, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("# -"):
+                section = line
+            elif line.startswith("def test_") and section.startswith(HTTP_ONLY):
+                names.add(line[4:line.index("(")])
+    return names
+
+
+_HTTP_ONLY_TESTS = _http_only_tests()
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses the `storage` fixture runs once per store (unless it names
+    its stores itself, as SQLITE_ONLY does)."""
+    named = any("storage" in marker.args[0] for marker in
+                metafunc.definition.iter_markers("parametrize"))
+    if "storage" in metafunc.fixturenames and not named:
+        http_only = metafunc.function.__name__ in _HTTP_ONLY_TESTS
+        metafunc.parametrize("storage", ["memory", "sqlite"] + ([] if http_only else [
+            "postgres"]), indirect=True)
+
+
+@pytest.fixture
 def storage(request, tmp_path):
+    """The storage section of a config: each store's, in turn (pytest_generate_tests)."""
     return {"storage": {"option": request.param,
                         "sqlite": {"path": str(tmp_path / "valet.db")},
                         **({"postgres": request.getfixturevalue("postgres")}
@@ -1911,13 +1951,18 @@ def test_a_forked_child_does_not_keep_the_database_locked(tmp_path):
         pytest.skip("needs os.fork (not on Windows)")
     store = valet.SqliteStore(tmp_path / "valet.db")
     read_end, write_end = os.pipe()
+    forked, ready = os.pipe()
     child = os.fork()
     if child == 0:  # a task's forked helper that outlives the store's owner
         os.close(write_end)
+        os.write(ready, b"!")  # (after fork()'s hooks have run in this child)
         os.read(read_end, 1)  # until the test is done
         os._exit(0)
     try:
         os.close(read_end)
+        os.close(ready)
+        assert os.read(forked, 1) == b"!"  # the child runs: not still being forked
+        os.close(forked)
         store.close()
         valet.SqliteStore(tmp_path / "valet.db").close()  # not StoreInUse
     finally:
@@ -2791,9 +2836,9 @@ def stopped(node, signum=signal.SIGTERM):
     return code
 
 
-def test_three_nodes_run_every_job_exactly_once(nodes):
+def test_three_nodes_run_every_job_exactly_once(nodes):  # (2,000 jobs: some 4 s)
     started = nodes.start_all("abc")
-    total, clients = 3000, 6
+    total, clients = 2000, 6
     acknowledged = [[] for _ in range(clients)]
     metadata = {"runs": str(nodes.runs)}
 
@@ -2894,14 +2939,14 @@ def test_periodic_entries_fire_once_per_due_time_with_three_nodes(nodes):
             "metadata": {"runs": str(nodes.runs)}}
     started = nodes.start_all("abc", periodic=[tick])
     wait_gently(lambda: len(call(started[0].port, "GET", "/jobs?name=tick").body["jobs"])
-                >= 5, timeout=15, what="five firings")
+                >= 3, timeout=15, what="three firings")
     for node in started:
         node.proc.send_signal(signal.SIGTERM)
     stopping = time.time()
     assert [stopped(node, None) for node in started] == [0, 0, 0]
 
     dues = sorted(due for node in started for due in fired_dues(node))
-    assert len(dues) >= 5
+    assert len(dues) >= 3
     # One firing per due time, each second from the anchor (the first node's start),
     # none twice and none skipped, whichever node stored it.
     assert [round(b - a, 3) for a, b in zip(dues, dues[1:])] == [1.0] * (len(dues) - 1), dues
@@ -10413,9 +10458,10 @@ def test_valet_py_keeps_the_shape_its_readers_rely_on():
 
 # ------------------------------------------------------------------ shards --
 
-# `make test` runs the suite as two pytest processes at once, one per core, each
-# on every other test (VALET_SHARD=1/2 and 2/2): the tests listen on free ports and
-# keep their files in folders of their own, so the halves cannot meet.
+# `make test` runs the suite as three pytest processes at once, each on every third
+# test (VALET_SHARD=1/3, 2/3 and 3/3): the tests listen on free ports, keep their
+# files in folders of their own and each process starts its own PostgreSQL, so the
+# parts cannot meet.
 if os.environ.get("VALET_SHARD"):
     _part, _parts = (int(n) for n in os.environ["VALET_SHARD"].split("/"))
     for _i, _name in enumerate([name for name in globals() if name.startswith("test_")]):
