@@ -2365,6 +2365,32 @@ _PG_STEPS = (
     END $$;
     CREATE TRIGGER count_jobs AFTER INSERT OR DELETE OR UPDATE OF status ON jobs
         FOR EACH ROW EXECUTE FUNCTION count_jobs();
+    -- What every node hears (NOTIFY, sent when the change commits): "work" when a
+    -- job may have become ready, and "job <id> <attempts> <status> <node>" when a job
+    -- has moved (but to IN_PROGRESS), or "job <id> - DELETED -".
+    CREATE FUNCTION notify_nodes() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        channel TEXT := 'valet.' || TG_TABLE_SCHEMA;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            PERFORM pg_notify(channel, 'job ' || OLD.id || ' - DELETED -');
+            RETURN NULL;
+        END IF;
+        IF TG_OP = 'UPDATE' AND OLD.status = NEW.status THEN
+            RETURN NULL;
+        END IF;
+        IF NEW.status IN ('PENDING', 'SCHEDULED') OR (NEW.status = 'COMPLETED'
+                AND NEW.next_job_id IS NOT NULL) THEN
+            PERFORM pg_notify(channel, 'work');
+        END IF;
+        IF TG_OP = 'UPDATE' AND NEW.status <> 'IN_PROGRESS' THEN
+            PERFORM pg_notify(channel, 'job ' || NEW.id || ' ' || NEW.attempts || ' ' ||
+                                       NEW.status || ' ' || coalesce(NEW.node, '-'));
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER notify_nodes AFTER INSERT OR DELETE OR UPDATE OF status ON jobs
+        FOR EACH ROW EXECUTE FUNCTION notify_nodes();
     """,
 )
 
@@ -2376,7 +2402,6 @@ _PG_PIPELINE_INSERT = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) 
 # A PENDING job whose turn it is: not one of a pipeline waiting for the job before it.
 _PG_TURN = ("(j.previous_job_id IS NULL OR EXISTS (SELECT 1 FROM jobs AS p WHERE "
             "p.id = j.previous_job_id AND p.status = 'COMPLETED'))")
-_PG_MAX_NOTICE = 7000  # bytes of one NOTIFY's payload (PostgreSQL allows 8000)
 _PG_COUNT_ROWS = 5000  # rows of job_counts past which counts() folds them
 _PG_ROLLBACKS = 5      # tries of a transaction that PostgreSQL rolled back (a deadlock)
 
@@ -2404,10 +2429,10 @@ class PostgresStore(Store):
     Beyond the interface, the methods a node uses to share the work (shared =
     True): join() and leave() the nodes table, claim() ready jobs, beat() the
     heartbeat and take over the jobs of dead nodes, and listen() for what the
-    other nodes did. The store tells the others of each change it writes with
-    NOTIFY on its channel, in the transaction that makes the change: "work" when
-    a job may have become ready, and "job <id> <attempts> <status> <node>" when
-    a job has moved (but to IN_PROGRESS).
+    other nodes did. Every change of a job is told to every node by a trigger
+    (notify_nodes) with NOTIFY on the schema's channel, when the change commits:
+    "work" when a job may have become ready, and "job <id> <attempts> <status>
+    <node>" when a job has moved (but to IN_PROGRESS) or was deleted.
 
     Needs psycopg 3 (pip install "psycopg[binary]"), imported here and nowhere else.
     """
@@ -2522,7 +2547,7 @@ class PostgresStore(Store):
             if cause is not None:
                 log.warning("storage: working again (it had failed: %s)", cause)
 
-    def _run(self, fn, snapshot=False):
+    def _run(self, fn, snapshot=False, transaction=True):
         """fn(connection) in one transaction (with snapshot, a read-only one that sees
         one moment of the database), on a connection of the pool; its value once
         committed. A transaction PostgreSQL rolls back to break a deadlock is tried
@@ -2530,16 +2555,16 @@ class PostgresStore(Store):
         if self._closed:
             raise RuntimeError("the store is closed")
         with self._free:
-            return self._try(fn, snapshot)
+            return self._try(fn, snapshot, transaction)
 
-    def _try(self, fn, snapshot):
+    def _try(self, fn, snapshot, transaction):
         for attempt in range(_PG_ROLLBACKS):
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
                 conn = self._connect()
             try:
-                with conn.transaction():
+                with conn.transaction() if transaction else contextlib.nullcontext():
                     if snapshot:
                         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ "
                                      "READ ONLY")
@@ -2605,20 +2630,8 @@ class PostgresStore(Store):
                                        conn.execute(sql, args).fetchall()])
 
     @staticmethod
-    def _notify(conn, channel, messages):
-        """Tell every node of `messages`, when this transaction commits."""
-        chunk = []
-        for message in [*dict.fromkeys(messages), None]:
-            if chunk and (message is None or sum(map(len, chunk)) + len(message) >
-                          _PG_MAX_NOTICE):
-                conn.execute("SELECT pg_notify(%s, %s)", (channel, "\n".join(chunk)))
-                chunk = []
-            if message is not None:
-                chunk.append(message)
-
-    @staticmethod
     def _moved(job):
-        """The notice of a job's move, for the nodes watching it."""
+        """The notice of a job's move (as notify_nodes() words it), found by looking."""
         return f"job {job['id']} {job['attempts']} {job['status']} {job.get('node') or '-'}"
 
     # -- the interface
@@ -2643,12 +2656,14 @@ class PostgresStore(Store):
                 return False
             if pipeline_row is not None:
                 conn.execute(_PG_PIPELINE_INSERT, pipeline_row)
-            with conn.cursor() as cursor:
-                cursor.executemany(_PG_JOB_INSERT, rows)
-            self._notify(conn, self.channel, ["work"])
+            for row in rows:
+                conn.execute(_PG_JOB_INSERT, row)
             return True
 
-        return self._run(insert)
+        # One job alone is one statement: no transaction around it (a round trip each
+        # for BEGIN and COMMIT) is needed to make it atomic.
+        alone = len(rows) == 1 and pipeline is None and fired is None and key is None
+        return self._run(insert, transaction=not alone)
 
     def get(self, job_id):
         rows = self._read(f"SELECT {_PG_JOB} FROM jobs WHERE id = %s", (job_id,))
@@ -2673,39 +2688,25 @@ class PostgresStore(Store):
 
     def transitions(self, *moves):
         moves = [_checked_move(move) for move in moves]
-        return self._run(lambda conn: self._transitions(conn, moves))
+        # A move is one statement; one move alone needs no transaction around it (a
+        # round trip each for BEGIN and COMMIT) to be atomic.
+        alone = len(moves) == 1 and not moves[0][5]
+        return self._run(lambda conn: self._transitions(conn, moves), transaction=not alone)
 
     def _transitions(self, conn, moves):
-        records, notices = [], []
+        records = []
         for job_id, from_states, to_state, fields, result, then in moves:
-            record = self._move(conn, job_id, from_states, to_state, fields)
-            if record is None:
-                records.append(None)
-                continue
-            notices.append(self._moved(record))
-            del record["node"]
-            records.append(self._out(record))
-            if to_state in (PENDING, SCHEDULED) or record["next_job_id"] and (
-                    to_state == COMPLETED):
-                notices.append("work")  # it, or the next job of its pipeline, may run
-            if to_state == COMPLETED and record["next_job_id"]:  # the next one's turn
-                conn.execute("UPDATE jobs SET ready_at = %s WHERE id = %s",
-                             (record["completed_at"], record["next_job_id"]))
-            if result:
-                conn.execute("INSERT INTO results VALUES (%s, %s, %s) ON CONFLICT (job_id) "
-                             "DO UPDATE SET value = excluded.value, error = excluded.error",
-                             (job_id, json.dumps(result[0]), result[1]))
-            elif result == ():
-                conn.execute("DELETE FROM results WHERE job_id = %s", (job_id,))
-            for move_id, states, state, move_fields in then:
-                moved = self._move(conn, move_id, states, state, move_fields)
-                if moved is not None:
-                    notices.append(self._moved(moved))
-        self._notify(conn, self.channel, notices)
+            record = self._out(self._move(conn, job_id, from_states, to_state, fields,
+                                          result))
+            records.append(record)
+            for move_id, states, state, move_fields in then if record is not None else ():
+                self._move(conn, move_id, states, state, move_fields)
         return records
 
-    def _move(self, conn, job_id, from_states, to_state, fields):
-        """One UPDATE of a transition: the moved row (with its node), or None."""
+    def _move(self, conn, job_id, from_states, to_state, fields, result=None):
+        """One statement: the UPDATE of a move, and with it its result stored (or, with
+        result=(), deleted) and, for a job COMPLETED, the next of its pipeline made
+        ready. The moved row, or None."""
         fields = dict(fields or {})
         if to_state == IN_PROGRESS:
             fields["node"] = self.node
@@ -2713,11 +2714,21 @@ class PostgresStore(Store):
             fields["ready_at"] = time.time()
         sets = "".join(f", {column} = %s" for column in fields)
         mine = " AND node = %s" if tuple(from_states) == (IN_PROGRESS,) else ""
-        return conn.execute(
-            f"UPDATE jobs SET status = %s{sets} WHERE id = %s AND status = ANY(%s){mine} "
-            f"RETURNING {_PG_JOB}, node",
-            [to_state, *fields.values(), job_id, list(from_states),
-             *([self.node] if mine else [])]).fetchone()
+        sql = (f"WITH moved AS (UPDATE jobs SET status = %s{sets} WHERE id = %s AND "
+               f"status = ANY(%s){mine} RETURNING {_PG_JOB})")
+        args = [to_state, *fields.values(), job_id, list(from_states),
+                *([self.node] if mine else [])]
+        if to_state == COMPLETED:  # the next job's turn, if it is in a pipeline
+            sql += (", ready AS (UPDATE jobs AS j SET ready_at = moved.completed_at FROM "
+                    "moved WHERE j.id = moved.next_job_id)")
+        if result:
+            sql += (", kept AS (INSERT INTO results SELECT id, %s, %s FROM moved ON "
+                    "CONFLICT (job_id) DO UPDATE SET value = excluded.value, error = "
+                    "excluded.error)")
+            args += [json.dumps(result[0]), result[1]]
+        elif result == ():
+            sql += ", gone AS (DELETE FROM results USING moved WHERE job_id = moved.id)"
+        return conn.execute(sql + " SELECT * FROM moved", args).fetchone()
 
     def update(self, item_id, fields, kind="job"):
         _check_fields(fields, _EDITABLE_FIELDS, "update()")
@@ -2735,7 +2746,6 @@ class PostgresStore(Store):
                 conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
                 conn.execute("DELETE FROM results WHERE job_id = %s", (job_id,))
                 conn.execute("DELETE FROM keys WHERE item_id = %s", (job_id,))
-                self._notify(conn, self.channel, [f"job {job_id} - DELETED -"])
             return job
 
         return self._run(remove)
@@ -2789,8 +2799,6 @@ class PostgresStore(Store):
                 conn.execute("DELETE FROM jobs WHERE pipeline_id = %s", (pipeline_id,))
                 conn.execute("DELETE FROM pipelines WHERE id = %s", (pipeline_id,))
                 conn.execute("DELETE FROM keys WHERE item_id = %s", (pipeline_id,))
-                self._notify(conn, self.channel, [f"job {job['id']} - DELETED -"
-                                                  for job in pipeline["jobs"]])
             return pipeline
 
         return self._run(remove)
@@ -2931,18 +2939,20 @@ class PostgresStore(Store):
                           f"node = %s ORDER BY seq", (self.node,))
 
     def claim(self, n, now, promote=True):
-        """Start up to `n` ready jobs on this node, in one transaction: first make the
-        SCHEDULED jobs that are due by `now` PENDING (for any node to take), then
-        move the `n` first PENDING jobs whose turn it is (highest priority first,
-        then in submission order) to IN_PROGRESS, one attempt more, with started_at
-        set if it was not. SKIP LOCKED: a job another node is taking is left to it.
+        """Start up to `n` ready jobs on this node: first make the SCHEDULED jobs that
+        are due by `now` PENDING (for any node to take: one statement), then (one
+        more) move the `n` first PENDING jobs whose turn it is (highest priority
+        first, then in the order they became ready) to IN_PROGRESS, one attempt
+        more, with started_at set if it was not. SKIP LOCKED: a job another node is
+        taking is left to it.
         Returns ([(since when it was ready, the started record)], in that order; the
         earliest run_at of a job still SCHEDULED, or None)."""
         def take(conn):
             if promote:
                 conn.execute(
-                    "UPDATE jobs SET status = 'PENDING', ready_at = run_at WHERE id IN (SELECT id FROM jobs "
-                    "WHERE status = 'SCHEDULED' AND run_at <= %s ORDER BY run_at LIMIT 1000 "
+                    "UPDATE jobs SET status = 'PENDING', ready_at = run_at WHERE id IN ("
+                    "SELECT id FROM jobs WHERE status = 'SCHEDULED' AND run_at <= %s "
+                    "ORDER BY run_at LIMIT 1000 "
                     "FOR UPDATE SKIP LOCKED)", (now,))
             started = conn.execute(
                 f"UPDATE jobs SET status = 'IN_PROGRESS', attempts = attempts + 1, "
@@ -2954,7 +2964,7 @@ class PostgresStore(Store):
                                "'SCHEDULED'").fetchone()["due"]
             return started, due
 
-        started, due = self._run(take)
+        started, due = self._run(take, transaction=False)  # (each statement atomic)
         started.sort(key=lambda job: (-job["priority"], job["ready_at"], job["seq"]))
         return [(job.pop("ready_at"), self._out(job)) for job in started], due
 
@@ -3048,8 +3058,7 @@ class PostgresStore(Store):
                     conn.execute(f"LISTEN {_pg_name(self.channel)}")
                     listening = True
                 for notice in conn.notifies(timeout=poll):
-                    for message in notice.payload.split("\n"):
-                        heard(message)
+                    heard(notice.payload)
                     if stopped.is_set():
                         break
             except (self._pg.Error, StorageError) as exc:
