@@ -2332,16 +2332,23 @@ def test_a_node_starting_again_under_its_name_settles_only_its_own_jobs(make_nod
     assert again.job(theirs)["status"] == valet.COMPLETED
 
 
-def cancel_on_another_node(make_node, **postgres):
-    """A job runs on one of two started nodes; cancelled through the other, its task
-    is told, it is CANCELLED, and the worker that ran it is free again."""
-    told, entered = threading.Event(), threading.Event()
+def waiting_to_be_told():
+    """A task that waits (10 s at most) to be told to stop: (it, an Event set when it
+    has begun, an Event set when it was told)."""
+    entered, told = threading.Event(), threading.Event()
 
     def waits(metadata, context):
         entered.set()
         if context.cancelled.wait(10):
             told.set()
         return "late"
+    return waits, entered, told
+
+
+def cancel_on_another_node(make_node, **postgres):
+    """A job runs on one of two started nodes; cancelled through the other, its task
+    is told, it is CANCELLED, and the worker that ran it is free again."""
+    waits, entered, told = waiting_to_be_told()
 
     config = {f"storage.postgres.{key}": value for key, value in postgres.items()}
     apps = [make_node(f"node-{i}", tasks={"waits": waits}, config=config) for i in range(2)]
@@ -2535,14 +2542,7 @@ def test_status_lists_the_live_nodes(make_node):
 
 def test_a_node_taken_for_dead_while_alive_stops_the_tasks_the_others_settled(
         make_node, node_schema, caplog):
-    told, entered = threading.Event(), threading.Event()
-
-    def waits(metadata, context):
-        entered.set()
-        if context.cancelled.wait(10):
-            told.set()
-        return "late"
-
+    waits, entered, told = waiting_to_be_told()
     paused = make_node("node-a", tasks={"waits": waits})
     live = make_node("node-b", start=False)  # (unstarted: it takes no job)
     live.recover()

@@ -1717,7 +1717,146 @@ class _Write:
         self.value, self.error = None, RuntimeError("the write was not committed")
 
 
-class SqliteStore(Store):
+class _SqlStore(Store):
+    """What SqliteStore and PostgresStore share: the SQL of the records (written with
+    ? for its parameters), run by each on connections of its own. A subclass gives
+    _write(fn, alone), which runs fn(connection) in a transaction (`alone`: fn runs
+    one statement, atomic without one) and returns its value once committed;
+    _read(sql, args), the rows of a query; _out(row), a job's record from its row;
+    _job_row(job) and _job_insert, the values and statement that store a new job;
+    and, where they differ, _sql(text) (the statement as its driver takes it), the
+    columns of a job's record (_select), and what locks the rows a write reads
+    (_lock)."""
+
+    _select = "*"
+    _lock = ""
+
+    @staticmethod
+    def _sql(text):
+        return text
+
+    def add(self, *jobs, pipeline=None, fired=None, key=None):
+        _check_new(jobs)
+        rows = [self._job_row(job) for job in jobs]
+        pipeline_row = None if pipeline is None else [pipeline[c] for c in _PIPELINE_COLUMNS]
+        if key is not None:
+            key_row = (key[0], *(("job", jobs[0]["id"]) if pipeline is None
+                                 else ("pipeline", pipeline["id"])), key[1])
+
+        def insert(conn):
+            if fired is not None and conn.execute(self._sql(
+                    "INSERT INTO periodic VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                    "last_due = excluded.last_due WHERE periodic.last_due < excluded.last_due"),
+                    fired).rowcount == 0:
+                return False
+            if key is not None and conn.execute(self._sql(
+                    "INSERT INTO keys VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                    key_row).rowcount == 0:
+                return False
+            if pipeline_row is not None:
+                conn.execute(self._sql(_PIPELINE_INSERT), pipeline_row)
+            for row in rows:
+                conn.execute(self._job_insert, row)
+            return True
+
+        alone = len(rows) == 1 and pipeline is None and fired is None and key is None
+        return self._write(insert, alone=alone)
+
+    def get(self, job_id):
+        rows = self._read(f"SELECT {self._select} FROM jobs WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
+             task_name=None, name=None, created_after=None, created_before=None):
+        if any("\0" in value for value in (task_name, name) if isinstance(value, str)):
+            return []  # (no stored text holds NUL: PostgreSQL's cannot)
+        clauses, args = [], []
+        for clause, value in (("status = ?", status), ("task_name = ?", task_name),
+                              ("name = ?", name), ("created_at > ?", created_after),
+                              ("created_at < ?", created_before),
+                              ("seq < ?" if newest_first else "seq > ?",
+                               after if after or not newest_first else None)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        return self._read(f"SELECT {self._select} FROM jobs {where}ORDER BY seq "
+                          f"{'DESC ' if newest_first else ''}LIMIT ?", [*args, limit])
+
+    def update(self, item_id, fields, kind="job"):
+        _check_fields(fields, _EDITABLE_FIELDS, "update()")
+        table = {"job": "jobs", "pipeline": "pipelines"}[_kind(kind)]
+        sets = ", ".join(f"{column} = ?" for column in fields) or "id = id"
+        sql = self._sql(f"UPDATE {table} SET {sets} WHERE id = ?")
+        args = [*fields.values(), item_id]
+        return self._write(lambda conn: conn.execute(sql, args).rowcount == 1, alone=True)
+
+    def delete(self, job_id, allowed):
+        def remove(conn):
+            job = self._out(conn.execute(self._sql(
+                f"SELECT {self._select} FROM jobs WHERE id = ?{self._lock}"),
+                (job_id,)).fetchone())
+            if job is not None and allowed(job):
+                for table, column in (("jobs", "id"), ("results", "job_id"),
+                                      ("keys", "item_id")):
+                    conn.execute(self._sql(f"DELETE FROM {table} WHERE {column} = ?"),
+                                 (job_id,))
+            return job
+
+        return self._write(remove)
+
+    def result(self, job_id):
+        rows = self._read("SELECT value, error FROM results WHERE job_id = ?", (job_id,))
+        if not rows:
+            return None
+        return {"value": json.loads(rows[0]["value"]), "error": rows[0]["error"]}
+
+    def delete_result(self, job_id):
+        sql = self._sql("DELETE FROM results WHERE job_id = ?")
+        return self._write(lambda conn: conn.execute(sql, (job_id,)).rowcount == 1,
+                           alone=True)
+
+    def _pipeline(self, conn, pipeline_id, lock=""):
+        """The pipeline's record with its jobs, read on `conn` (with `lock`, the rows
+        locked for a write), or None."""
+        pipeline = conn.execute(self._sql(f"SELECT * FROM pipelines WHERE id = ?{lock}"),
+                                (pipeline_id,)).fetchone()
+        if pipeline is None:
+            return None
+        pipeline["jobs"] = [self._out(row) for row in conn.execute(self._sql(
+            f"SELECT {self._select} FROM jobs WHERE pipeline_id = ? ORDER BY seq{lock}"),
+            (pipeline_id,))]
+        return pipeline
+
+    def delete_pipeline(self, pipeline_id, allowed):
+        def remove(conn):
+            pipeline = self._pipeline(conn, pipeline_id, lock=self._lock)
+            if pipeline is not None and allowed(pipeline):
+                for sql in ("DELETE FROM results WHERE job_id IN (SELECT id FROM jobs "
+                            "WHERE pipeline_id = ?)", "DELETE FROM jobs WHERE pipeline_id = ?",
+                            "DELETE FROM pipelines WHERE id = ?",
+                            "DELETE FROM keys WHERE item_id = ?"):
+                    conn.execute(self._sql(sql), (pipeline_id,))
+            return pipeline
+
+        return self._write(remove)
+
+    def find_key(self, key):
+        rows = self._read("SELECT kind, item_id AS id, digest FROM keys WHERE key = ?",
+                          (key,))
+        return rows[0] if rows else None
+
+    def periodic_last(self, name, now):
+        def anchor(conn):
+            conn.execute(self._sql("INSERT INTO periodic VALUES (?, ?) ON CONFLICT DO "
+                                   "NOTHING"), (name, now))
+            return conn.execute(self._sql("SELECT last_due FROM periodic WHERE name = ?"),
+                                (name,)).fetchone()["last_due"]
+
+        return self._write(anchor)
+
+
+class SqliteStore(_SqlStore):
     """Jobs in one SQLite file (WAL). Durable: every write has committed when it returns.
 
     Writes that arrive together share one transaction and one commit (one fsync),
@@ -1739,6 +1878,7 @@ class SqliteStore(Store):
     """
 
     option = "sqlite"
+    _job_insert = _JOB_INSERT
 
     def __init__(self, path, synchronous="full"):
         self.path = os.fspath(path)
@@ -1867,8 +2007,9 @@ class SqliteStore(Store):
 
     # -- writing
 
-    def _write(self, fn):
-        """Run fn(connection) in a transaction; block until it has committed."""
+    def _write(self, fn, alone=False):
+        """Run fn(connection) in a transaction; block until it has committed. (Alone or
+        not: writes that arrive together share a transaction anyway.)"""
         write = _Write(fn)
         try:
             with self._queue_lock:
@@ -2039,51 +2180,6 @@ class SqliteStore(Store):
     def _job_row(job):
         return [json.dumps(job[c]) if c == "metadata" else job[c] for c in _JOB_COLUMNS[1:]]
 
-    def add(self, *jobs, pipeline=None, fired=None, key=None):
-        _check_new(jobs)
-        rows = [self._job_row(job) for job in jobs]
-        pipeline_row = None if pipeline is None else [pipeline[c] for c in _PIPELINE_COLUMNS]
-        if key is not None:
-            key_row = (key[0], *(("job", jobs[0]["id"]) if pipeline is None
-                                 else ("pipeline", pipeline["id"])), key[1])
-
-        def insert(conn):
-            if fired is not None and conn.execute(
-                    "INSERT INTO periodic VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
-                    "SET last_due = excluded.last_due WHERE last_due < excluded.last_due",
-                    fired).rowcount == 0:
-                return False
-            if key is not None and conn.execute(
-                    "INSERT INTO keys VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    key_row).rowcount == 0:
-                return False
-            if pipeline_row is not None:
-                conn.execute(_PIPELINE_INSERT, pipeline_row)
-            for row in rows:
-                conn.execute(_JOB_INSERT, row)
-            return True
-
-        return self._write(insert)
-
-    def get(self, job_id):
-        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return rows[0] if rows else None
-
-    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
-             task_name=None, name=None, created_after=None, created_before=None):
-        clauses, args = [], []
-        for clause, value in (("status = ?", status), ("task_name = ?", task_name),
-                              ("name = ?", name), ("created_at > ?", created_after),
-                              ("created_at < ?", created_before),
-                              ("seq < ?" if newest_first else "seq > ?",
-                               after if after or not newest_first else None)):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        return self._read(f"SELECT * FROM jobs {where}ORDER BY seq "
-                          f"{'DESC ' if newest_first else ''}LIMIT ?", [*args, limit])
-
     def transitions(self, *moves):
         steps = [self._transition(*_checked_move(move)) for move in moves]
         return [self._out(record) for record in self._write(
@@ -2115,72 +2211,15 @@ class SqliteStore(Store):
 
         return move
 
-    def update(self, item_id, fields, kind="job"):
-        _check_fields(fields, _EDITABLE_FIELDS, "update()")
-        table = {"job": "jobs", "pipeline": "pipelines"}[_kind(kind)]
-        sets = ", ".join(f"{column} = ?" for column in fields) or "id = id"
-        sql = f"UPDATE {table} SET {sets} WHERE id = ?"
-        args = [*fields.values(), item_id]
-        return self._write(lambda conn: conn.execute(sql, args).rowcount == 1)
-
-    def delete(self, job_id, allowed):
-        def remove(conn):
-            job = self._out(conn.execute("SELECT * FROM jobs WHERE id = ?",
-                                         (job_id,)).fetchone())
-            if job is not None and allowed(job):
-                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-                conn.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
-                conn.execute("DELETE FROM keys WHERE item_id = ?", (job_id,))
-            return job
-
-        return self._write(remove)
-
-    def result(self, job_id):
-        rows = self._read("SELECT value, error FROM results WHERE job_id = ?", (job_id,))
-        if not rows:
-            return None
-        return {"value": json.loads(rows[0]["value"]), "error": rows[0]["error"]}
-
-    def delete_result(self, job_id):
-        return self._write(lambda conn: conn.execute(
-            "DELETE FROM results WHERE job_id = ?", (job_id,)).rowcount == 1)
-
     def get_pipeline(self, pipeline_id):
         with self._snapshot() as conn:
             return self._pipeline(conn, pipeline_id)
-
-    def _pipeline(self, conn, pipeline_id):
-        pipeline = conn.execute("SELECT * FROM pipelines WHERE id = ?",
-                                (pipeline_id,)).fetchone()
-        if pipeline is None:
-            return None
-        pipeline["jobs"] = [self._out(row) for row in conn.execute(
-            "SELECT * FROM jobs WHERE pipeline_id = ? ORDER BY seq", (pipeline_id,))]
-        return pipeline
 
     def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE):
         with self._snapshot() as conn:
             pipelines = conn.execute("SELECT * FROM pipelines WHERE seq > ? ORDER BY seq "
                                      "LIMIT ?", (after, limit)).fetchall()
             return self._with_jobs(conn, pipelines)
-
-    def delete_pipeline(self, pipeline_id, allowed):
-        def remove(conn):
-            pipeline = self._pipeline(conn, pipeline_id)
-            if pipeline is not None and allowed(pipeline):
-                conn.execute("DELETE FROM results WHERE job_id IN "
-                             "(SELECT id FROM jobs WHERE pipeline_id = ?)", (pipeline_id,))
-                conn.execute("DELETE FROM jobs WHERE pipeline_id = ?", (pipeline_id,))
-                conn.execute("DELETE FROM pipelines WHERE id = ?", (pipeline_id,))
-                conn.execute("DELETE FROM keys WHERE item_id = ?", (pipeline_id,))
-            return pipeline
-
-        return self._write(remove)
-
-    def find_key(self, key):
-        rows = self._read("SELECT kind, item_id AS id, digest FROM keys WHERE key = ?",
-                          (key,))
-        return rows[0] if rows else None
 
     def purge(self, before, statuses=FINISHED, limit=500, pipelines=False):
         _check_finished(statuses)
@@ -2225,14 +2264,6 @@ class SqliteStore(Store):
             return deleted
 
         return self._write(remove)
-
-    def periodic_last(self, name, now):
-        def anchor(conn):
-            conn.execute("INSERT OR IGNORE INTO periodic VALUES (?, ?)", (name, now))
-            return conn.execute("SELECT last_due FROM periodic WHERE name = ?",
-                                (name,)).fetchone()["last_due"]
-
-        return self._write(anchor)
 
     def health(self):
         """The fault, if one is known; else, if no write has committed for a while, a
@@ -2416,7 +2447,7 @@ def _pg_name(name):
     return '"' + name.replace('"', '""') + '"'
 
 
-class PostgresStore(Store):
+class PostgresStore(_SqlStore):
     """Jobs in a PostgreSQL database, shared by several valet processes (nodes).
 
     Each call takes a connection from a pool of this store's own and runs in one
@@ -2439,6 +2470,17 @@ class PostgresStore(Store):
 
     option = "postgres"
     shared = True
+    _job_insert = _PG_JOB_INSERT
+    _select = _PG_JOB
+    _lock = " FOR UPDATE"  # (SQLite's writes take turns: they need no lock of a row)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _sql(text):
+        return text.replace("?", "%s")
+
+    def _write(self, fn, alone=False):
+        return self._run(fn, transaction=not alone)
 
     def __init__(self, dsn, schema="valet", node=None, connections=10):
         try:
@@ -2627,7 +2669,7 @@ class PostgresStore(Store):
 
     def _read(self, sql, args=()):
         return self._run(lambda conn: [self._out(row) for row in
-                                       conn.execute(sql, args).fetchall()])
+                                       conn.execute(self._sql(sql), args).fetchall()])
 
     @staticmethod
     def _moved(job):
@@ -2635,56 +2677,6 @@ class PostgresStore(Store):
         return f"job {job['id']} {job['attempts']} {job['status']} {job.get('node') or '-'}"
 
     # -- the interface
-
-    def add(self, *jobs, pipeline=None, fired=None, key=None):
-        _check_new(jobs)
-        rows = [self._job_row(job) for job in jobs]
-        pipeline_row = None if pipeline is None else [pipeline[c] for c in _PIPELINE_COLUMNS]
-        if key is not None:
-            key_row = (key[0], *(("job", jobs[0]["id"]) if pipeline is None
-                                 else ("pipeline", pipeline["id"])), key[1])
-
-        def insert(conn):
-            if fired is not None and conn.execute(
-                    "INSERT INTO periodic AS p VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
-                    "SET last_due = excluded.last_due WHERE p.last_due < excluded.last_due",
-                    fired).rowcount == 0:
-                return False
-            if key is not None and conn.execute(
-                    "INSERT INTO keys VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    key_row).rowcount == 0:
-                return False
-            if pipeline_row is not None:
-                conn.execute(_PG_PIPELINE_INSERT, pipeline_row)
-            for row in rows:
-                conn.execute(_PG_JOB_INSERT, row)
-            return True
-
-        # One job alone is one statement: no transaction around it (a round trip each
-        # for BEGIN and COMMIT) is needed to make it atomic.
-        alone = len(rows) == 1 and pipeline is None and fired is None and key is None
-        return self._run(insert, transaction=not alone)
-
-    def get(self, job_id):
-        rows = self._read(f"SELECT {_PG_JOB} FROM jobs WHERE id = %s", (job_id,))
-        return rows[0] if rows else None
-
-    def list(self, status=None, after=0, limit=DEFAULT_PAGE_SIZE, newest_first=False,
-             task_name=None, name=None, created_after=None, created_before=None):
-        if any("\0" in value for value in (task_name, name) if isinstance(value, str)):
-            return []  # (no stored text holds NUL; written, it would be U+FFFD)
-        clauses, args = [], []
-        for clause, value in (("status = %s", status), ("task_name = %s", task_name),
-                              ("name = %s", name), ("created_at > %s", created_after),
-                              ("created_at < %s", created_before),
-                              ("seq < %s" if newest_first else "seq > %s",
-                               after if after or not newest_first else None)):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
-        return self._read(f"SELECT {_PG_JOB} FROM jobs {where}ORDER BY seq "
-                          f"{'DESC ' if newest_first else ''}LIMIT %s", [*args, limit])
 
     def transitions(self, *moves):
         moves = [_checked_move(move) for move in moves]
@@ -2730,49 +2722,8 @@ class PostgresStore(Store):
             sql += ", gone AS (DELETE FROM results USING moved WHERE job_id = moved.id)"
         return conn.execute(sql + " SELECT * FROM moved", args).fetchone()
 
-    def update(self, item_id, fields, kind="job"):
-        _check_fields(fields, _EDITABLE_FIELDS, "update()")
-        table = {"job": "jobs", "pipeline": "pipelines"}[_kind(kind)]
-        sets = ", ".join(f"{column} = %s" for column in fields) or "id = id"
-        sql = f"UPDATE {table} SET {sets} WHERE id = %s"
-        args = [*fields.values(), item_id]
-        return self._run(lambda conn: conn.execute(sql, args).rowcount == 1)
-
-    def delete(self, job_id, allowed):
-        def remove(conn):
-            job = self._out(conn.execute(f"SELECT {_PG_JOB} FROM jobs WHERE id = %s "
-                                         f"FOR UPDATE", (job_id,)).fetchone())
-            if job is not None and allowed(job):
-                conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
-                conn.execute("DELETE FROM results WHERE job_id = %s", (job_id,))
-                conn.execute("DELETE FROM keys WHERE item_id = %s", (job_id,))
-            return job
-
-        return self._run(remove)
-
-    def result(self, job_id):
-        rows = self._run(lambda conn: conn.execute(
-            "SELECT value, error FROM results WHERE job_id = %s", (job_id,)).fetchall())
-        if not rows:
-            return None
-        return {"value": json.loads(rows[0]["value"]), "error": rows[0]["error"]}
-
-    def delete_result(self, job_id):
-        return self._run(lambda conn: conn.execute(
-            "DELETE FROM results WHERE job_id = %s", (job_id,)).rowcount == 1)
-
     def get_pipeline(self, pipeline_id):
         return self._run(lambda conn: self._pipeline(conn, pipeline_id), snapshot=True)
-
-    def _pipeline(self, conn, pipeline_id, lock=""):
-        pipeline = conn.execute(f"SELECT * FROM pipelines WHERE id = %s{lock}",
-                                (pipeline_id,)).fetchone()
-        if pipeline is None:
-            return None
-        pipeline["jobs"] = [self._out(row) for row in conn.execute(
-            f"SELECT {_PG_JOB} FROM jobs WHERE pipeline_id = %s ORDER BY seq{lock}",
-            (pipeline_id,))]
-        return pipeline
 
     def list_pipelines(self, after=0, limit=DEFAULT_PAGE_SIZE):
         def read(conn):
@@ -2789,24 +2740,6 @@ class PostgresStore(Store):
             return pipelines
 
         return self._run(read, snapshot=True)
-
-    def delete_pipeline(self, pipeline_id, allowed):
-        def remove(conn):
-            pipeline = self._pipeline(conn, pipeline_id, lock=" FOR UPDATE")
-            if pipeline is not None and allowed(pipeline):
-                conn.execute("DELETE FROM results WHERE job_id IN "
-                             "(SELECT id FROM jobs WHERE pipeline_id = %s)", (pipeline_id,))
-                conn.execute("DELETE FROM jobs WHERE pipeline_id = %s", (pipeline_id,))
-                conn.execute("DELETE FROM pipelines WHERE id = %s", (pipeline_id,))
-                conn.execute("DELETE FROM keys WHERE item_id = %s", (pipeline_id,))
-            return pipeline
-
-        return self._run(remove)
-
-    def find_key(self, key):
-        rows = self._run(lambda conn: conn.execute(
-            "SELECT kind, item_id AS id, digest FROM keys WHERE key = %s", (key,)).fetchall())
-        return rows[0] if rows else None
 
     def purge(self, before, statuses=FINISHED, limit=500, pipelines=False):
         _check_finished(statuses)
@@ -2838,15 +2771,6 @@ class PostgresStore(Store):
             return deleted
 
         return self._run(remove)
-
-    def periodic_last(self, name, now):
-        def anchor(conn):
-            conn.execute("INSERT INTO periodic VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                         (name, now))
-            return conn.execute("SELECT last_due FROM periodic WHERE name = %s",
-                                (name,)).fetchone()["last_due"]
-
-        return self._run(anchor)
 
     def health(self):
         """None if the database answered in the last second (or answers now), else
