@@ -349,8 +349,8 @@ _SCHEMA = {
                              "a libpq connection string, such as \"host=db.internal "
                              "dbname=valet user=valet\" or \"postgresql://valet@db/valet\""),
     "storage.postgres.schema": ("valet", lambda v: isinstance(v, str) and re.fullmatch(
-                                    r"[a-z_][a-z0-9_]{0,62}", v) is not None,
-                                "a lowercase SQL name: letters, digits and _"),
+                                    r"[a-z_][a-z0-9_]{0,56}", v) is not None,
+                                "a lowercase SQL name of up to 57 letters, digits and _"),
     "storage.postgres.node": (None, lambda v: v is None or (
                                   isinstance(v, str) and 0 < len(v) <= 200 and v.isprintable()),
                               "null (this host's name and port) or a name of up to 200 "
@@ -2333,9 +2333,10 @@ _PG_STEPS = (
         use_previous_results BOOLEAN NOT NULL,
         failure_traceback TEXT,
         node           TEXT,            -- the node that runs it (or ran it last)
-        ready_at       DOUBLE PRECISION -- when it last became ready to run: its turn
-    );
-    CREATE INDEX jobs_ready ON jobs (priority DESC, ready_at, seq) WHERE status = 'PENDING';
+        ready_at       DOUBLE PRECISION -- when it last became ready to run (its turn in
+    );                                  -- a pipeline: null until then)
+    CREATE INDEX jobs_ready ON jobs (priority DESC, ready_at, seq)
+        WHERE status = 'PENDING' AND ready_at IS NOT NULL;
     CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'SCHEDULED';
     CREATE INDEX jobs_running ON jobs (node) WHERE status = 'IN_PROGRESS';
     CREATE INDEX jobs_by_status ON jobs (status, seq);
@@ -2430,10 +2431,15 @@ _PG_JOB_INSERT = (f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS[1:])}, node, ready
                   f"VALUES ({', '.join(['%s'] * (len(_JOB_COLUMNS) + 1))})")
 _PG_PIPELINE_INSERT = (f"INSERT INTO pipelines ({', '.join(_PIPELINE_COLUMNS)}) "
                        f"VALUES ({', '.join(['%s'] * len(_PIPELINE_COLUMNS))})")
-# A PENDING job whose turn it is: not one of a pipeline waiting for the job before it.
-_PG_TURN = ("(j.previous_job_id IS NULL OR EXISTS (SELECT 1 FROM jobs AS p WHERE "
-            "p.id = j.previous_job_id AND p.status = 'COMPLETED'))")
+# A PENDING job whose turn it is: not one of a pipeline waiting for the job before it
+# (whose ready_at is null until that job has COMPLETED).
+_PG_TURN = "status = 'PENDING' AND ready_at IS NOT NULL"
 _PG_COUNT_ROWS = 5000  # rows of job_counts past which counts() folds them
+# How long a node waits for a database that does not answer before it says so (503),
+# rather than for as long as TCP would: connecting, and a connection gone silent.
+_PG_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30000}
+_PG_WAIT = 30  # seconds a call waits for one of the node's connections to be free
 _PG_ROLLBACKS = 5      # tries of a transaction that PostgreSQL rolled back (a deadlock)
 
 
@@ -2454,8 +2460,9 @@ class PostgresStore(_SqlStore):
     transaction; every write has committed when it returns. PostgreSQL's row locks
     make each transition safe between nodes: two nodes that move one job from the
     same status cannot both succeed. A transition that ends a running attempt
-    (from IN_PROGRESS alone) applies only to a job this node runs, so a node that
-    was taken for dead cannot end a job another node has taken over since.
+    (from IN_PROGRESS alone) applies only to a job this node runs, and only to the
+    attempt it names (the attempts it writes), so a node that was taken for dead
+    cannot end a job another node has taken over since, nor a later attempt.
 
     Beyond the interface, the methods a node uses to share the work (shared =
     True): join() and leave() the nodes table, claim() ready jobs, beat() the
@@ -2511,6 +2518,9 @@ class PostgresStore(_SqlStore):
         self._listener = None  # the connection listen() holds
         self._checked = 0.0    # when health() last reached the database (monotonic)
         self.where = self._where(dsn)
+        from psycopg.conninfo import conninfo_to_dict
+        self._given = {key: value for key, value in conninfo_to_dict(dsn).items()
+                       if key in _PG_TIMEOUTS}  # (the DSN's own settings win)
         conn = None
         try:  # (a fault here stops valet with one line: it is not logged as one)
             conn = self._connect(opening=True)
@@ -2540,6 +2550,7 @@ class PostgresStore(_SqlStore):
         try:
             conn = self._pg.connect(self.dsn, autocommit=True,
                                     row_factory=self._pg.rows.dict_row,
+                                    **{**_PG_TIMEOUTS, **self._given},
                                     application_name=f"valet {self.node}"[:63])
             conn.adapters.register_dumper(str, self._text)
             conn.execute(f"SET search_path TO {_pg_name(self.schema)}")
@@ -2596,8 +2607,14 @@ class PostgresStore(_SqlStore):
         again; a fault of the database raises StorageError."""
         if self._closed:
             raise RuntimeError("the store is closed")
-        with self._free:
+        if not self._free.acquire(timeout=_PG_WAIT):
+            raise self._failed(TimeoutError(
+                f"every connection of storage.postgres.connections is in use, for "
+                f"{_PG_WAIT}s: the database answers slowly, or they are too few"))
+        try:
             return self._try(fn, snapshot, transaction)
+        finally:
+            self._free.release()
 
     def _try(self, fn, snapshot, transaction):
         for attempt in range(_PG_ROLLBACKS):
@@ -2665,7 +2682,7 @@ class PostgresStore(_SqlStore):
         row = [json.dumps(job[c]) if c in ("metadata", "retry_backoff") or (
             c == "timeout" and job[c] is not None) else job[c] for c in _JOB_COLUMNS[1:]]
         return [*row, self.node if job["status"] == IN_PROGRESS else None,
-                max(job["created_at"], job["run_at"] or 0)]
+                None if job["previous_job_id"] else max(job["created_at"], job["run_at"] or 0)]
 
     def _read(self, sql, args=()):
         return self._run(lambda conn: [self._out(row) for row in
@@ -2705,11 +2722,14 @@ class PostgresStore(_SqlStore):
         elif to_state == PENDING:  # (a job retried by request: ready from now on)
             fields["ready_at"] = time.time()
         sets = "".join(f", {column} = %s" for column in fields)
-        mine = " AND node = %s" if tuple(from_states) == (IN_PROGRESS,) else ""
+        mine, theirs = "", []  # (the end of an attempt: only this node's, that attempt)
+        if tuple(from_states) == (IN_PROGRESS,):
+            mine, theirs = " AND node = %s", [self.node]
+            if "attempts" in fields:
+                mine, theirs = mine + " AND attempts = %s", theirs + [fields["attempts"]]
         sql = (f"WITH moved AS (UPDATE jobs SET status = %s{sets} WHERE id = %s AND "
                f"status = ANY(%s){mine} RETURNING {_PG_JOB})")
-        args = [to_state, *fields.values(), job_id, list(from_states),
-                *([self.node] if mine else [])]
+        args = [to_state, *fields.values(), job_id, list(from_states), *theirs]
         if to_state == COMPLETED:  # the next job's turn, if it is in a pipeline
             sql += (", ready AS (UPDATE jobs AS j SET ready_at = moved.completed_at FROM "
                     "moved WHERE j.id = moved.next_job_id)")
@@ -2816,14 +2836,16 @@ class PostgresStore(_SqlStore):
 
     # -- sharing the work with other nodes
 
-    def join(self, node, lock=True):
+    def join(self, node, lock=True, node_timeout=30):
         """Enter this node in the nodes table as `node`, and hold the advisory lock of
         that name for as long as the store is open: StoreInUse if another live
         process holds it. A node's name outlives it: a node that starts again
         under its name takes up the jobs it was running (held())."""
         self.node = node
-        if not lock:  # (a pooler may hand a session's lock to any client)
-            return self._enter()
+        if not lock:  # (a pooler may hand a session's lock to any client): the entry
+            if not self._enter(node_timeout):  # is a lease, taken when it has lapsed
+                raise self._in_use(node)
+            return
         conn = self._connect()
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s)) AS got",
@@ -2833,19 +2855,28 @@ class PostgresStore(_SqlStore):
             raise self._failed(exc) from None
         if not got:
             conn.close()
-            raise StoreInUse(f"a valet node named {node!r} is running on {self.where} "
-                             f"already; give this one another storage.postgres.node (or "
-                             f"another server.port)")
+            raise self._in_use(node)
+        conn.execute(f"LISTEN {_pg_name(self.channel)}")  # (before it takes any job)
         self._listener = conn
         self._enter()
 
-    def _enter(self):
-        node = self.node
-        self._run(lambda c: c.execute(
+    def _enter(self, lapsed=None):
+        """Write this node's entry; with `lapsed` (seconds), only over an entry of its
+        name whose heartbeat is older than that. Whether it wrote."""
+        node, where = self.node, ""
+        if lapsed is not None:
+            where = " WHERE nodes.heartbeat_at < now() - make_interval(secs => %s)"
+        return self._run(lambda c: c.execute(
             "INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, now()) ON CONFLICT (name) DO "
             "UPDATE SET host = excluded.host, pid = excluded.pid, version = "
-            "excluded.version, started_at = excluded.started_at, heartbeat_at = now()",
-            (node, socket.gethostname(), os.getpid(), __version__, time.time())))
+            "excluded.version, started_at = excluded.started_at, heartbeat_at = now()"
+            + where, (node, socket.gethostname(), os.getpid(), __version__, time.time(),
+                      *([lapsed] if where else []))).rowcount == 1)
+
+    def _in_use(self, node):
+        return StoreInUse(f"a valet node named {node!r} is running on {self.where} "
+                          f"already; give this one another storage.postgres.node (or "
+                          f"another server.port)")
 
     def leave(self):
         """Take this node out of the nodes table (it stops; it runs nothing now), let go
@@ -2880,10 +2911,12 @@ class PostgresStore(_SqlStore):
                     "FOR UPDATE SKIP LOCKED)", (now,))
             started = conn.execute(
                 f"UPDATE jobs SET status = 'IN_PROGRESS', attempts = attempts + 1, "
-                f"started_at = coalesce(started_at, %s), node = %s WHERE id IN ("
-                f"SELECT id FROM jobs AS j WHERE status = 'PENDING' AND {_PG_TURN} "
+                f"started_at = coalesce(started_at, %s), node = %s WHERE EXISTS ("
+                f"SELECT 1 FROM nodes WHERE name = %s) AND id IN ("
+                f"SELECT id FROM jobs WHERE {_PG_TURN} "
                 f"ORDER BY priority DESC, ready_at, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
-                f"RETURNING {_PG_JOB}, ready_at", (now, self.node, n)).fetchall() if n else []
+                f"RETURNING {_PG_JOB}, ready_at", (now, self.node, self.node, n)
+            ).fetchall() if n else []
             due = conn.execute("SELECT min(run_at) AS due FROM jobs WHERE status = "
                                "'SCHEDULED'").fetchone()["due"]
             return started, due
@@ -2909,15 +2942,16 @@ class PostgresStore(_SqlStore):
         """{"waiting": how many jobs are ready and not taken, "oldest": since when (wall
         clock) the oldest of them has been ready, or None}."""
         return self._run(lambda conn: conn.execute(
-            f"SELECT count(*) AS waiting, min(ready_at) AS oldest FROM jobs AS j WHERE "
-            f"status = 'PENDING' AND {_PG_TURN}").fetchone())
+            f"SELECT count(*) AS waiting, min(ready_at) AS oldest FROM jobs WHERE "
+            f"{_PG_TURN}").fetchone())
 
     def beat(self, node_timeout):
         """The heartbeat: mark this node alive now (on the database's clock). Then take
-        over the jobs of every node silent for longer than `node_timeout` seconds,
-        and take those nodes out. Returns (whether this node's own entry was gone,
-        having been taken for dead; [(a dead node's name, seconds it was silent,
-        the records of the jobs it was running, now this node's)])."""
+        out every node silent for longer than `node_timeout` seconds, and take over
+        the jobs running under a name no node has. Returns (whether this node's own
+        entry was gone, having been taken for dead; [(a gone node's name, seconds
+        it was silent or None if it had left, the records of the jobs it was
+        running, now this node's)])."""
         def beat(conn):
             lost = conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE name = %s",
                                 (self.node,)).rowcount == 0
@@ -2925,19 +2959,22 @@ class PostgresStore(_SqlStore):
                 conn.execute("INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, now())",
                              (self.node, socket.gethostname(), os.getpid(), __version__,
                               time.time()))
-            dead = conn.execute(
+            silent = {row["name"]: row["silent"] for row in conn.execute(
                 "DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => %s) "
                 "RETURNING name, extract(epoch FROM now() - heartbeat_at)::float AS silent",
-                (node_timeout,)).fetchall()
-            taken = []
-            for node in dead:
-                jobs = conn.execute(
-                    f"UPDATE jobs SET node = %s WHERE status = 'IN_PROGRESS' AND node = %s "
-                    f"RETURNING {_PG_JOB}", (self.node, node["name"])).fetchall()
-                taken.append((node["name"], node["silent"],
-                              sorted((self._out(job) for job in jobs),
-                                     key=lambda job: job["seq"])))
-            return lost, taken
+                (node_timeout,))}
+            # Every job running under a name no node has now: the dead ones', and any a
+            # node left behind (it stopped while the store failed).
+            jobs = conn.execute(
+                f"UPDATE jobs AS j SET node = %s FROM (SELECT id, node FROM jobs AS o WHERE "
+                f"status = 'IN_PROGRESS' AND NOT EXISTS (SELECT 1 FROM nodes WHERE name = "
+                f"o.node) FOR UPDATE) AS was WHERE j.id = was.id RETURNING "
+                f"{', '.join('j.' + c for c in _JOB_COLUMNS)}, was.node AS was",
+                (self.node,)).fetchall()
+            by_node = {}
+            for job in sorted(jobs, key=lambda job: job["seq"]):
+                by_node.setdefault(job.pop("was"), []).append(self._out(job))
+            return lost, [(name, silent.get(name), held) for name, held in by_node.items()]
 
         return self._run(beat)
 
@@ -2948,10 +2985,16 @@ class PostgresStore(_SqlStore):
             "SELECT id, attempts, status, node FROM jobs WHERE id = ANY(%s)",
             (list(jobs),)).fetchall()) if jobs else []
         found = {row["id"]: row for row in rows}
-        return [self._moved(found[job_id]) if job_id in found else
-                f"job {job_id} {attempts} DELETED -" for job_id, attempts in jobs.items()
-                if job_id not in found or found[job_id]["status"] != IN_PROGRESS
-                or found[job_id]["node"] != self.node]
+        notices = []
+        for job_id, attempts in jobs.items():
+            row = found.get(job_id)
+            if row is None:
+                notices.append(f"job {job_id} {attempts} DELETED -")
+            elif row["attempts"] != attempts:  # a later attempt started since
+                notices.append(f"job {job_id} {attempts} SUPERSEDED {row['node'] or '-'}")
+            elif row["status"] != IN_PROGRESS or row["node"] != self.node:
+                notices.append(self._moved(row))
+        return notices
 
     def nodes(self):
         """The nodes alive: [{"name", "host", "pid", "version", "started_at",
@@ -2966,23 +3009,24 @@ class PostgresStore(_SqlStore):
         the calling thread, until `stopped` (an Event) is set. When the connection
         is lost, it connects again, and calls heard("lost"): something may have
         been missed. Checks `stopped` every `poll` seconds."""
-        conn, listening = self._listener, False
+        conn = self._listener  # (listening since join())
         while not stopped.is_set():
             try:
                 if conn is None or conn.closed:
                     conn = self._listener = self._connect()
+                    conn.execute(f"LISTEN {_pg_name(self.channel)}")  # then look: what
                     if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s)) AS got",
                                         (f"valet node {self.schema} {self.node}",)
-                                        ).fetchone()["got"]:
+                                        ).fetchone()["got"]:  # changed is seen either way
                         log.error("storage: another process has taken this node's name "
                                   "(%s) while its connection was lost", self.node)
-                    listening = False
                     heard("lost")
-                if not listening:
-                    conn.execute(f"LISTEN {_pg_name(self.channel)}")
-                    listening = True
                 for notice in conn.notifies(timeout=poll):
-                    heard(notice.payload)
+                    try:
+                        heard(notice.payload)
+                    except Exception:  # (a notice must never end the hearing)
+                        log.exception("storage: a notice could not be handled: %r",
+                                      notice.payload[:200])
                     if stopped.is_set():
                         break
             except (self._pg.Error, StorageError) as exc:
@@ -3317,7 +3361,8 @@ class _Lifecycle:
 
         return _Move(job["id"], (IN_PROGRESS,), COMPLETED,
                      {"completed_at": self._clock(), "failure_reason": None,
-                      "failure_traceback": None}, result=(value, None), after=after)
+                      "failure_traceback": None, "attempts": job["attempts"]},
+                     result=(value, None), after=after)
 
     def _retry(self, job, reason, trace=None):
         """IN_PROGRESS -> SCHEDULED: a failed attempt with retries left waits for its
@@ -3331,8 +3376,8 @@ class _Lifecycle:
             self._schedule(job["id"], run_at)
 
         return _Move(job["id"], (IN_PROGRESS,), SCHEDULED,
-                     {"run_at": run_at, "failure_reason": reason, "failure_traceback": trace},
-                     after=after)
+                     {"run_at": run_at, "failure_reason": reason, "failure_traceback": trace,
+                      "attempts": job["attempts"]}, after=after)
 
     def _fail(self, job, reason, trace=None):
         """IN_PROGRESS -> FAILED, the reason kept as its result's error; the rest of
@@ -3357,10 +3402,11 @@ class _Lifecycle:
                 self._forget(later_id)
                 self.metrics.finished(task, CANCELLED)
 
-        return _Move(job["id"], from_states, status,
-                     {"completed_at": now, "failure_reason": reason,
-                      "failure_traceback": trace},
-                     result=result, then=[move for _, move in later], after=after)
+        fields = {"completed_at": now, "failure_reason": reason, "failure_traceback": trace}
+        if tuple(from_states) == (IN_PROGRESS,):  # the end of this attempt, no later one
+            fields["attempts"] = job["attempts"]
+        return _Move(job["id"], from_states, status, fields, result=result,
+                     then=[move for _, move in later], after=after)
 
     def _rest_of_pipeline(self, job, status, now):
         """The moves that cancel the jobs after `job` in its pipeline that have not
@@ -4106,6 +4152,11 @@ class _WorkerPool:
             return {**{job_id: entry[2] for job_id, entry in self._waiting.items()},
                     **running}
 
+    def known(self):
+        """The ids of the jobs queued or running here."""
+        with self._lock:
+            return set(self._waiting) | set(self._running)
+
     def idle(self):
         """How many workers wait for a job with none queued for them."""
         with self._lock:
@@ -4173,6 +4224,8 @@ class _WorkerPool:
                 self._prepared()
             with self._lock:
                 self._idle += 1
+            if self.node is not None:
+                self.node.wake()  # (a worker free: the node claims a job for it)
             try:
                 _, entry_order, job = self._ready.get(block, timeout)
             finally:
@@ -4210,9 +4263,19 @@ class _WorkerPool:
             if order != entry_order or self._stopping:
                 return None
             del self._waiting[job["id"]]
+            stale = self._running.get(job["id"])  # (with several nodes: an attempt that
+            if stale is not None and stale.taken:  # another node took over, ended there,
+                stale = None                       # and this node started again)
+            replace = stale is not None and self._take(stale)
             claim = self._running[job["id"]] = _Claim(threading.current_thread(), job["id"])
             claim.ready = ready
             self._starting[job["id"]] = self._starting.get(job["id"], 0) + 1
+        if stale is not None:
+            log.info("job %s: a later attempt starts here; the task of the one before is "
+                     "told to stop", job["id"])
+            if replace:
+                self._replace()
+            self.release(stale)
         return claim
 
     def _following(self, job):
@@ -4696,7 +4759,7 @@ class _Node:
 
     def join(self):
         """Enter the nodes table (StoreInUse if a live node has this name)."""
-        self.store.join(self.name, lock=self.listen)
+        self.store.join(self.name, lock=self.listen, node_timeout=self.node_timeout)
         self.joined = True
 
     def start(self):
@@ -4790,7 +4853,9 @@ class _Node:
     # -- heartbeats
 
     def beat_once(self):
-        """Beat, then settle the jobs of the nodes taken for dead; returns how many."""
+        """Beat; settle the jobs of the nodes taken for dead (or gone, leaving jobs
+        behind); give back the jobs started here that no worker has. Returns how
+        many jobs it settled."""
         lost, taken = self.store.beat(self.node_timeout)
         if lost:
             log.error("node %s: the other nodes took this one for dead (no heartbeat for "
@@ -4799,15 +4864,29 @@ class _Node:
             self.look_once()  # (its tasks of those jobs are told to stop)
         settled = 0
         for name, silent, jobs in taken:
-            log.warning("node %s: no heartbeat for %.0fs; settling the %d job(s) it was "
-                        "running", name, silent, len(jobs))
+            why = "" if silent is None else f" (no heartbeat for {silent:.0f}s)"
+            log.warning("node %s: gone%s; settling the %d job(s) it was running", name,
+                        why, len(jobs))
             for job in jobs:
-                reason = (f"the node {name} running the job stopped (no heartbeat for "
-                          f"{silent:.0f}s)")
+                reason = f"the node {name} running the job stopped{why}"
                 if self._lifecycle.persist(self._lifecycle.finish, job, FAILED,
                                            reason=reason) is not None:
                     settled += 1
+        self._reconcile()
         return settled
+
+    def _reconcile(self):
+        """Give back the jobs the store says this node runs that no worker here has: a
+        claim committed whose answer was lost (the connection broke) left them
+        started and never run."""
+        with self._claiming:  # (a claim's jobs are queued before it lets go)
+            known = self._pool.known()
+            lost = {job["id"]: job["attempts"] for job in self.store.held()
+                    if job["id"] not in known}
+            given = self.store.unclaim(lost)
+        if given:
+            log.warning("node %s: %d job(s) it had started but never run (the answer to a "
+                        "claim was lost) are PENDING again", self.name, given)
 
     def _beat_forever(self):
         while not self._left.wait(self.heartbeat):
@@ -4839,11 +4918,17 @@ class _Node:
                 self._lifecycle.wake_all()
                 self._step(self.look_once)
             return
-        _, job_id, attempts, status, node = message.split(" ", 4)
-        self._lifecycle.wake(job_id)
-        if status in (IN_PROGRESS, PENDING) or attempts == "-" or (
-                node == self.name and status != CANCELLED):
+        parts = message.split(" ", 4)
+        if len(parts) != 5 or parts[0] != "job" or not (
+                parts[2].isdigit() or parts[2] == "-"):
+            log.debug("node %s: a notice it does not know: %r", self.name, message[:200])
             return
+        _, job_id, attempts, status, _ = parts
+        self._lifecycle.wake(job_id)
+        if status in (IN_PROGRESS, PENDING) or attempts == "-":
+            return
+        # That attempt has ended. If this node ended it, its claim was taken first, and
+        # drop() does nothing; if another node did, the task here is told to stop.
         with self._claiming:  # (a job being claimed here is queued first)
             if self._pool.drop(job_id, int(attempts)):
                 log.info("job %s: %s by another node; stopped here", job_id, status)
@@ -6619,13 +6704,13 @@ class Valet:
         """
         if self._recovered:
             return
-        self._recovered = True
         if self.node is not None:
             if self.node.name is None:  # a node is named after where it listens
                 port = self.port if self._server is not None else self.config["server.port"]
                 self.node.name = f"{socket.gethostname()}:{port}"
             self.node.join()
         self.lifecycle.recover()
+        self._recovered = True
         self.scheduler.start_periodic(self._store.periodic_last, self._fire)
 
     def _fire(self, entry, due):
@@ -6706,8 +6791,8 @@ class Valet:
             self.node.stop()
         if self.started_at is not None:
             self.pool.stop(grace)
-        if self.node is not None and self._recovered:
-            self.node.leave()
+        if self.node is not None:
+            self.node.leave()  # (if it joined)
         self._closed = True
         self._store.close()
         if self.started_at is not None:
