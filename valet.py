@@ -2494,8 +2494,10 @@ class PostgresStore(_SqlStore):
             import psycopg
             import psycopg.rows
         except ImportError:
-            raise ConfigError('storage.option: postgres needs the psycopg driver, which is '
-                              'not installed: pip install "psycopg[binary]"') from None
+            raise ConfigError(f'storage.option: postgres needs the psycopg driver, which '
+                              f'this Python ({sys.executable}) does not have: pip install '
+                              f'"psycopg[binary]" (here: {sys.executable} -m pip install '
+                              f'"psycopg[binary]")') from None
         self._pg = psycopg
         from psycopg.types.string import StrDumperUnknown
 
