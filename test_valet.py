@@ -2665,6 +2665,383 @@ def test_postgres_store_refused_for_a_newer_schema_leaves_no_connection_open(nod
     del refused
 
 
+# -- several nodes: what a review found (each fails on the code before its fix)
+
+def _job_row(where, job_id):
+    """(status, attempts, started_at, node) of a job, as the database has it."""
+    return pg_rows(where["dsn"], f"SELECT status, attempts, started_at, node FROM "
+                                 f"{in_schema(where, 'jobs')} WHERE id = %s", (job_id,))[0]
+
+
+def _look_dead(where, name):
+    pg_rows(where["dsn"], f"UPDATE {in_schema(where, 'nodes')} SET heartbeat_at = now() - "
+                          f"interval '1 hour' WHERE name = %s RETURNING name", (name,))
+
+
+def test_a_claim_whose_answer_was_lost_is_given_back_by_the_next_heartbeat(make_node,
+                                                                           node_schema):
+    a = make_node("node-a", start=False)
+    a.recover()
+    again = a.submit({"name": "again", "task_name": "fail", "max_retries": 2,
+                      "retry_backoff": 0})["id"]
+    assert run_one(a)
+    assert a.job(again)["status"] == valet.SCHEDULED  # failed once; its retry is due
+    first_start = _job_row(node_schema, again)[2]
+    queued = a.submit({"name": "queued", "task_name": "echo", "priority": 5})["id"]
+    assert a.node.claim_once(limit=1) == 1  # started and queued: a worker will run it
+    fresh = a.submit({"name": "fresh", "task_name": "echo"})["id"]
+    # A claim commits, and its answer never comes back (the connection broke): its
+    # jobs are IN_PROGRESS on this live node, and no worker here has them.
+    started, _ = a.lifecycle.store.claim(2, time.time())
+    assert {job["id"] for _, job in started} == {fresh, again}
+    assert _job_row(node_schema, fresh)[:2] == (valet.IN_PROGRESS, 1)
+    assert _job_row(node_schema, again)[:2] == (valet.IN_PROGRESS, 2)
+    assert list(a.pool.running()) == [queued]
+
+    assert a.node.beat_once() == 0
+    assert _job_row(node_schema, fresh) == (valet.PENDING, 0, None, None)  # as before
+    assert _job_row(node_schema, again) == (valet.PENDING, 1, first_start, None)
+    assert _job_row(node_schema, queued)[::3] == (valet.IN_PROGRESS, "node-a")  # kept
+    assert a.node.beat_once() == 0  # (nothing more to give back)
+    assert a.node.claim_once(limit=2) == 2
+    assert all(a.pool.run_once(block=False) for _ in range(3))
+    assert a.job(queued)["status"] == a.job(fresh)["status"] == valet.COMPLETED
+    assert a.job(fresh)["attempts"] == 1
+    assert (a.job(again)["status"], a.job(again)["attempts"]) == (valet.SCHEDULED, 2)
+
+
+def _two_attempts(make_node, node_schema, second):
+    """Node A runs attempt 1 of a job (one retry) on a thread of the test's; A is taken
+    for dead by B and the job retried; `second` ("node-a" or "node-b") claims attempt
+    2, A's entry being back first. Returns (a, b, the job's id, the attempt-1 thread,
+    its task's state: {"told": Event, "returned": Event, "runs": [attempts]}, an Event
+    that lets attempt 1 return on its own)."""
+    entered, release = threading.Event(), threading.Event()
+    state = {"told": threading.Event(), "returned": threading.Event(), "runs": []}
+
+    def twice(metadata, context):
+        state["runs"].append(context.attempt)
+        if context.attempt > 1:
+            return f"attempt {context.attempt}"
+        entered.set()
+        deadline = time.monotonic() + 10
+        while not release.is_set() and time.monotonic() < deadline:
+            if context.cancelled.wait(0.005):
+                state["told"].set()
+                break
+        state["returned"].set()
+        return "attempt 1"
+
+    a, b = [make_node(name, start=False, tasks={"twice": twice})
+            for name in ("node-a", "node-b")]
+    a.recover()
+    b.recover()
+    job_id = a.submit({"name": "twice", "task_name": "twice", "max_retries": 1,
+                       "retry_backoff": 0})["id"]
+    assert a.node.claim_once(limit=1) == 1
+    first = threading.Thread(target=a.pool.run_once, kwargs={"block": False}, daemon=True)
+    first.start()
+    assert entered.wait(5)
+    _look_dead(node_schema, "node-a")
+    assert b.node.beat_once() == 1
+    assert b.job(job_id)["status"] == valet.SCHEDULED  # retried (at once: no backoff)
+    if second == "node-a":  # A's heartbeat has written its entry again, and has not
+        a.lifecycle.store.beat(120)  # looked yet: its claims go on meanwhile
+    runner = a if second == "node-a" else b
+    assert wait_until(lambda: runner.node.claim_once(limit=1), 2, "the retry to be claimed")
+    assert _job_row(node_schema, job_id)[::3] == (valet.IN_PROGRESS, second)
+    assert b.job(job_id)["attempts"] == 2
+    return a, b, job_id, first, state, release
+
+
+def test_a_stale_attempt_s_end_does_not_end_the_attempt_after_it(make_node, node_schema):
+    a, b, job_id, first, state, release = _two_attempts(make_node, node_schema, "node-a")
+    try:
+        release.set()  # attempt 1 returns before anything tells it
+        first.join(5)
+        assert not first.is_alive() and state["runs"] == [1]
+        job = b.job(job_id)
+        assert (job["status"], job["attempts"]) == (valet.IN_PROGRESS, 2), job
+        assert b.lifecycle.store.result(job_id) is None
+        assert a.pool.run_once(block=False)  # attempt 2 runs, and its end applies
+        assert state["runs"] == [1, 2]
+        job = b.job(job_id)
+        assert (job["status"], job["attempts"]) == (valet.COMPLETED, 2), job
+        assert b.lifecycle.store.result(job_id)["value"] == "attempt 2"
+    finally:
+        release.set()
+
+
+def test_a_stale_attempt_is_told_to_stop_when_its_node_claims_the_next_one(make_node,
+                                                                           node_schema):
+    a, b, job_id, first, state, release = _two_attempts(make_node, node_schema, "node-a")
+    try:
+        assert a.node.look_once() == 1  # (what the beat's look finds)
+        assert state["told"].wait(2), "attempt 1 was never told to stop"
+        first.join(5)
+        assert not first.is_alive()
+        assert a.job(job_id)["status"] == valet.IN_PROGRESS
+        assert b.lifecycle.store.result(job_id) is None  # attempt 1's result, discarded
+        assert a.pool.run_once(block=False)
+        assert state["runs"] == [1, 2]
+        job = b.job(job_id)
+        assert (job["status"], job["attempts"]) == (valet.COMPLETED, 2), job
+        assert b.lifecycle.store.result(job_id)["value"] == "attempt 2"
+        assert a.pool.running() == {} and a.pool.known() == set()
+    finally:
+        release.set()
+
+
+def test_a_stale_attempt_is_told_to_stop_when_its_worker_takes_the_next_one(make_node,
+                                                                            node_schema):
+    a, b, job_id, first, state, release = _two_attempts(make_node, node_schema, "node-a")
+    try:
+        assert a.pool.run_once(block=False)  # attempt 2, on another worker of A's
+        assert state["told"].wait(2), "attempt 1 was never told to stop"
+        first.join(5)
+        assert not first.is_alive() and sorted(state["runs"]) == [1, 2]
+        job = b.job(job_id)
+        assert (job["status"], job["attempts"]) == (valet.COMPLETED, 2), job
+        assert b.lifecycle.store.result(job_id)["value"] == "attempt 2"
+        assert a.pool.running() == {} and a.pool.known() == set()
+    finally:
+        release.set()
+
+
+def test_a_stale_attempt_is_told_to_stop_when_another_node_runs_the_next_one(make_node,
+                                                                             node_schema):
+    a, b, job_id, first, state, release = _two_attempts(make_node, node_schema, "node-b")
+    try:
+        assert a.node.look_once() == 1  # (listen: false, or what listen would hear)
+        assert state["told"].wait(2), "attempt 1 was never told to stop"
+        first.join(5)
+        assert not first.is_alive()
+        assert a.pool.running() == {}  # A's worker is free
+        assert a.pool.known() == set()
+        assert b.job(job_id)["status"] == valet.IN_PROGRESS
+        assert b.pool.run_once(block=False)
+        assert state["runs"] == [1, 2]
+        job = b.job(job_id)
+        assert (job["status"], job["attempts"]) == (valet.COMPLETED, 2), job
+        assert b.lifecycle.store.result(job_id)["value"] == "attempt 2"
+    finally:
+        release.set()
+
+
+def test_a_notice_not_in_valet_s_words_does_not_end_the_hearing(make_node, node_schema):
+    waits, entered, told = waiting_to_be_told()
+    a = make_node("node-a", tasks={"waits": waits})
+    b = make_node("node-b", start=False, tasks={"waits": waits})
+    b.recover()
+    listener = next(t for t in a.node._threads if t.name == "valet-listen")
+    for payload in ("", "job x", "job", "job a b", "hello there"):
+        pg_rows(node_schema["dsn"], "SELECT pg_notify(%s, %s)",
+                (f"valet.{node_schema['schema']}", payload))
+    job_id = a.submit({"name": "waits", "task_name": "waits"})["id"]  # (heard after it)
+    assert entered.wait(5)
+    assert b.cancel(job_id)["status"] == valet.CANCELLED
+    assert told.wait(3), "the cancel on B never reached A's task"
+    assert listener.is_alive()
+
+
+def test_a_freed_process_worker_is_given_the_next_job_at_once(fault_tasks, node_schema):
+    config = valet.load_config({
+        "server": {"port": 0},
+        "storage": {"option": "postgres", "postgres": {
+            **node_schema, "node": "node-a", "heartbeat": 30, "node_timeout": 120,
+            "poll": 5}},
+        "worker_pool": {"workers": 1, "worker_type": "process", "max_jobs_per_child": 1,
+                        "kill_grace": 0.3, "shutdown_grace": 1}})
+    app = valet.Valet(config, tasks=fault_tasks.TASKS)
+    try:
+        app.start()
+        ids = [app.submit({"name": f"pid {i}", "task_name": "pid"})["id"]
+               for i in range(5)]
+        # Each job's process ends after it, and a new one starts before the worker is
+        # free: the node must claim for it then, not a poll (5 s) later.
+        wait_until(lambda: all(app.job(job_id)["status"] == valet.COMPLETED
+                               for job_id in ids), 4, "the five jobs to complete")
+        assert len({app.lifecycle.store.result(job_id)["value"] for job_id in ids}) == 5
+    finally:
+        app.stop(0)
+
+
+def test_a_database_that_accepts_and_never_answers_is_a_storage_error(monkeypatch):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted, outcome = [], {}
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])  # and never a byte back
+
+    def open_store():
+        try:
+            valet.PostgresStore(f"host=127.0.0.1 port={port} user=valet dbname=postgres",
+                                "silent").close()
+            outcome["opened"] = True
+        except Exception as exc:  # (checked below)
+            outcome["raised"] = exc
+
+    port = listener.getsockname()[1]
+    # The node's own limit on connecting, when the DSN sets none (10 s in valet),
+    # shortened here: libpq's least is 2 s.
+    monkeypatch.setattr(valet, "_PG_TIMEOUTS", {**getattr(valet, "_PG_TIMEOUTS", {}),
+                                                "connect_timeout": 1}, raising=False)
+    threading.Thread(target=accept, daemon=True).start()
+    opening = threading.Thread(target=open_store, daemon=True)
+    try:
+        began = time.monotonic()
+        opening.start()
+        opening.join(5)
+        assert not opening.is_alive(), "opening the store still waits for an answer"
+        assert accepted, "the store never connected"
+        assert isinstance(outcome.get("raised"), valet.StorageError), outcome
+        assert time.monotonic() - began < 4
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()  # (what still waits, if anything, ends)
+
+
+def test_jobs_running_under_a_name_no_node_has_are_settled_by_a_live_node(make_node,
+                                                                          node_schema):
+    a, b = make_node("node-a", start=False), make_node("node-b", start=False)
+    a.recover()
+    b.recover()
+    once = a.submit({"name": "once", "task_name": "echo"})["id"]
+    again = a.submit({"name": "again", "task_name": "echo", "max_retries": 1,
+                      "retry_backoff": 60})["id"]
+    assert a.node.claim_once(limit=2) == 2
+    # A's entry is gone, its jobs left IN_PROGRESS (it left while the store failed;
+    # or it was taken for dead, then claimed and crashed before its next beat).
+    pg_rows(node_schema["dsn"], f"DELETE FROM {in_schema(node_schema, 'nodes')} WHERE "
+                                f"name = 'node-a' RETURNING name")
+    assert b.node.beat_once() == 2
+    failed, retried = b.job(once), b.job(again)
+    assert (failed["status"], failed["attempts"]) == (valet.FAILED, 1)
+    assert failed["failure_reason"] == "the node node-a running the job stopped"
+    assert (retried["status"], retried["attempts"]) == (valet.SCHEDULED, 1)
+    assert retried["failure_reason"] == "the node node-a running the job stopped"
+    assert b.node.beat_once() == 0  # once
+
+
+def test_a_node_whose_entry_is_gone_claims_nothing_until_its_beat_enters_it_again(
+        make_node, node_schema):
+    a, b = make_node("node-a", start=False), make_node("node-b", start=False)
+    a.recover()
+    b.recover()
+    _look_dead(node_schema, "node-a")
+    assert b.node.beat_once() == 0  # A taken for dead: its entry deleted
+    job_id = b.submit({"name": "j", "task_name": "echo"})["id"]
+    assert a.node.claim_once(limit=1) == 0  # (were it to crash now, no one would settle it)
+    assert _job_row(node_schema, job_id) == (valet.PENDING, 0, None, None)
+    assert a.pool.running() == {}
+    assert a.node.beat_once() == 0  # in the table again
+    assert a.node.claim_once(limit=1) == 1
+    assert _job_row(node_schema, job_id)[::3] == (valet.IN_PROGRESS, "node-a")
+
+
+def test_with_listen_off_a_live_node_s_name_is_refused_and_a_lapsed_one_taken(
+        make_node, node_schema, gate):
+    off = {"storage.postgres.listen": False}
+    live = make_node("web-1", start=False, config=off)
+    live.recover()
+    job_id = live.submit({"name": "held", "task_name": "gate"})["id"]
+    assert live.node.claim_once(limit=1) == 1
+    worker = threading.Thread(target=live.pool.run_once, kwargs={"block": False},
+                              daemon=True)
+    worker.start()
+    assert gate.entered.wait(5)
+    try:
+        second = make_node("web-1", start=False, config=off)
+        with pytest.raises(valet.StoreInUse, match="web-1"):
+            second.recover()
+        second.stop()
+        third = make_node("web-1", start=False, config=off)  # (start(): the same)
+        with pytest.raises(valet.StoreInUse, match="web-1"):
+            third.start()
+        third.stop()
+        assert _job_row(node_schema, job_id)[::3] == (valet.IN_PROGRESS, "web-1")
+        assert [node["name"] for node in live.node.nodes()] == ["web-1"]
+        assert live.node.beat_once() == 0
+    finally:
+        gate.opened.set()
+        worker.join(5)
+    assert live.job(job_id)["status"] == valet.COMPLETED
+
+    # The entry's heartbeat lapses (the node died): its name is free to take.
+    another = live.submit({"name": "left", "task_name": "echo"})["id"]
+    assert live.node.claim_once(limit=1) == 1
+    live.lifecycle.store.close()  # dies: no leave
+    _look_dead(node_schema, "web-1")
+    again = make_node("web-1", start=False, config=off)
+    again.recover()
+    assert [node["name"] for node in again.node.nodes()] == ["web-1"]
+    settled = again.job(another)  # and it takes up what that node was running
+    assert settled["status"] == valet.FAILED
+    assert settled["failure_reason"] == "the server stopped while the job was running"
+
+
+def test_a_postgres_schema_name_longer_than_57_characters_is_refused():
+    def config(schema):
+        return valet.load_config({"storage": {"option": "postgres", "postgres": {
+            "dsn": "host=127.0.0.1 dbname=valet", "schema": schema}}})
+
+    assert config("s" * 57)["storage.postgres.schema"] == "s" * 57  # "valet." + 57 = 63
+    for schema in ("s" * 58, "s" * 63):
+        with pytest.raises(valet.ConfigError, match=r"storage\.postgres\.schema"):
+            config(schema)
+
+
+def test_a_pipeline_s_later_jobs_are_claimable_only_in_their_turn(make_node, node_schema):
+    a = make_node("node-a", start=False)
+    a.recover()
+    pipeline = a.submit_pipeline({"name": "p", "jobs": [
+        {"name": f"step {i}", "task_name": "echo", "metadata": i} for i in range(3)]})
+    ids = [job["id"] for job in pipeline["jobs"]]
+
+    def ready_at():
+        return dict(pg_rows(node_schema["dsn"], f"SELECT id, ready_at FROM "
+                                                f"{in_schema(node_schema, 'jobs')}"))
+
+    assert [ready_at()[job_id] is None for job_id in ids] == [False, True, True]
+    assert a.lifecycle.store.waiting()["waiting"] == 1
+    assert a.node.claim_once(limit=3) == 1  # the first alone
+    assert list(a.pool.running()) == [ids[0]]
+    assert a.node.claim_once(limit=3) == 0
+    assert a.pool.run_once(block=False)
+    first = a.job(ids[0])
+    assert first["status"] == valet.COMPLETED
+    assert abs(ready_at()[ids[1]] - epoch(first["completed_at"])) < 0.001  # its turn
+    assert ready_at()[ids[2]] is None
+    assert a.lifecycle.store.waiting()["waiting"] == 1
+    assert a.node.claim_once(limit=3) == 1  # the second, its turn now
+    assert list(a.pool.running()) == [ids[1]]
+    assert run_one(a) and run_one(a)
+    assert [a.job(job_id)["status"] for job_id in ids] == [valet.COMPLETED] * 3
+
+
+def test_a_takeover_whose_answer_was_lost_is_settled_by_the_next_heartbeat(make_node,
+                                                                           node_schema):
+    a, b = make_node("node-a", start=False), make_node("node-b", start=False)
+    a.recover()
+    b.recover()
+    job_id = a.submit({"name": "once", "task_name": "echo"})["id"]
+    assert a.node.claim_once(limit=1) == 1  # running on A, when A dies
+    _look_dead(node_schema, "node-a")
+    # B's takeover commits, and its answer never comes back: the job is B's now, and
+    # B has not settled it.
+    b.lifecycle.store.beat(b.node.node_timeout)
+    assert _job_row(node_schema, job_id)[::3] == (valet.IN_PROGRESS, "node-b")
+    b.node.beat_once()  # settled as the takeover would have: it ran, on A
+    job = b.job(job_id)
+    assert (job["status"], job["attempts"]) == (valet.FAILED, 1), job
+    assert job["failure_reason"] == "the node node-a running the job stopped"
+
+
 # -- several nodes: real processes
 #
 # Real `python valet.py --port 0` processes (Process) as nodes, each in a folder of

@@ -2333,8 +2333,10 @@ _PG_STEPS = (
         use_previous_results BOOLEAN NOT NULL,
         failure_traceback TEXT,
         node           TEXT,            -- the node that runs it (or ran it last)
-        ready_at       DOUBLE PRECISION -- when it last became ready to run (its turn in
-    );                                  -- a pipeline: null until then)
+        ready_at       DOUBLE PRECISION, -- when it last became ready to run (its turn in
+                                         -- a pipeline: null until then)
+        taken_from     TEXT             -- the dead node its node took it over from
+    );
     CREATE INDEX jobs_ready ON jobs (priority DESC, ready_at, seq)
         WHERE status = 'PENDING' AND ready_at IS NOT NULL;
     CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'SCHEDULED';
@@ -2522,7 +2524,9 @@ class PostgresStore(_SqlStore):
         self.where = self._where(dsn)
         from psycopg.conninfo import conninfo_to_dict
         self._given = {key: value for key, value in conninfo_to_dict(dsn).items()
-                       if key in _PG_TIMEOUTS}  # (the DSN's own settings win)
+                       if key in _PG_TIMEOUTS}  # (the DSN's own settings win, and
+        if "PGCONNECT_TIMEOUT" in os.environ:  # libpq's variable)
+            self._given["connect_timeout"] = os.environ["PGCONNECT_TIMEOUT"]
         conn = None
         try:  # (a fault here stops valet with one line: it is not logged as one)
             conn = self._connect(opening=True)
@@ -2895,6 +2899,13 @@ class PostgresStore(_SqlStore):
         return self._read(f"SELECT {_PG_JOB} FROM jobs WHERE status = 'IN_PROGRESS' AND "
                           f"node = %s ORDER BY seq", (self.node,))
 
+    def taken_from(self, job_ids):
+        """{id: the node it was taken over from} of those of these jobs this node took
+        over from a dead one (and has not settled yet)."""
+        return {row["id"]: row["taken_from"] for row in self._read(
+            "SELECT id, taken_from FROM jobs WHERE id = ANY(%s) AND status = 'IN_PROGRESS' "
+            "AND node = %s AND taken_from IS NOT NULL", (list(job_ids), self.node))}
+
     def claim(self, n, now, promote=True):
         """Start up to `n` ready jobs on this node: first make the SCHEDULED jobs that
         are due by `now` PENDING (for any node to take: one statement), then (one
@@ -2913,7 +2924,8 @@ class PostgresStore(_SqlStore):
                     "FOR UPDATE SKIP LOCKED)", (now,))
             started = conn.execute(
                 f"UPDATE jobs SET status = 'IN_PROGRESS', attempts = attempts + 1, "
-                f"started_at = coalesce(started_at, %s), node = %s WHERE EXISTS ("
+                f"started_at = coalesce(started_at, %s), node = %s, taken_from = NULL "
+                f"WHERE EXISTS ("
                 f"SELECT 1 FROM nodes WHERE name = %s) AND id IN ("
                 f"SELECT id FROM jobs WHERE {_PG_TURN} "
                 f"ORDER BY priority DESC, ready_at, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
@@ -2968,7 +2980,8 @@ class PostgresStore(_SqlStore):
             # Every job running under a name no node has now: the dead ones', and any a
             # node left behind (it stopped while the store failed).
             jobs = conn.execute(
-                f"UPDATE jobs AS j SET node = %s FROM (SELECT id, node FROM jobs AS o WHERE "
+                f"UPDATE jobs AS j SET node = %s, taken_from = coalesce(was.node, '-') FROM "
+                f"(SELECT id, node FROM jobs AS o WHERE "
                 f"status = 'IN_PROGRESS' AND NOT EXISTS (SELECT 1 FROM nodes WHERE name = "
                 f"o.node) FOR UPDATE) AS was WHERE j.id = was.id RETURNING "
                 f"{', '.join('j.' + c for c in _JOB_COLUMNS)}, was.node AS was",
@@ -4878,17 +4891,22 @@ class _Node:
         return settled
 
     def _reconcile(self):
-        """Give back the jobs the store says this node runs that no worker here has: a
-        claim committed whose answer was lost (the connection broke) left them
-        started and never run."""
+        """The jobs the store says this node runs that no worker here has: give back
+        those a claim left started and never run (its answer was lost with the
+        connection), and settle those a takeover left (its answer lost the same way),
+        as the takeover would have."""
         with self._claiming:  # (a claim's jobs are queued before it lets go)
             known = self._pool.known()
-            lost = {job["id"]: job["attempts"] for job in self.store.held()
-                    if job["id"] not in known}
-            given = self.store.unclaim(lost)
+            stray = {job["id"]: job for job in self.store.held() if job["id"] not in known}
+            taken = self.store.taken_from(stray)
+            given = self.store.unclaim({job_id: job["attempts"] for job_id, job in
+                                        stray.items() if job_id not in taken})
         if given:
             log.warning("node %s: %d job(s) it had started but never run (the answer to a "
                         "claim was lost) are PENDING again", self.name, given)
+        for job_id, name in taken.items():
+            self._lifecycle.persist(self._lifecycle.finish, stray[job_id], FAILED,
+                                    reason=f"the node {name} running the job stopped")
 
     def _beat_forever(self):
         while not self._left.wait(self.heartbeat):
