@@ -3641,9 +3641,10 @@ def test_an_old_due_time_does_not_start_a_job_scheduled_again_since(make_app):
 
 def test_bulk_retry_retries_by_status_and_task_while_the_backlog_has_room(make_app, gate):
     app = make_app(**{"worker_pool.workers": 1, "worker_pool.queue_capacity": 3})
-    fails = [submit(app, "fail")["id"] for _ in range(4)]
-    for job_id in fails:
-        wait_for_status(app, job_id, valet.FAILED)
+    fails = []
+    for _ in range(4):  # (one at a time: four at once may find the backlog full)
+        fails.append(submit(app, "fail")["id"])
+        wait_for_status(app, fails[-1], valet.FAILED)
     other = app.submit({"name": "x", "task_name": "echo", "run_at": "2100-01-01T00:00:00Z"})
     app.cancel(other["id"])
     submit(app, "gate")  # holds the worker, so that the retried jobs wait in the backlog
