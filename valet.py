@@ -4735,9 +4735,10 @@ class _Node:
     and queues them for them: whenever work may be ready (a job added or ended on
     any node, heard through the store; a worker here free), when the earliest
     scheduled job comes due, and every `poll` seconds whatever it heard.
-    valet-heartbeat beats every `heartbeat` seconds, and settles the jobs of
-    nodes silent for longer than `node_timeout` as after a crash (a failed
-    attempt, retried if the job has retries left). valet-listen hears what the
+    valet-heartbeat beats every `heartbeat` seconds, settles the jobs of nodes
+    silent for longer than `node_timeout` (and of names no node has) as after a
+    crash (a failed attempt, retried if the job has retries left), and gives
+    back the jobs started here that no worker has. valet-listen hears what the
     nodes write: a job that moved wakes its waiters here, and a job that another
     node ended while it runs here (cancelled it, or took it over from a node it
     took for dead) is stopped here. claim_once() and beat_once() are the single
