@@ -2483,14 +2483,6 @@ class PostgresStore(_SqlStore):
     _select = _PG_JOB
     _lock = " FOR UPDATE"  # (SQLite's writes take turns: they need no lock of a row)
 
-    @staticmethod
-    @functools.lru_cache(maxsize=256)
-    def _sql(text):
-        return text.replace("?", "%s")
-
-    def _write(self, fn, alone=False):
-        return self._run(fn, transaction=not alone)
-
     def __init__(self, dsn, schema="valet", node=None, connections=10):
         try:
             import psycopg
@@ -2548,9 +2540,18 @@ class PostgresStore(_SqlStore):
         except Exception:
             return "postgres"
         host = parts.get("host") or "localhost"
-        return f"{parts.get('dbname') or parts.get('user') or ''}@{host}:{parts.get('port') or 5432}"
+        name = parts.get("dbname") or parts.get("user") or ""
+        return f"{name}@{host}:{parts.get('port') or 5432}"
 
     # -- connections
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _sql(text):
+        return text.replace("?", "%s")
+
+    def _write(self, fn, alone=False):
+        return self._run(fn, transaction=not alone)
 
     def _connect(self, opening=False):
         try:
